@@ -1,0 +1,52 @@
+"""Tensor-parallel layers and FLUX.2 blocks (``tpfuse.tp_layers``).
+
+Column-parallel layers split a weight by output features (no communication forward, all-reduce of the input
+gradient backward); row-parallel layers split by input features (all-reduce forward, nothing backward). A block is
+column -> row pairs. Everything runs on CPU with gloo and on GPU with NCCL.
+"""
+
+from .comm import (
+    CommStats,
+    comm_stats,
+    copy_to_tp_region,
+    gather_from_tp_region,
+    get_rank,
+    get_world_size,
+    reduce_from_tp_region,
+    scatter_to_tp_region,
+)
+from .config import PRESETS, Flux2Config
+from .flux2 import DoubleStreamBlock, SingleStreamBlock, apply_rope, rope_cos_sin
+from .launch import RankError, run_ranks
+from .linear import ColumnParallelLinear, RowParallelLinear
+from .sharding import check_blocks, local_blocks, shard_ranges, shard_tensor, unshard_tensors
+from .tp_flux2 import HeadRMSNorm, TPDoubleStreamBlock, TPSingleStreamBlock
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "copy_to_tp_region",
+    "reduce_from_tp_region",
+    "gather_from_tp_region",
+    "scatter_to_tp_region",
+    "comm_stats",
+    "CommStats",
+    "get_rank",
+    "get_world_size",
+    "Flux2Config",
+    "PRESETS",
+    "SingleStreamBlock",
+    "DoubleStreamBlock",
+    "TPSingleStreamBlock",
+    "TPDoubleStreamBlock",
+    "HeadRMSNorm",
+    "rope_cos_sin",
+    "apply_rope",
+    "check_blocks",
+    "local_blocks",
+    "shard_ranges",
+    "shard_tensor",
+    "unshard_tensors",
+    "run_ranks",
+    "RankError",
+]

@@ -1,0 +1,54 @@
+"""The ``tpfuse`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import format_report, verify
+
+    blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    try:
+        res = verify(preset=args.preset, world_size=args.world_size, blocks=blocks, img_tokens=args.img_tokens,
+                     txt_tokens=args.txt_tokens, dtype=args.dtype, seed=args.seed, batch=args.batch,
+                     backend=args.backend)
+    except ValueError as exc:
+        print(f"tpfuse verify: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(res))
+    return 0 if res.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+    from .verify import DTYPES
+
+    parser = argparse.ArgumentParser(prog="tpfuse", description="Tensor-parallel FLUX.2 layers and fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="shard FLUX.2 blocks over N ranks and check forward/backward against dense",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS))
+    v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes)")
+    v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")
+    v.add_argument("--img-tokens", type=int, default=64)
+    v.add_argument("--txt-tokens", type=int, default=16)
+    v.add_argument("--batch", type=int, default=1)
+    v.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="default: nccl with one CUDA device per rank, else gloo")
+    v.set_defaults(func=_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Tensor-parallel FLUX.2 blocks: each rank keeps ~1/N of every matrix and runs attention on its own heads.
+
+The sharding plan, per block (everything else — LayerNorm, modulation, residuals, QK-norm weights over
+``head_dim`` — is replicated, because it needs the full hidden vector or is shard-safe):
+
+single-stream
+    ``attn.to_qkv_mlp_proj``  column, packed ``[Q, K, V, gate, up]``
+    ``attn.to_out``           row, packed input ``[attn, mlp]``
+double-stream
+    ``attn.to_q/k/v``, ``attn.add_q/k/v_proj``  column (one input-gradient all-reduce per stream)
+    ``attn.to_out.0``, ``attn.to_add_out``        row
+    ``ff(_context).linear_in``  column, packed ``[gate, up]``
+    ``ff(_context).linear_out`` row
+
+The per-head RMSNorm weights are replicated, but each rank only sees its own heads, so their gradients are
+partial sums: :class:`HeadRMSNorm` routes the weight through ``copy_to_tp_region`` so its gradient is all-reduced.
+
+The blocks subclass the dense ones and reuse their ``forward``: sharding lives in the modules, not in the math.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
+from .flux2 import DoubleStreamBlock, FeedForward, JointAttention, SingleStreamAttention, SingleStreamBlock
+from .linear import ColumnParallelLinear, RowParallelLinear, check_input
+
+__all__ = ["TPSingleStreamBlock", "TPDoubleStreamBlock", "HeadRMSNorm"]
+
+# Dense block classes accepted by from_dense, by (module prefix, class name): ours and diffusers'. Matched by
+# name so that diffusers stays an optional dependency.
+_SINGLE_TYPES = {("tpfuse.tp_layers.flux2", "SingleStreamBlock"),
+                 ("diffusers.models.transformers.transformer_flux2", "Flux2SingleTransformerBlock")}
+_DOUBLE_TYPES = {("tpfuse.tp_layers.flux2", "DoubleStreamBlock"),
+                 ("diffusers.models.transformers.transformer_flux2", "Flux2TransformerBlock")}
+
+_SINGLE_WEIGHTS = ["attn.to_qkv_mlp_proj.weight", "attn.norm_q.weight", "attn.norm_k.weight", "attn.to_out.weight"]
+_DOUBLE_WEIGHTS = (
+    [f"attn.{n}.weight" for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                                  "norm_q", "norm_k", "norm_added_q", "norm_added_k")]
+    + ["attn.to_out.0.weight"]
+    + [f"{ff}.{lin}.weight" for ff in ("ff", "ff_context") for lin in ("linear_in", "linear_out")]
+)
+
+
+def _check_block(block: nn.Module, types: set[tuple[str, str]], weights: list[str], what: str) -> None:
+    kind = (type(block).__module__, type(block).__name__)
+    if kind not in types or isinstance(block, (TPSingleStreamBlock, TPDoubleStreamBlock)):
+        names = sorted(f"{m}.{n}" for m, n in types)
+        raise TypeError(f"{what}.from_dense expects one of {names}, got {kind[0]}.{kind[1]}")
+    present = dict(block.named_parameters())
+    missing = [w for w in weights if present.get(w) is None]
+    if missing:
+        raise ValueError(f"{what}.from_dense: the block is missing weights {missing}")
+
+
+def _check_divisible(world_size: int, **sizes: int) -> None:
+    bad = {k: v for k, v in sizes.items() if v % world_size != 0}
+    if bad:
+        desc = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise ValueError(f"cannot shard across {world_size} ranks: {desc} not divisible by the world size")
+
+
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over ``head_dim`` whose (replicated) weight gets the gradient summed over the group's heads."""
+
+    group = None
+
+    @classmethod
+    def from_dense(cls, norm: nn.RMSNorm, group=None) -> HeadRMSNorm:
+        if not isinstance(norm, nn.RMSNorm) or norm.weight is None:
+            raise TypeError(f"expected an nn.RMSNorm with a weight, got {norm!r}")
+        new = cls(norm.normalized_shape, eps=norm.eps, device="meta", dtype=norm.weight.dtype)
+        new.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=norm.weight.requires_grad)
+        new.group = resolve_group(group)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, copy_to_tp_region(self.weight, self.group), self.eps)
+
+
+class _TPHeadsMixin:
+    """Attention over this rank's heads: ``heads`` stays the global count, ``local_heads`` is this rank's."""
+
+    group = None
+    heads: int
+    local_heads: int
+
+    def _attend(self, q, k, v, mask):
+        if mask is not None and mask.dim() == 4 and mask.shape[1] == self.heads and self.local_heads != self.heads:
+            start = get_rank(self.group) * self.local_heads
+            mask = mask[:, start:start + self.local_heads]  # a per-head mask: keep this rank's heads
+        return super()._attend(q, k, v, mask)
+
+
+def _init_heads(module, dense, group, world_size: int) -> None:
+    nn.Module.__init__(module)
+    module.group = resolve_group(group)
+    module.heads, module.head_dim, module.inner_dim = dense.heads, dense.head_dim, dense.inner_dim
+    module.local_heads = dense.heads // world_size
+    module.norm_q = HeadRMSNorm.from_dense(dense.norm_q, group)
+    module.norm_k = HeadRMSNorm.from_dense(dense.norm_k, group)
+
+
+class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
+    @classmethod
+    def from_dense(cls, dense, group=None) -> TPSingleStreamAttention:
+        world_size = get_world_size(group)
+        self = cls.__new__(cls)
+        _init_heads(self, dense, group, world_size)
+        self.mlp_hidden_dim = dense.mlp_hidden_dim
+        self.to_qkv_mlp_proj = ColumnParallelLinear.from_dense(dense.to_qkv_mlp_proj, group, blocks=self.col_blocks)
+        self.to_out = RowParallelLinear.from_dense(dense.to_out, group, blocks=self.row_blocks)
+        return self
+
+
+class TPJointAttention(_TPHeadsMixin, JointAttention):
+    @classmethod
+    def from_dense(cls, dense, group=None) -> TPJointAttention:
+        world_size = get_world_size(group)
+        self = cls.__new__(cls)
+        _init_heads(self, dense, group, world_size)
+        self.norm_added_q = HeadRMSNorm.from_dense(dense.norm_added_q, group)
+        self.norm_added_k = HeadRMSNorm.from_dense(dense.norm_added_k, group)
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            setattr(self, name, ColumnParallelLinear.from_dense(getattr(dense, name), group))
+        self.to_out = nn.ModuleList([RowParallelLinear.from_dense(dense.to_out[0], group), nn.Dropout(0.0)])
+        self.to_add_out = RowParallelLinear.from_dense(dense.to_add_out, group)
+        return self
+
+    def _qkv(self, x, linears):
+        # Q, K and V read the same input: one copy_to_tp_region, so the backward all-reduces the summed input
+        # gradient once per stream instead of three times.
+        check_input(x, linears[0].weight, linears[0].in_features, type(self).__name__)
+        x = copy_to_tp_region(x, self.group)
+        return [F.linear(x, lin.weight, lin.bias) for lin in linears]  # [B, S, inner/N] each
+
+
+def _tp_feed_forward(dense, group) -> FeedForward:
+    ff = FeedForward.__new__(FeedForward)
+    nn.Module.__init__(ff)
+    ff.mlp_hidden_dim = dense.linear_in.out_features // 2
+    ff.linear_in = ColumnParallelLinear.from_dense(dense.linear_in, group, blocks=[ff.mlp_hidden_dim] * 2)
+    ff.linear_out = RowParallelLinear.from_dense(dense.linear_out, group)
+    return ff
+
+
+class TPSingleStreamBlock(SingleStreamBlock):
+    """Tensor-parallel single-stream block; same ``forward`` and parameter names as the dense block."""
+
+    @classmethod
+    def from_dense(cls, block: nn.Module, group=None) -> TPSingleStreamBlock:
+        """This rank's shard of a dense block (ours or diffusers' ``Flux2SingleTransformerBlock``)."""
+        _check_block(block, _SINGLE_TYPES, _SINGLE_WEIGHTS, cls.__name__)
+        world_size = get_world_size(group)
+        _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.dim = block.attn.to_out.out_features
+        self.norm = nn.LayerNorm(self.dim, elementwise_affine=False, eps=block.norm.eps)
+        self.attn = TPSingleStreamAttention.from_dense(block.attn, group)
+        return self
+
+
+class TPDoubleStreamBlock(DoubleStreamBlock):
+    """Tensor-parallel double-stream block; same ``forward`` and parameter names as the dense block."""
+
+    @classmethod
+    def from_dense(cls, block: nn.Module, group=None) -> TPDoubleStreamBlock:
+        """This rank's shard of a dense block (ours or diffusers' ``Flux2TransformerBlock``)."""
+        _check_block(block, _DOUBLE_TYPES, _DOUBLE_WEIGHTS, cls.__name__)
+        world_size = get_world_size(group)
+        mlp_hidden = block.ff.linear_in.out_features // 2
+        _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=mlp_hidden)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.dim = block.attn.to_add_out.out_features
+        self.mlp_hidden_dim = mlp_hidden
+        for name in ("norm1", "norm1_context", "norm2", "norm2_context"):
+            setattr(self, name, nn.LayerNorm(self.dim, elementwise_affine=False, eps=getattr(block, name).eps))
+        self.attn = TPJointAttention.from_dense(block.attn, group)
+        self.ff = _tp_feed_forward(block.ff, group)
+        self.ff_context = _tp_feed_forward(block.ff_context, group)
+        return self

@@ -1,0 +1,285 @@
+"""``tpfuse verify``: shard FLUX.2 blocks across N ranks and prove forward and backward equal the dense block.
+
+Each rank builds the same seeded dense block, keeps only its shard, and runs the tensor-parallel forward and
+backward; rank 0 also runs the dense block. The parent compares outputs, input gradients and weight gradients
+(each rank's weight-gradient shard against the same shard of the dense gradient), checks that outputs and input
+gradients are bitwise identical on every rank, and reports parameter bytes and measured all-reduce traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .comm import comm_stats, get_rank, get_world_size
+from .config import Flux2Config
+from .flux2 import DoubleStreamBlock, SingleStreamBlock, rope_cos_sin
+from .launch import default_backend, run_ranks
+from .numerics import max_abs_error, rel_error, tolerance
+from .sharding import shard_tensor
+from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
+
+__all__ = ["verify", "VerifyResult", "BlockResult", "random_dense_block", "block_inputs", "position_ids",
+           "format_report", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BLOCK_KINDS = ("double", "single")
+
+
+def position_ids(txt_tokens: int, img_tokens: int) -> torch.Tensor:
+    """FLUX.2-style 4-axis ids ``(t, h, w, l)`` for ``[text, image]``: text tokens count along ``l``, image tokens
+    lie on a near-square ``h x w`` grid. ``[txt + img, 4]``."""
+    txt = torch.zeros(txt_tokens, 4, dtype=torch.long)
+    txt[:, 3] = torch.arange(txt_tokens)
+    width = max(1, math.isqrt(img_tokens))
+    idx = torch.arange(img_tokens)
+    img = torch.zeros(img_tokens, 4, dtype=torch.long)
+    img[:, 1], img[:, 2] = idx // width, idx % width
+    return torch.cat([txt, img])
+
+
+def random_dense_block(cfg: Flux2Config, kind: str, seed: int, dtype=torch.float32, device="cpu") -> nn.Module:
+    """A dense block with seeded weights: ``nn.Linear``'s default init, QK-norm weights ``1 + 0.1 N(0, 1)`` (so
+    that their gradients are not trivially symmetric)."""
+    cls = {"single": SingleStreamBlock, "double": DoubleStreamBlock}[kind]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = cls(cfg)
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    return block.to(device=device, dtype=dtype)
+
+
+def block_inputs(cfg: Flux2Config, kind: str, batch: int, txt_tokens: int, img_tokens: int, seed: int,
+                 dtype=torch.float32, device="cpu") -> tuple[dict[str, torch.Tensor], tuple]:
+    """Seeded inputs of a block: ``(tensors requiring grad by name, image_rotary_emb)``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    dim = cfg.hidden_size
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+
+    tensors = {"hidden_states": rand(batch, img_tokens, dim), "encoder_hidden_states": rand(batch, txt_tokens, dim)}
+    if kind == "double":
+        tensors["temb_mod_img"] = rand(batch, 6 * dim, scale=0.5)
+        tensors["temb_mod_txt"] = rand(batch, 6 * dim, scale=0.5)
+    else:
+        tensors["temb_mod"] = rand(batch, 3 * dim, scale=0.5)
+    cos, sin = rope_cos_sin(position_ids(txt_tokens, img_tokens), cfg.axes_dims_rope, cfg.rope_theta)
+    return tensors, (cos.to(device), sin.to(device))
+
+
+def _outputs(out) -> dict[str, torch.Tensor]:
+    if isinstance(out, tuple):  # double: (encoder_hidden_states, hidden_states)
+        return {"out.encoder_hidden_states": out[0], "out.hidden_states": out[1]}
+    return {"out.hidden_states": out}
+
+
+def _run_block(block: nn.Module, tensors: dict[str, torch.Tensor], rope, seed: int):
+    """Forward + backward with seeded output gradients; returns (outputs, input grads, weight grads, seconds)."""
+    for t in tensors.values():
+        t.grad = None
+    start = time.perf_counter()
+    outs = _outputs(block(**tensors, image_rotary_emb=rope))
+    g = torch.Generator().manual_seed(seed + 2)
+    grads = [torch.randn(o.shape, generator=g).to(o) for o in outs.values()]
+    torch.autograd.backward(list(outs.values()), grads)
+    if any(t.is_cuda for t in tensors.values()):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    in_grads = {f"grad.{k}": t.grad.detach().clone() for k, t in tensors.items()}
+    w_grads = {n: p.grad.detach().clone() for n, p in block.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in outs.items()}, in_grads, w_grads, seconds
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img: int, dtype_name: str,
+               seed: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    rank, world_size = get_rank(), get_world_size()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+    results = {}
+    for kind in kinds:
+        dense = random_dense_block(cfg, kind, seed, dtype, device)
+        tensors, rope = block_inputs(cfg, kind, batch, txt, img, seed, dtype, device)
+        ref = None
+        if rank == 0:
+            d_out, d_in, d_w, d_sec = _run_block(dense, tensors, rope, seed)
+            ref = {"outputs": d_out, "in_grads": d_in, "seconds": d_sec}
+        tp_cls = TPDoubleStreamBlock if kind == "double" else TPSingleStreamBlock
+        tp = tp_cls.from_dense(dense, None)
+        # Dense weight gradients -> this rank's shard of them, for the comparison with the TP weight gradients.
+        w_ref = {}
+        if rank == 0:
+            for name, p in tp.named_parameters():
+                w_ref[name] = _shard_like(d_w[name], p, rank, world_size, tp.get_submodule(name.rsplit(".", 1)[0]))
+        dense_bytes = _param_bytes(dense)
+        del dense
+        torch.distributed.barrier()  # rank 0 ran the dense block first: time the TP step from a common start
+        with comm_stats() as stats:
+            outs, in_grads, w_grads, sec = _run_block(tp, tensors, rope, seed)
+        results[kind] = {
+            "outputs": {k: v.cpu() for k, v in outs.items()},
+            "in_grads": {k: v.cpu() for k, v in in_grads.items()},
+            "w_grads": {k: v.cpu() for k, v in w_grads.items()},
+            "ref": None if ref is None else {
+                "outputs": {k: v.cpu() for k, v in ref["outputs"].items()},
+                "in_grads": {k: v.cpu() for k, v in ref["in_grads"].items()},
+                "seconds": ref["seconds"],
+            },
+            "w_ref": {k: v.cpu() for k, v in w_ref.items()},
+            "seconds": sec,
+            "param_bytes": _param_bytes(tp),
+            "dense_param_bytes": dense_bytes,
+            "comm_bytes": {f"{op}.{phase}": v for (op, phase), v in stats.bytes.items()},
+            "comm_calls": {f"{op}.{phase}": v for (op, phase), v in stats.calls.items()},
+        }
+    return results
+
+
+def _shard_like(dense_grad: torch.Tensor, param: torch.Tensor, rank: int, world_size: int, owner: nn.Module):
+    """The shard of a dense gradient that corresponds to a TP parameter (same rule as ``from_dense``)."""
+    if dense_grad.shape == param.shape:
+        return dense_grad  # replicated parameter (norm weights, row-parallel bias)
+    shard_dim = getattr(owner, "_shard_dim", 0) if dense_grad.dim() == 2 else 0
+    return shard_tensor(dense_grad, shard_dim, rank, world_size, getattr(owner, "blocks", None))
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.tol
+
+
+@dataclasses.dataclass
+class BlockResult:
+    kind: str
+    world_size: int
+    checks: list[Check]
+    identical_across_ranks: bool
+    param_bytes_per_rank: int
+    dense_param_bytes: int
+    all_reduce_bytes_fwd: int
+    all_reduce_calls_fwd: int
+    all_reduce_bytes_bwd: int
+    seconds_tp: float
+    seconds_dense: float
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{self.kind} block: {c.name} relative error {c.rel:.3g} exceeds tolerance {c.tol:g}"
+               for c in self.checks if not c.ok]
+        if not self.identical_across_ranks:
+            out.append(f"{self.kind} block: outputs or input gradients differ between ranks")
+        return out
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    preset: str
+    world_size: int
+    dtype: str
+    backend: str
+    tokens: tuple[int, int]
+    blocks: list[BlockResult]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for b in self.blocks for f in b.failures]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: Sequence[str] = BLOCK_KINDS,
+           img_tokens: int = 64, txt_tokens: int = 16, dtype: str = "float32", seed: int = 0, batch: int = 1,
+           backend: str | None = None) -> VerifyResult:
+    """Shard dense blocks of ``preset`` over ``world_size`` ranks and compare against dense (see module doc)."""
+    cfg = preset if isinstance(preset, Flux2Config) else Flux2Config.preset(preset)
+    blocks = list(blocks)
+    bad = [b for b in blocks if b not in BLOCK_KINDS]
+    if bad or not blocks:
+        raise ValueError(f"--blocks must name some of {list(BLOCK_KINDS)}, got {blocks}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world_size}")
+    for name, value in (("img-tokens", img_tokens), ("txt-tokens", txt_tokens), ("batch", batch)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for what, size in (("num_attention_heads", cfg.heads), ("mlp hidden", cfg.mlp_hidden)):
+        if size % world_size:
+            raise ValueError(f"preset {cfg.name!r}: {what}={size} is not divisible by --world-size {world_size}")
+    backend = backend or default_backend(world_size)
+    per_rank = run_ranks(_rank_main, world_size, cfg, blocks, batch, txt_tokens, img_tokens, dtype, seed,
+                         backend=backend)
+    tol = tolerance(DTYPES[dtype])
+    results = []
+    for kind in blocks:
+        ranks = [r[kind] for r in per_rank]
+        r0 = ranks[0]
+        checks = [Check(k, max_abs_error(v, r0["ref"]["outputs"][k]), rel_error(v, r0["ref"]["outputs"][k]), tol)
+                  for k, v in r0["outputs"].items()]
+        checks += [Check(k, max_abs_error(v, r0["ref"]["in_grads"][k]), rel_error(v, r0["ref"]["in_grads"][k]), tol)
+                   for k, v in r0["in_grads"].items()]
+        # Weight gradients, all parameters of rank 0's shard, reported as the worst one.
+        worst = max(((rel_error(v, r0["w_ref"][k]), max_abs_error(v, r0["w_ref"][k]), k)
+                     for k, v in r0["w_grads"].items()), default=(0.0, 0.0, "-"))
+        checks.append(Check(f"grad.weights (worst: {worst[2]})", worst[1], worst[0], tol))
+        identical = all(
+            torch.equal(r[part][k], r0[part][k]) for r in ranks[1:] for part in ("outputs", "in_grads")
+            for k in r0[part]
+        )
+        results.append(BlockResult(
+            kind=kind, world_size=world_size, checks=checks, identical_across_ranks=identical,
+            param_bytes_per_rank=max(r["param_bytes"] for r in ranks), dense_param_bytes=r0["dense_param_bytes"],
+            all_reduce_bytes_fwd=r0["comm_bytes"].get("all_reduce.forward", 0),
+            all_reduce_calls_fwd=r0["comm_calls"].get("all_reduce.forward", 0),
+            all_reduce_bytes_bwd=r0["comm_bytes"].get("all_reduce.backward", 0),
+            seconds_tp=max(r["seconds"] for r in ranks), seconds_dense=r0["ref"]["seconds"],
+        ))
+    return VerifyResult(cfg.name, world_size, dtype, backend, (txt_tokens, img_tokens), results)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def format_report(res: VerifyResult) -> str:
+    lines = [f"tpfuse verify: preset={res.preset} world_size={res.world_size} dtype={res.dtype} "
+             f"backend={res.backend} tokens={res.tokens[0]} txt + {res.tokens[1]} img"]
+    for b in res.blocks:
+        lines.append("")
+        lines.append(f"{b.kind}-stream block, {b.world_size} ranks")
+        width = max(len(c.name) for c in b.checks)
+        lines.append(f"  {'tensor':<{width}}  {'max |err|':>10}  {'rel err':>10}  {'tol':>8}  status")
+        for c in b.checks:
+            lines.append(f"  {c.name:<{width}}  {c.max_abs:>10.3e}  {c.rel:>10.3e}  {c.tol:>8.0e}  "
+                         f"{'ok' if c.ok else 'FAIL'}")
+        lines.append(f"  identical on all ranks: {'yes' if b.identical_across_ranks else 'NO'}")
+        lines.append(f"  parameters per rank: {_mib(b.param_bytes_per_rank)} of {_mib(b.dense_param_bytes)} dense "
+                     f"({b.param_bytes_per_rank / b.dense_param_bytes:.3f}x)")
+        lines.append(f"  all-reduced per forward: {_mib(b.all_reduce_bytes_fwd)} in {b.all_reduce_calls_fwd} calls; "
+                     f"per backward: {_mib(b.all_reduce_bytes_bwd)}")
+        lines.append(f"  wall time fwd+bwd: tensor-parallel {b.seconds_tp * 1e3:.1f} ms (slowest rank), "
+                     f"dense {b.seconds_dense * 1e3:.1f} ms")
+    lines.append("")
+    lines.append("PASS" if res.ok else "FAIL:\n  " + "\n  ".join(res.failures))
+    return "\n".join(lines)
