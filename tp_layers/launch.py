@@ -29,6 +29,10 @@ from typing import Any
 
 __all__ = ["run_ranks", "RankError", "default_backend"]
 
+# After the first failure, how long to wait for the other ranks' reports before picking the earliest one (a
+# rank's failure makes its peers fail in their next collective a few milliseconds later).
+_GRACE_S = 3.0
+
 
 class RankError(RuntimeError):
     """A rank raised; ``rank``, ``exc_type`` (the exception's class name) and the traceback text are kept."""
@@ -99,15 +103,19 @@ def _worker(rank, world_size, backend, init_method, timeout_s, threads, ref, pay
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        try:
-            fn = _resolve(ref)
-            args, kwargs = _loads(payload)
-            out = fn(*args, **kwargs)
-            results.put((rank, "ok", _dumps(out)))
-        finally:
-            dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-        results.put((rank, type(exc).__name__, traceback.format_exc()))
+        results.put((rank, type(exc).__name__, traceback.format_exc(), time.time()))
+        return
+    try:
+        fn = _resolve(ref)
+        args, kwargs = _loads(payload)
+        results.put((rank, "ok", _dumps(fn(*args, **kwargs)), time.time()))
+    except BaseException as exc:  # noqa: BLE001
+        # Time-stamped before this rank tears its group down: the peers' errors that the teardown causes
+        # ("connection closed by peer") come later, so the parent can report the root cause.
+        results.put((rank, type(exc).__name__, traceback.format_exc(), time.time()))
+    finally:
+        dist.destroy_process_group()
 
 
 def _context():
@@ -141,32 +149,45 @@ def run_ranks(fn: Callable, world_size: int, *args, backend: str | None = None, 
         for p in procs:
             p.start()
         out: dict[int, Any] = {}
-        error: RankError | None = None
+        errors: list[tuple[float, RankError]] = []
         deadline = time.monotonic() + timeout
+        grace_end = None  # after the first error, wait briefly for the others and report the earliest
         try:
-            while len(out) < world_size and error is None:
+            while len(out) + len(errors) < world_size:
+                now = time.monotonic()
+                if grace_end is not None and now > grace_end:
+                    break
                 try:
-                    rank, status, data = results.get(timeout=0.2)
+                    rank, status, data, stamp = results.get(timeout=0.2)
                 except queue_mod.Empty:
-                    dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                    reported = set(out) | {e.rank for _, e in errors}
+                    dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
                     if dead:
-                        error = RankError(dead[0], "ProcessDied", f"exit code {procs[dead[0]].exitcode}")
-                    elif time.monotonic() > deadline:
-                        error = RankError(-1, "Timeout", f"ranks {sorted(set(range(world_size)) - set(out))} did "
-                                                         f"not finish within {timeout:.0f} s")
+                        errors.append((time.time(), RankError(dead[0], "ProcessDied",
+                                                              f"exit code {procs[dead[0]].exitcode}")))
+                    elif now > deadline:
+                        missing = sorted(set(range(world_size)) - reported)
+                        errors.append((time.time(), RankError(-1, "Timeout", f"ranks {missing} did not finish "
+                                                                             f"within {timeout:.0f} s")))
+                        break
+                    if errors and grace_end is None:
+                        grace_end = time.monotonic() + _GRACE_S
                     continue
                 if status == "ok":
                     out[rank] = _loads(data)
                 else:
-                    error = RankError(rank, status, data)
+                    errors.append((stamp, RankError(rank, status, data)))
+                    if grace_end is None:
+                        grace_end = time.monotonic() + _GRACE_S
         finally:
             for p in procs:
-                p.join(timeout=0 if error else 30)
+                p.join(timeout=0 if errors else 30)
             for p in procs:
                 if p.is_alive():
                     p.kill()
                     p.join()
             results.close()
+    error = min(errors, key=lambda e: e[0])[1] if errors else None
     if error is not None:
         raise error
     return [out[r] for r in range(world_size)]
