@@ -1,7 +1,21 @@
-"""Fused Triton kernels (``tpfuse.kernels``).
+"""Fused Triton kernels (``tpfuse.kernels``), one op per module, each next to its plain-torch reference.
 
-Empty for now: the fused QKV+MLP projection, QKNorm+RoPE, LayerNorm-modulation and the row-parallel matmul land
-here, one op per file, each with its plain-torch reference. Nothing here imports triton at import time.
+Dispatch happens per call in each launcher: CUDA tensors run Triton, CPU tensors run the reference;
+``TPFUSE_BACKEND=torch|triton`` (or ``backend=``) forces one. ``record_backends()`` shows which ran.
 """
 
-__all__: list[str] = []
+from ._dispatch import record_backends, select_backend
+from .fused_qkv_mlp_proj import fused_qkv_mlp_proj, fused_qkv_mlp_proj_reference
+from .layernorm_modulate import layernorm_modulate, layernorm_modulate_reference
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+
+__all__ = [
+    "fused_qkv_mlp_proj",
+    "fused_qkv_mlp_proj_reference",
+    "layernorm_modulate",
+    "layernorm_modulate_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
+    "record_backends",
+    "select_backend",
+]

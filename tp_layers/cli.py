@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="default: nccl with one CUDA device per rank, else gloo")
     v.set_defaults(func=_verify)
+
+    from tpfuse.kernels import compile_report
+
+    c = sub.add_parser("compile-report", help="compile every Triton kernel ahead of time for a GPU arch (no GPU "
+                       "needed) and report registers, shared memory, spills, wgmma",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compile_report.add_arguments(c)
+    c.set_defaults(func=compile_report.run)
     return parser
 
 
