@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import select_backend
+from ._math import compute_dtype
 from ._triton import tl, triton
 from .qk_norm_rope import qk_norm_rope_reference
 
@@ -169,7 +170,8 @@ def fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads:
     q, k = qk_norm_rope_reference(q.unflatten(-1, heads_view), k.unflatten(-1, heads_view), q_weight, k_weight,
                                   cos, sin, eps)
     v = v.unflatten(-1, heads_view)
-    mlp = (F.silu(gate.float()) * up.float()).to(x.dtype)
+    acc = compute_dtype(x)
+    mlp = (F.silu(gate.to(acc)) * up.to(acc)).to(x.dtype)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mlp
 
 
@@ -247,7 +249,9 @@ class _FusedQKVMLPProj(torch.autograd.Function):
 
 def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
     named = {"x": x, "weight": weight, "q_weight": q_weight, "k_weight": k_weight}
-    if cos is not None or sin is not None:
+    if (cos is None) != (sin is None):
+        raise ValueError("fused_qkv_mlp_proj: pass both cos and sin, or neither")
+    if cos is not None:
         named.update(cos=cos, sin=sin)
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -273,8 +277,6 @@ def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidd
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w.shape != (head_dim,):
             raise ValueError(f"fused_qkv_mlp_proj: {name} must be [{head_dim}], got shape {tuple(w.shape)}")
-    if (cos is None) != (sin is None):
-        raise ValueError("fused_qkv_mlp_proj: pass both cos and sin, or neither")
     if cos is not None:
         S = x.shape[1]
         for name, t in (("cos", cos), ("sin", sin)):

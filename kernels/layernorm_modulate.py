@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import select_backend
+from ._math import compute_dtype
 from ._triton import tl, triton
 
 __all__ = ["layernorm_modulate", "layernorm_modulate_reference", "ln_mod_config"]
@@ -56,10 +57,11 @@ def _ln_mod_fwd_kernel(
 
 def layernorm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                  eps: float = 1e-6) -> torch.Tensor:
-    """Plain torch: fp32 LayerNorm (no affine) then ``(1 + scale) * y + shift``, result in ``x``'s dtype."""
+    """Plain torch: fp32 (fp64 for fp64 inputs) LayerNorm (no affine) then ``(1 + scale) * y + shift``, result in ``x``'s dtype."""
     shift, scale = _as_b1d(shift, x), _as_b1d(scale, x)
-    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return ((1 + scale.float()) * y + shift.float()).to(x.dtype)
+    acc = compute_dtype(x)
+    y = F.layer_norm(x.to(acc), (x.shape[-1],), eps=eps)
+    return ((1 + scale.to(acc)) * y + shift.to(acc)).to(x.dtype)
 
 
 def _as_b1d(mod: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

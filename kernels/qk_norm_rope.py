@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import select_backend
+from ._math import compute_dtype
 from ._triton import tl, triton
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "rope_reference", "qk_rope_config"]
@@ -139,17 +140,20 @@ def _qk_norm_rope_bwd_kernel(
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved pairs in fp32; ``x`` ``[B, S, H, D]``, ``cos``/``sin`` ``[S, D]``; fp32 result."""
-    real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    """RoPE on interleaved pairs in fp32 (fp64 for fp64 inputs); ``x`` ``[B, S, H, D]``, ``cos``/``sin`` ``[S, D]``; fp32 result."""
+    acc = compute_dtype(x)
+    x = x.to(acc)
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
-    return x.float() * cos[None, :, None, :].float() + rotated * sin[None, :, None, :].float()
+    return x * cos[None, :, None, :].to(acc) + rotated * sin[None, :, None, :].to(acc)
 
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6):
     """Plain torch: fp32 ``rms_norm`` over ``D`` with the scale, then RoPE (if ``cos`` is given); results in
     the input dtype."""
     def one(x, w):
-        n = F.rms_norm(x.float(), (x.shape[-1],), w.float(), eps)
+        acc = compute_dtype(x)
+        n = F.rms_norm(x.to(acc), (x.shape[-1],), w.to(acc), eps)
         return (rope_reference(n, cos, sin) if cos is not None else n).to(x.dtype)
 
     return one(q, q_weight), one(k, k_weight)
@@ -223,7 +227,9 @@ class _QKNormRope(torch.autograd.Function):
 
 def _validate(q, k, q_weight, k_weight, cos, sin, eps):
     named = {"q": q, "k": k, "q_weight": q_weight, "k_weight": k_weight}
-    if cos is not None or sin is not None:
+    if (cos is None) != (sin is None):
+        raise ValueError("qk_norm_rope: pass both cos and sin, or neither")
+    if cos is not None:
         named.update(cos=cos, sin=sin)
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -246,8 +252,6 @@ def _validate(q, k, q_weight, k_weight, cos, sin, eps):
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w.shape != (D,):
             raise ValueError(f"qk_norm_rope: {name} must be [{D}], got shape {tuple(w.shape)}")
-    if (cos is None) != (sin is None):
-        raise ValueError("qk_norm_rope: pass both cos and sin, or neither")
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
             if t.shape != (S, D):

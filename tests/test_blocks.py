@@ -209,3 +209,37 @@ def _masked(kind):
 def test_per_head_attention_mask(kind):
     errs = run_ranks(_masked, 2, kind)
     assert max(errs) <= tolerance(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The TP blocks run the fused kernels (Triton in the interpreter here) and still match dense
+# ---------------------------------------------------------------------------------------------------------------
+
+# head_dim 32: the smallest the fused projection kernel supports (two 16-wide accumulators).
+HEAD32 = Flux2Config(num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), num_layers=1,
+                     num_single_layers=1, in_channels=8, joint_attention_dim=16, name="head32")
+
+
+def _tp_with_triton(kind):
+    import os
+
+    from tpfuse.kernels import record_backends
+
+    os.environ["TPFUSE_BACKEND"] = "triton"
+    with record_backends() as ran:
+        out = _tp_vs_dense(HEAD32, kind, "ours", torch.float32)
+    return out, ran
+
+
+@pytest.mark.parametrize("kind", ["single", "double"])
+def test_tp_block_with_triton_kernels_matches_dense(kind):
+    from tpfuse.kernels._dispatch import interpreting
+
+    if not (interpreting() or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    results = run_ranks(_tp_with_triton, 2, kind)
+    (out0, grads0), ran = results[0]
+    expected = ({"layernorm_modulate", "fused_qkv_mlp_proj"} if kind == "single"
+                else {"layernorm_modulate", "qk_norm_rope"})
+    assert {op for op, _ in ran} == expected and {b for _, b in ran} == {"triton"}
+    assert all(torch.equal(a, b) for (out, _), _ in results[1:] for a, b in zip(out, out0))

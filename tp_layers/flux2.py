@@ -69,13 +69,15 @@ def rope_cos_sin(ids: torch.Tensor, axes_dims: Sequence[int], theta: float) -> t
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on interleaved pairs ``(x[2i], x[2i+1])``; ``x`` ``[B, S, H, D]``, ``cos``/``sin`` ``[S, D]``.
 
-    fp32 math, result in ``x``'s dtype (as diffusers' ``apply_rotary_emb(..., sequence_dim=1)``).
+    fp32 math, result in ``x``'s dtype (as diffusers' ``apply_rotary_emb(..., sequence_dim=1)``); fp64 inputs
+    stay fp64 (diffusers would round them to fp32), so an fp64 run checks sharding to fp64 precision.
     """
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2] each
     rotated = torch.stack([-imag, real], dim=-1).flatten(-2)  # [B, S, H, D]
-    cos = cos[None, :, None, :].to(x.device)
-    sin = sin[None, :, None, :].to(x.device)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    cos = cos[None, :, None, :].to(x.device, acc)
+    sin = sin[None, :, None, :].to(x.device, acc)
+    return (x.to(acc) * cos + rotated.to(acc) * sin).to(x.dtype)
 
 
 def split_modulation(mod: torch.Tensor, sets: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
@@ -99,6 +101,13 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA on ``[B, S, H, D]`` inputs, returning ``[B, S, H*D]`` (diffusers' native attention backend)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+
+def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on ``[B, H, S, D]`` inputs (no transposes), returning ``[B, S, H*D]``."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 
@@ -262,7 +271,14 @@ def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
-class SingleStreamBlock(nn.Module):
+class _ModulatedNormMixin:
+    def _norm_modulate(self, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+        """``(1 + scale) * norm(x) + shift`` (replicated on every rank; TP blocks fuse it into one kernel)."""
+        return modulate(norm(x), shift, scale)
+
+
+class SingleStreamBlock(_ModulatedNormMixin, nn.Module):
     """FLUX.2 single-stream ("parallel") block, ``Flux2SingleTransformerBlock``-compatible."""
 
     def __init__(self, cfg: Flux2Config, device=None, dtype=None):
@@ -293,7 +309,7 @@ class SingleStreamBlock(nn.Module):
         kwargs = _attention_kwargs(joint_attention_kwargs)
 
         (shift, scale, gate), = split_modulation(temb_mod, 1)
-        x = modulate(self.norm(hidden_states), shift, scale)
+        x = self._norm_modulate(self.norm, hidden_states, shift, scale)
         out = self.attn(x, image_rotary_emb=image_rotary_emb, **kwargs)
         hidden_states = hidden_states + gate * out
         if hidden_states.dtype == torch.float16:
@@ -303,7 +319,7 @@ class SingleStreamBlock(nn.Module):
         return hidden_states
 
 
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(_ModulatedNormMixin, nn.Module):
     """FLUX.2 double-stream block, ``Flux2TransformerBlock``-compatible; returns ``(encoder_hidden_states,
     hidden_states)``."""
 
@@ -340,16 +356,16 @@ class DoubleStreamBlock(nn.Module):
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = split_modulation(
             temb_mod_txt, 2)
 
-        x = modulate(self.norm1(hidden_states), shift_msa, scale_msa)
-        c = modulate(self.norm1_context(encoder_hidden_states), c_shift_msa, c_scale_msa)
+        x = self._norm_modulate(self.norm1, hidden_states, shift_msa, scale_msa)
+        c = self._norm_modulate(self.norm1_context, encoder_hidden_states, c_shift_msa, c_scale_msa)
         attn_out, context_attn_out = self.attn(x, c, image_rotary_emb=image_rotary_emb, **kwargs)
 
         hidden_states = hidden_states + gate_msa * attn_out
-        x = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
+        x = self._norm_modulate(self.norm2, hidden_states, shift_mlp, scale_mlp)
         hidden_states = hidden_states + gate_mlp * self.ff(x)
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa * context_attn_out
-        c = modulate(self.norm2_context(encoder_hidden_states), c_shift_mlp, c_scale_mlp)
+        c = self._norm_modulate(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp * self.ff_context(c)
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)

@@ -16,6 +16,13 @@ The per-head RMSNorm weights are replicated, but each rank only sees its own hea
 partial sums: :class:`HeadRMSNorm` routes the weight through ``copy_to_tp_region`` so its gradient is all-reduced.
 
 The blocks subclass the dense ones and reuse their ``forward``: sharding lives in the modules, not in the math.
+Where the dense block runs several eager ops, the TP block calls one fused op from :mod:`tpfuse.kernels`
+(Triton on CUDA tensors, the op's torch reference on CPU):
+
+* every ``norm -> (1 + scale) * x + shift``  ->  ``layernorm_modulate``
+* single-stream ``to_qkv_mlp_proj -> split -> QK RMSNorm -> RoPE -> transpose -> SwiGLU``  ->
+  ``fused_qkv_mlp_proj`` (one GEMM; Q/K/V come out head-major for SDPA)
+* double-stream ``QK RMSNorm -> RoPE`` per stream  ->  ``qk_norm_rope``
 """
 
 from __future__ import annotations
@@ -24,8 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope
+from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
+
 from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
-from .flux2 import DoubleStreamBlock, FeedForward, JointAttention, SingleStreamAttention, SingleStreamBlock
+from .flux2 import (
+    DoubleStreamBlock,
+    FeedForward,
+    JointAttention,
+    SingleStreamAttention,
+    SingleStreamBlock,
+    attention_heads_major,
+)
 from .linear import ColumnParallelLinear, RowParallelLinear, check_input
 
 __all__ = ["TPSingleStreamBlock", "TPDoubleStreamBlock", "HeadRMSNorm"]
@@ -78,8 +95,21 @@ class HeadRMSNorm(nn.RMSNorm):
         new.group = resolve_group(group)
         return new
 
+    def tp_weight(self) -> torch.Tensor:
+        """The weight as seen by this rank's heads: identity forward, gradient all-reduced backward."""
+        return copy_to_tp_region(self.weight, self.group)
+
+    def eps_for(self, dtype: torch.dtype) -> float:
+        return self.eps if self.eps is not None else torch.finfo(dtype).eps  # nn.RMSNorm's default
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, copy_to_tp_region(self.weight, self.group), self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.tp_weight(), self.eps)
+
+
+def _shared_eps(a: HeadRMSNorm, b: HeadRMSNorm, dtype: torch.dtype) -> float | None:
+    """One eps for a fused Q/K norm, or None when Q and K were built with different ones."""
+    ea, eb = a.eps_for(dtype), b.eps_for(dtype)
+    return ea if ea == eb else None
 
 
 class _TPHeadsMixin:
@@ -89,11 +119,14 @@ class _TPHeadsMixin:
     heads: int
     local_heads: int
 
-    def _attend(self, q, k, v, mask):
+    def _local_mask(self, mask):
         if mask is not None and mask.dim() == 4 and mask.shape[1] == self.heads and self.local_heads != self.heads:
             start = get_rank(self.group) * self.local_heads
             mask = mask[:, start:start + self.local_heads]  # a per-head mask: keep this rank's heads
-        return super()._attend(q, k, v, mask)
+        return mask
+
+    def _attend(self, q, k, v, mask):
+        return super()._attend(q, k, v, self._local_mask(mask))
 
 
 def _init_heads(module, dense, group, world_size: int) -> None:
@@ -116,6 +149,22 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
         self.to_out = RowParallelLinear.from_dense(dense.to_out, group, blocks=self.row_blocks)
         return self
 
+    def forward(self, hidden_states, attention_mask=None, image_rotary_emb=None):
+        proj = self.to_qkv_mlp_proj
+        eps = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
+        if proj.bias is not None or eps is None or (hidden_states.is_cuda and self.head_dim not in
+                                                    SUPPORTED_HEAD_DIMS):
+            return super().forward(hidden_states, attention_mask, image_rotary_emb)  # unfused, same math
+        check_input(hidden_states, proj.weight, proj.in_features, type(self).__name__)
+        x = copy_to_tp_region(hidden_states, self.group)  # [B, S, D]; backward: all-reduce of dx
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        q, k, v, mlp = fused_qkv_mlp_proj(  # q, k, v: [B, H_local, S, Dh]; mlp: [B, S, M_local]
+            x, proj.weight, self.norm_q.tp_weight(), self.norm_k.tp_weight(), cos, sin,
+            self.local_heads, self.head_dim, proj.local_blocks[3], eps,
+        )
+        attn = attention_heads_major(q, k, v, self._local_mask(attention_mask))  # [B, S, H_local*Dh]
+        return self.to_out(torch.cat([attn, mlp], dim=-1))
+
 
 class TPJointAttention(_TPHeadsMixin, JointAttention):
     @classmethod
@@ -130,6 +179,27 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
         self.to_out = nn.ModuleList([RowParallelLinear.from_dense(dense.to_out[0], group), nn.Dropout(0.0)])
         self.to_add_out = RowParallelLinear.from_dense(dense.to_add_out, group)
         return self
+
+    def forward(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        eps_img = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
+        eps_txt = _shared_eps(self.norm_added_q, self.norm_added_k, hidden_states.dtype)
+        if eps_img is None or eps_txt is None:
+            return super().forward(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        txt_len = encoder_hidden_states.shape[1]
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        rope_txt = (cos[:txt_len], sin[:txt_len]) if cos is not None else (None, None)
+        rope_img = (cos[txt_len:], sin[txt_len:]) if cos is not None else (None, None)
+        q, k, v = (self._heads(t) for t in self._qkv(hidden_states, (self.to_q, self.to_k, self.to_v)))
+        cq, ck, cv = (self._heads(t) for t in
+                      self._qkv(encoder_hidden_states, (self.add_q_proj, self.add_k_proj, self.add_v_proj)))
+        # Per stream: RMSNorm with the stream's scales, then RoPE with the stream's rows of cos/sin.
+        q, k = qk_norm_rope(q, k, self.norm_q.tp_weight(), self.norm_k.tp_weight(), *rope_img, eps_img)
+        cq, ck = qk_norm_rope(cq, ck, self.norm_added_q.tp_weight(), self.norm_added_k.tp_weight(), *rope_txt,
+                              eps_txt)
+        q, k, v = (torch.cat(pair, dim=1) for pair in ((cq, q), (ck, k), (cv, v)))  # [B, St+Si, H_local, Dh]
+        out = self._attend(q, k, v, attention_mask)  # [B, St+Si, H_local*Dh]
+        context_out, out = out[:, :txt_len], out[:, txt_len:]
+        return self.to_out[1](self.to_out[0](out)), self.to_add_out(context_out)
 
     def _qkv(self, x, linears):
         # Q, K and V read the same input: one copy_to_tp_region, so the backward all-reduces the summed input
@@ -148,7 +218,12 @@ def _tp_feed_forward(dense, group) -> FeedForward:
     return ff
 
 
-class TPSingleStreamBlock(SingleStreamBlock):
+class _FusedNormModulateMixin:
+    def _norm_modulate(self, norm, x, shift, scale):
+        return layernorm_modulate(x, shift, scale, norm.eps)
+
+
+class TPSingleStreamBlock(_FusedNormModulateMixin, SingleStreamBlock):
     """Tensor-parallel single-stream block; same ``forward`` and parameter names as the dense block."""
 
     @classmethod
@@ -165,7 +240,7 @@ class TPSingleStreamBlock(SingleStreamBlock):
         return self
 
 
-class TPDoubleStreamBlock(DoubleStreamBlock):
+class TPDoubleStreamBlock(_FusedNormModulateMixin, DoubleStreamBlock):
     """Tensor-parallel double-stream block; same ``forward`` and parameter names as the dense block."""
 
     @classmethod

@@ -1,0 +1,262 @@
+"""Triton kernels against their torch references, in the interpreter (fp32) on ragged shapes, plus dispatch.
+
+Tolerances: single fused ops in fp32 are compared with ``torch.testing.assert_close``'s fp32 defaults
+(rtol 1.3e-6, atol 1e-5); weight gradients, which sum over every (token, head) row, with the fp32 relative
+tolerance of :mod:`tpfuse.tp_layers.numerics`.
+"""
+
+import pytest
+import torch
+
+from tpfuse.kernels import (
+    fused_qkv_mlp_proj,
+    fused_qkv_mlp_proj_reference,
+    layernorm_modulate,
+    layernorm_modulate_reference,
+    qk_norm_rope,
+    qk_norm_rope_reference,
+    record_backends,
+)
+from tpfuse.kernels._dispatch import interpreting
+from tpfuse.tp_layers.numerics import rel_error, tolerance
+
+pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                reason="needs TRITON_INTERPRET=1 or a GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = tolerance(torch.float32)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    return (scale * torch.randn(*shape, generator=_gen(seed))).to(DEV)
+
+
+def _angles(s, d, seed=0):
+    ang = torch.rand(s, d // 2, generator=_gen(seed)) * 6.28
+    return ang.cos().repeat_interleave(2, 1).to(DEV), ang.sin().repeat_interleave(2, 1).to(DEV)
+
+
+def _grads(outs, inputs, seed=9):
+    gs = [_rand(*o.shape, seed=seed + i) for i, o in enumerate(outs)]
+    return torch.autograd.grad(outs, inputs, gs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layernorm_modulate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S", [1, 7, 77, 333])
+@pytest.mark.parametrize("D,mod_shape", [(40, "b1d"), (64, "bd"), (200, "1d")])
+def test_layernorm_modulate(S, D, mod_shape):
+    B = 2
+    base = _rand(B, S + 3, D, seed=1, scale=3.0) + 0.5
+    x = base[:, 2:S + 2].requires_grad_()  # a strided view: sequence stride != D... honoured without a copy
+    mb = 1 if mod_shape == "1d" else B
+    shape = (mb, 1, D) if mod_shape == "b1d" else (mb, D)
+    shift = _rand(*shape, seed=2).requires_grad_()
+    scale = _rand(*shape, seed=3, scale=0.5).requires_grad_()
+    with record_backends() as ran:
+        out = layernorm_modulate(x, shift, scale, 1e-6, backend="triton")
+    assert ran == [("layernorm_modulate", "triton")]
+    ref = layernorm_modulate_reference(x, shift, scale, 1e-6)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(_grads([out], [x, shift, scale]), _grads([ref], [x, shift, scale])):
+        assert rel_error(a, b) <= TOL
+
+
+def test_layernorm_modulate_reference_is_layernorm_then_modulate():
+    x, shift, scale = _rand(2, 5, 16, seed=1), _rand(2, 16, seed=2), _rand(2, 16, seed=3)
+    expected = (1 + scale[:, None]) * torch.nn.functional.layer_norm(x, (16,), eps=1e-6) + shift[:, None]
+    torch.testing.assert_close(layernorm_modulate_reference(x, shift, scale, 1e-6), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# qk_norm_rope
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S", [1, 7, 77, 333])
+@pytest.mark.parametrize("H,D", [(1, 32), (3, 24)])  # D=24: the 32-wide block is masked
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_qk_norm_rope_forward_backward(S, H, D, layout):
+    B = 2
+    if layout == "bhsd":  # a [B, H, S, D] buffer seen as [B, S, H, D]
+        q = _rand(B, H, S, D, seed=1).transpose(1, 2).requires_grad_()
+        k = _rand(B, H, S, D, seed=2, scale=2.0).transpose(1, 2).requires_grad_()
+    else:
+        q = _rand(B, S, H, D, seed=1).requires_grad_()
+        k = _rand(B, S, H, D, seed=2, scale=2.0).requires_grad_()
+    qw = (1 + 0.1 * _rand(D, seed=3)).requires_grad_()
+    kw = (1 + 0.1 * _rand(D, seed=4)).requires_grad_()
+    cos, sin = _angles(S, D, seed=5)
+    with record_backends() as ran:
+        out = qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6, backend="triton")
+    assert ran == [("qk_norm_rope", "triton")]
+    ref = qk_norm_rope_reference(q, k, qw, kw, cos, sin, 1e-6)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+        assert o.stride() == (q if o is out[0] else k).stride()  # the output keeps the input's layout
+    g_out = _grads(list(out), [q, k, qw, kw])
+    g_ref = _grads(list(ref), [q, k, qw, kw])
+    torch.testing.assert_close(g_out[0], g_ref[0])
+    torch.testing.assert_close(g_out[1], g_ref[1])
+    assert rel_error(g_out[2], g_ref[2]) <= TOL and rel_error(g_out[3], g_ref[3]) <= TOL
+
+
+def test_qk_norm_rope_without_rotation_is_rms_norm():
+    q, k = _rand(1, 5, 2, 32, seed=1).requires_grad_(), _rand(1, 5, 2, 32, seed=2).requires_grad_()
+    w = _rand(32, seed=3).requires_grad_()
+    out = qk_norm_rope(q, k, w, w, None, None, 1e-6, backend="triton")
+    torch.testing.assert_close(out[0], torch.nn.functional.rms_norm(q, (32,), w, 1e-6))
+    g_out = _grads(list(out), [q, k, w])
+    g_ref = _grads(list(qk_norm_rope_reference(q, k, w, w, None, None, 1e-6)), [q, k, w])
+    for a, b in zip(g_out, g_ref):
+        assert rel_error(a, b) <= TOL
+
+
+def test_qk_norm_rope_matches_diffusers_rotary():
+    diffusers_embeddings = pytest.importorskip("diffusers.models.embeddings")
+    q, k = _rand(2, 9, 3, 32, seed=1), _rand(2, 9, 3, 32, seed=2)
+    w = torch.ones(32, device=DEV)
+    cos, sin = _angles(9, 32, seed=3)
+    out = qk_norm_rope(q, k, w, w, cos, sin, 1e-6, backend="triton")[0]
+    normed = torch.nn.functional.rms_norm(q, (32,), w, 1e-6)
+    ref = diffusers_embeddings.apply_rotary_emb(normed, (cos, sin), sequence_dim=1)
+    torch.testing.assert_close(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused_qkv_mlp_proj
+# ---------------------------------------------------------------------------------------------------------------
+
+FUSED_CASES = [
+    # (B, S, K, heads, head_dim, mlp_hidden): K not a multiple of BLOCK_K=64, mlp not a multiple of the tile
+    (2, 7, 40, 3, 32, 50),
+    (1, 1, 70, 1, 32, 16),
+    (1, 77, 128, 3, 64, 70),
+    (1, 333, 96, 1, 32, 33),
+]
+
+
+@pytest.mark.parametrize("B,S,K,heads,head_dim,mlp", FUSED_CASES)
+@pytest.mark.parametrize("rope", [True, False])
+def test_fused_qkv_mlp_proj(B, S, K, heads, head_dim, mlp, rope):
+    x = _rand(B, S, K, seed=1).requires_grad_()
+    w = _rand(3 * heads * head_dim + 2 * mlp, K, seed=2, scale=K ** -0.5).requires_grad_()
+    qw = (1 + 0.1 * _rand(head_dim, seed=3)).requires_grad_()
+    kw = (1 + 0.1 * _rand(head_dim, seed=4)).requires_grad_()
+    cos, sin = _angles(S, head_dim, seed=5) if rope else (None, None)
+    args = (heads, head_dim, mlp, 1e-6)
+    with record_backends() as ran:
+        out = fused_qkv_mlp_proj(x, w, qw, kw, cos, sin, *args, backend="triton")
+    assert ran == [("fused_qkv_mlp_proj", "triton")]
+    ref = fused_qkv_mlp_proj_reference(x, w, qw, kw, cos, sin, *args)
+    assert [tuple(o.shape) for o in out] == [(B, heads, S, head_dim)] * 3 + [(B, S, mlp)]
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+    for a, b in zip(_grads(list(out), [x, w, qw, kw]), _grads(list(ref), [x, w, qw, kw])):
+        assert rel_error(a, b) <= TOL
+
+
+def test_fused_reference_matches_unfused_ops():
+    """The reference itself: x @ W^T, split, RMSNorm + RoPE per head, head-major, SwiGLU."""
+    heads, d, mlp, K = 2, 32, 24, 48
+    x, w = _rand(1, 5, K, seed=1), _rand(3 * heads * d + 2 * mlp, K, seed=2)
+    qw, kw = _rand(d, seed=3), _rand(d, seed=4)
+    cos, sin = _angles(5, d)
+    q, k, v, act = fused_qkv_mlp_proj_reference(x, w, qw, kw, cos, sin, heads, d, mlp, 1e-6)
+    proj = x @ w.T
+    ref_q, ref_k = qk_norm_rope_reference(proj[..., :64].unflatten(-1, (2, 32)), proj[..., 64:128].unflatten(-1, (2, 32)),
+                                          qw, kw, cos, sin, 1e-6)
+    torch.testing.assert_close(q, ref_q.transpose(1, 2))
+    torch.testing.assert_close(k, ref_k.transpose(1, 2))
+    torch.testing.assert_close(v, proj[..., 128:192].unflatten(-1, (2, 32)).transpose(1, 2))
+    torch.testing.assert_close(act, torch.nn.functional.silu(proj[..., 192:216]) * proj[..., 216:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch and bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_defaults_env_override_and_errors(monkeypatch):
+    x, shift, scale = torch.randn(1, 3, 8), torch.randn(1, 8), torch.randn(1, 8)
+    with record_backends() as ran:
+        layernorm_modulate(x, shift, scale)  # CPU tensors -> the torch reference by default
+        monkeypatch.setenv("TPFUSE_BACKEND", "triton")
+        layernorm_modulate(x, shift, scale)
+        monkeypatch.setenv("TPFUSE_BACKEND", "torch")
+        layernorm_modulate(x, shift, scale, backend="triton")  # an explicit argument wins over the env
+    assert ran == [("layernorm_modulate", "torch"), ("layernorm_modulate", "triton"),
+                   ("layernorm_modulate", "triton")]
+    monkeypatch.setenv("TPFUSE_BACKEND", "cuda-graphs")
+    with pytest.raises(ValueError, match="unknown backend 'cuda-graphs' \\(from TPFUSE_BACKEND\\)"):
+        layernorm_modulate(x, shift, scale)
+    monkeypatch.delenv("TPFUSE_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        layernorm_modulate(x, shift, scale, backend="triton")
+
+
+def test_bad_input_layernorm_modulate():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"x must be \[B, S, D\], got shape \(3, 8\)"):
+        layernorm_modulate(x[0], torch.zeros(2, 8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"shift must be \[B, D\] or \[B, 1, D\] with B=2, D=8, got shape \(3, 8\)"):
+        layernorm_modulate(x, torch.zeros(3, 8), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="scale is on meta"):
+        layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8, device="meta"))
+    with pytest.raises(TypeError, match="shift must be floating point, got torch.int64"):
+        layernorm_modulate(x, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="eps must be positive, got 0"):
+        layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8), eps=0)
+    with pytest.raises(ValueError, match="x must be contiguous in its last dim"):
+        layernorm_modulate(torch.randn(2, 8, 3).transpose(1, 2), torch.zeros(2, 8), torch.zeros(2, 8),
+                           backend="triton")
+
+
+def test_bad_input_qk_norm_rope():
+    q = torch.randn(1, 4, 2, 8)
+    w = torch.ones(8)
+    cos, sin = torch.ones(4, 8), torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"k has shape \(1, 4, 2, 6\), q has \(1, 4, 2, 8\)"):
+        qk_norm_rope(q, torch.randn(1, 4, 2, 6), w, w, cos, sin)
+    with pytest.raises(TypeError, match="k dtype torch.float64 differs from q dtype torch.float32"):
+        qk_norm_rope(q, q.double(), w, w, cos, sin)
+    with pytest.raises(ValueError, match="head_dim D=7 must be even"):
+        qk_norm_rope(torch.randn(1, 4, 2, 7), torch.randn(1, 4, 2, 7), torch.ones(7), torch.ones(7), None, None)
+    with pytest.raises(ValueError, match=r"cos must be \[S, D\] = \[4, 8\], got shape \(5, 8\)"):
+        qk_norm_rope(q, q, w, w, torch.ones(5, 8), torch.ones(5, 8))
+    with pytest.raises(ValueError, match="pass both cos and sin, or neither"):
+        qk_norm_rope(q, q, w, w, cos, None)
+    with pytest.raises(ValueError, match=r"q_weight must be \[8\], got shape \(4,\)"):
+        qk_norm_rope(q, q, torch.ones(4), w, cos, sin)
+    with pytest.raises(ValueError, match="q must be contiguous in its last dim"):
+        qk_norm_rope(q.transpose(2, 3), q.transpose(2, 3), torch.ones(2), torch.ones(2), None, None)
+
+
+def test_bad_input_fused_qkv_mlp_proj():
+    x = torch.randn(1, 4, 16)
+    w = torch.randn(3 * 2 * 32 + 2 * 8, 16)
+    nw = torch.ones(32)
+    cos, sin = _angles(4, 32)
+    cos, sin = cos.cpu(), sin.cpu()
+    with pytest.raises(ValueError, match=r"weight must be .* = \[208, 16\] \(heads=2, head_dim=32, mlp_hidden=8\), "
+                                         r"got shape \(208, 15\)"):
+        fused_qkv_mlp_proj(x, w[:, :15], nw, nw, cos, sin, 2, 32, 8)
+    with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
+        fused_qkv_mlp_proj(x, w, nw, nw, cos, sin, 0, 32, 8)
+    with pytest.raises(TypeError, match="weight dtype torch.float64 differs from x dtype torch.float32"):
+        fused_qkv_mlp_proj(x, w.double(), nw, nw, cos, sin, 2, 32, 8)
+    with pytest.raises(ValueError, match=r"cos must be \[S, head_dim\] = \[4, 32\]"):
+        fused_qkv_mlp_proj(x, w, nw, nw, cos[:3], sin[:3], 2, 32, 8)
+    x16, w16, nw16 = torch.randn(1, 4, 16), torch.randn(3 * 2 * 16 + 16, 16), torch.ones(16)
+    with pytest.raises(ValueError, match=r"supports head_dim in \(32, 64, 128, 256\), got 16"):
+        fused_qkv_mlp_proj(x16, w16, nw16, nw16, None, None, 2, 16, 8, backend="triton")
+    bad_cos = torch.rand(4, 32)  # not one angle per pair: the kernel would silently differ from the reference
+    with pytest.raises(ValueError, match=r"cos\[:, 2i\] != cos\[:, 2i\+1\]"):
+        fused_qkv_mlp_proj(x, w, nw, nw, bad_cos, bad_cos, 2, 32, 8, backend="triton")
