@@ -1,0 +1,118 @@
+"""Shared benchmark plumbing: timing, measured hardware peaks, shapes, and result files.
+
+Timing on a GPU is ``triton.testing.do_bench`` (CUDA events, median of repeated runs after warm-up, L2 flushed
+between runs). ``--dry-run`` runs the same code on tiny CPU shapes with ``time.perf_counter`` medians, so CI keeps
+every benchmark path exercised; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_ms(fn: Callable[[], object], device: str, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn()``."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Peaks:
+    """Measured on this device (not datasheet numbers): what the roofline percentages are relative to."""
+
+    matmul_tflops: float  # bf16 dense GEMM, 8192^3
+    copy_gbps: float  # device-to-device copy of 1 GiB, read + write bytes
+
+    @classmethod
+    def measure(cls, device: str, dry_run: bool) -> Peaks:
+        n, size = (256, 2**22) if dry_run else (8192, 2**30)
+        dtype = torch.float32 if dry_run else torch.bfloat16
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = median_ms(lambda: a @ b, device)
+        tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+        src = torch.empty(size, device=device, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        ms = median_ms(lambda: dst.copy_(src), device)
+        return cls(tflops, 2 * size / (ms * 1e-3) / 1e9)
+
+
+def device_info(device: str) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def model_shapes(presets, tps, token_pairs, dry_run: bool):
+    """``(label, cfg, tp, tokens)`` for every preset, TP degree and (text, image) token count that shards."""
+    from tpfuse.tp_layers import Flux2Config
+
+    if dry_run:
+        cfg = Flux2Config(num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8),
+                          name="dry-run")
+        return [("dry-run tp2 5+11", cfg, 2, 16)]
+    out = []
+    for name in presets:
+        cfg = Flux2Config.preset(name)
+        for tp in tps:
+            if cfg.heads % tp or cfg.mlp_hidden % tp:
+                continue
+            for txt, img in token_pairs:
+                out.append((f"{name} tp{tp} {txt}+{img}", cfg, tp, txt + img))
+    return out
+
+
+def write_results(name: str, payload: dict, table: str, out: str | None) -> Path:
+    """``bench/results/<name>-<device>-<date>.json`` plus the same table as ``.md``."""
+    info = payload["info"]
+    if out is None:
+        slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")[:40] or "device"
+        out = RESULTS / f"{name}-{slug}-{info['date'][:10]}.json"
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    path.with_suffix(".md").write_text(
+        f"# {name}\n\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}\n\n"
+        f"```\n{table}\n```\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec); a missing value prints as ``-``."""
+    def cell(row, key, spec):
+        return format(row[key], spec) if row.get(key) is not None else "-"
+
+    widths = [max([len(h)] + [len(cell(r, k, f)) for r in rows]) for k, h, f in columns]
+    lines = ["  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths))]
+    for r in rows:
+        lines.append("  ".join(cell(r, k, f).rjust(w) for (k, _, f), w in zip(columns, widths)))
+    return "\n".join(lines)

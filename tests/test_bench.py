@@ -1,0 +1,28 @@
+"""Benchmarks are never timed tests; their --dry-run (tiny CPU shapes) keeps every code path exercised."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_bench_kernels_dry_run(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_kernels.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["dry_run"] and {"device", "torch", "triton", "date"} <= set(data["info"])
+    assert {r["op"] for r in data["rows"]} == {"fused_qkv_mlp_proj", "qk_norm_rope", "layernorm_modulate"}
+    fused = next(r for r in data["rows"] if r["op"] == "fused_qkv_mlp_proj")
+    assert {"ours_ms", "eager_ms", "bare_gemm_ms", "ratio_to_bare_gemm", "tflops", "pct_peak"} <= set(fused)
+    assert out.with_suffix(".md").exists() and "x eager" in proc.stdout
+
+
+def test_pytest_benchmark_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(BENCH),
+                           "--benchmark-disable"], capture_output=True, text=True, timeout=600, cwd=BENCH)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 passed" in proc.stdout
