@@ -239,7 +239,7 @@ def test_tp_block_with_triton_kernels_matches_dense(kind):
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
     results = run_ranks(_tp_with_triton, 2, kind)
     (out0, grads0), ran = results[0]
-    expected = ({"layernorm_modulate", "fused_qkv_mlp_proj"} if kind == "single"
-                else {"layernorm_modulate", "qk_norm_rope"})
+    expected = ({"layernorm_modulate", "fused_qkv_mlp_proj", "row_parallel_matmul"} if kind == "single"
+                else {"layernorm_modulate", "qk_norm_rope", "row_parallel_matmul"})
     assert {op for op, _ in ran} == expected and {b for _, b in ran} == {"triton"}
     assert all(torch.equal(a, b) for (out, _), _ in results[1:] for a, b in zip(out, out0))

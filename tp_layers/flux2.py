@@ -193,6 +193,10 @@ class SingleStreamAttention(_HeadsMixin, nn.Module):
         return [self.inner_dim, self.mlp_hidden_dim]
 
     def forward(self, hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self.to_out(torch.cat(self._parts(hidden_states, attention_mask, image_rotary_emb), dim=-1))
+
+    def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None) -> list[torch.Tensor]:
+        """The two inputs of ``to_out``: ``[attention [B, S, H*D], silu(gate) * up [B, S, M]]``."""
         proj = self.to_qkv_mlp_proj(hidden_states)  # [B, S, (3*inner + 2*mlp)(/N)]
         q_w = self.to_qkv_mlp_proj.weight.shape[0] * self.inner_dim // sum(self.col_blocks)  # local Q width
         q, k, v, mlp = proj.split([q_w, q_w, q_w, proj.shape[-1] - 3 * q_w], dim=-1)
@@ -203,7 +207,7 @@ class SingleStreamAttention(_HeadsMixin, nn.Module):
             q = apply_rope(q, *image_rotary_emb)
             k = apply_rope(k, *image_rotary_emb)
         attn = self._attend(q, k, v, attention_mask)  # [B, S, H*D]
-        return self.to_out(torch.cat([attn, swiglu(mlp)], dim=-1))
+        return [attn, swiglu(mlp)]
 
 
 class JointAttention(_HeadsMixin, nn.Module):
@@ -233,6 +237,11 @@ class JointAttention(_HeadsMixin, nn.Module):
         return [lin(x) for lin in linears]
 
     def forward(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        out, context_out = self._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self.to_out[1](self.to_out[0](out)), self.to_add_out(context_out)
+
+    def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        """Attention outputs before the out-projections: ``(image [B, Si, H*D], text [B, St, H*D])``."""
         q, k, v = (self._heads(t) for t in self._qkv(hidden_states, (self.to_q, self.to_k, self.to_v)))
         cq, ck, cv = (self._heads(t) for t in
                       self._qkv(encoder_hidden_states, (self.add_q_proj, self.add_k_proj, self.add_v_proj)))
@@ -244,8 +253,7 @@ class JointAttention(_HeadsMixin, nn.Module):
             k = apply_rope(k, *image_rotary_emb)
         out = self._attend(q, k, v, attention_mask)  # [B, St+Si, H*D]
         txt_len = encoder_hidden_states.shape[1]
-        context_out, out = out[:, :txt_len], out[:, txt_len:]
-        return self.to_out[1](self.to_out[0](out)), self.to_add_out(context_out)
+        return out[:, txt_len:], out[:, :txt_len]
 
 
 class FeedForward(nn.Module):
@@ -259,7 +267,11 @@ class FeedForward(nn.Module):
         self.linear_out = nn.Linear(self.mlp_hidden_dim, dim, bias=bias, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_out(swiglu(self.linear_in(x)))
+        return self.linear_out(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of ``linear_out``: ``silu(gate) * up``."""
+        return swiglu(self.linear_in(x))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,14 +283,22 @@ def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
-class _ModulatedNormMixin:
+class _BlockHooks:
+    """The places where a tensor-parallel block fuses what the dense block does with eager ops."""
+
     def _norm_modulate(self, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
                        scale: torch.Tensor) -> torch.Tensor:
         """``(1 + scale) * norm(x) + shift`` (replicated on every rank; TP blocks fuse it into one kernel)."""
         return modulate(norm(x), shift, scale)
 
+    @staticmethod
+    def _gated_residual(residual: torch.Tensor, gate: torch.Tensor, out_proj: nn.Module,
+                        parts: list[torch.Tensor]) -> torch.Tensor:
+        """``residual + gate * out_proj(cat(parts))`` (TP blocks fold gate and residual into the all-reduce)."""
+        return residual + gate * out_proj(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
 
-class SingleStreamBlock(_ModulatedNormMixin, nn.Module):
+
+class SingleStreamBlock(_BlockHooks, nn.Module):
     """FLUX.2 single-stream ("parallel") block, ``Flux2SingleTransformerBlock``-compatible."""
 
     def __init__(self, cfg: Flux2Config, device=None, dtype=None):
@@ -310,8 +330,8 @@ class SingleStreamBlock(_ModulatedNormMixin, nn.Module):
 
         (shift, scale, gate), = split_modulation(temb_mod, 1)
         x = self._norm_modulate(self.norm, hidden_states, shift, scale)
-        out = self.attn(x, image_rotary_emb=image_rotary_emb, **kwargs)
-        hidden_states = hidden_states + gate * out
+        parts = self.attn._parts(x, image_rotary_emb=image_rotary_emb, **kwargs)
+        hidden_states = self._gated_residual(hidden_states, gate, self.attn.to_out, parts)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         if split_hidden_states:
@@ -319,7 +339,7 @@ class SingleStreamBlock(_ModulatedNormMixin, nn.Module):
         return hidden_states
 
 
-class DoubleStreamBlock(_ModulatedNormMixin, nn.Module):
+class DoubleStreamBlock(_BlockHooks, nn.Module):
     """FLUX.2 double-stream block, ``Flux2TransformerBlock``-compatible; returns ``(encoder_hidden_states,
     hidden_states)``."""
 
@@ -358,15 +378,17 @@ class DoubleStreamBlock(_ModulatedNormMixin, nn.Module):
 
         x = self._norm_modulate(self.norm1, hidden_states, shift_msa, scale_msa)
         c = self._norm_modulate(self.norm1_context, encoder_hidden_states, c_shift_msa, c_scale_msa)
-        attn_out, context_attn_out = self.attn(x, c, image_rotary_emb=image_rotary_emb, **kwargs)
+        attn_img, attn_txt = self.attn._parts(x, c, image_rotary_emb=image_rotary_emb, **kwargs)
 
-        hidden_states = hidden_states + gate_msa * attn_out
+        hidden_states = self._gated_residual(hidden_states, gate_msa, self.attn.to_out[0], [attn_img])
         x = self._norm_modulate(self.norm2, hidden_states, shift_mlp, scale_mlp)
-        hidden_states = hidden_states + gate_mlp * self.ff(x)
+        hidden_states = self._gated_residual(hidden_states, gate_mlp, self.ff.linear_out, [self.ff.hidden(x)])
 
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa * context_attn_out
+        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_msa, self.attn.to_add_out,
+                                                     [attn_txt])
         c = self._norm_modulate(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp)
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp * self.ff_context(c)
+        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context.linear_out,
+                                                     [self.ff_context.hidden(c)])
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states

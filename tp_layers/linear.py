@@ -11,25 +11,66 @@ features, may be a concatenation of logical blocks (``[Q, K, V, gate, up]``), ea
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tpfuse.kernels import select_backend
+from tpfuse.kernels.row_parallel_matmul import (
+    row_parallel_matmul_backward,
+    row_parallel_matmul_forward,
+)
+
 from .comm import (
-    copy_to_tp_region,
+    _record,
+    all_reduce,
     gather_from_tp_region,
     get_rank,
     get_world_size,
-    reduce_from_tp_region,
     resolve_group,
     scatter_to_tp_region,
 )
 from .sharding import check_blocks, local_blocks, shard_tensor
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_input"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_input", "column_parallel_linear", "choose_chunks",
+           "chunk_bounds"]
+
+logger = logging.getLogger("tpfuse.tp_layers")
+
+# "auto" overlap (see choose_chunks). Below AUTO_MIN_BYTES the all-reduce is latency-bound and chunking only adds
+# launches; above it, aim at AUTO_CHUNK_BYTES per message, at most AUTO_MAX_CHUNKS, and keep every chunk at least
+# AUTO_MIN_ROWS tokens so each chunk's GEMM still fills the GPU (2+ row tiles of 128 per column tile). Starting
+# points from the usual NCCL message-size curves; the one-GPU benchmark (bench/bench_overlap.py) is where they
+# get checked.
+AUTO_MIN_BYTES = 4 * 2**20
+AUTO_CHUNK_BYTES = 8 * 2**20
+AUTO_MAX_CHUNKS = 4
+AUTO_MIN_ROWS = 256
+AUTO_ROW_ALIGN = 128  # chunk boundaries on the GEMM's row tile
+
+
+def choose_chunks(rows: int, out_features: int, element_size: int, world_size: int) -> int:
+    """The number of token chunks "auto" overlap uses for an all-reduce of ``rows x out_features``."""
+    nbytes = rows * out_features * element_size
+    if world_size == 1 or nbytes < AUTO_MIN_BYTES:
+        return 1
+    chunks = min(AUTO_MAX_CHUNKS, math.ceil(nbytes / AUTO_CHUNK_BYTES), max(1, rows // AUTO_MIN_ROWS))
+    return max(1, chunks)
+
+
+def chunk_bounds(rows: int, chunks: int, align: int = 1) -> list[tuple[int, int]]:
+    """``chunks`` contiguous row ranges covering ``rows`` (sizes differ by at most ``align``); empty ranges are
+    dropped, so fewer may come back when ``rows`` is small."""
+    if chunks < 1:
+        raise ValueError(f"overlap chunks must be >= 1, got {chunks}")
+    edges = [min(rows, round(rows * i / chunks / align) * align) for i in range(chunks + 1)]
+    edges[-1] = rows
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, features: int, name: str) -> None:
@@ -42,6 +83,96 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, features: int, name: str)
         raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}")
     if x.dim() == 0 or x.shape[-1] != features:
         raise ValueError(f"{name}: input has shape {tuple(x.shape)}, expected last dim {features}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Column-parallel matmul: backward all-reduce of the input gradient overlapped with the weight-gradient GEMMs
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """``[x @ W_i^T + b_i for i]`` for weights that share the input ``x``.
+
+    Backward (as Megatron-Core): the input gradient ``sum_i g_i @ W_i`` is computed first and its all-reduce is
+    launched asynchronously; the weight gradients are computed while it is in flight; then it is waited on.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, *params):
+        weights, biases = params[0::2], params[1::2]
+        ctx.save_for_backward(x, *weights)
+        ctx.group, ctx.has_bias = group, [b is not None for b in biases]
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        needs_x = ctx.needs_input_grad[0]
+        handle, dx = None, None
+        if needs_x:
+            dx = sum(g @ w for g, w in zip(grads, weights))  # [..., in]
+            if get_world_size(ctx.group) > 1:
+                _record("all_reduce", "backward", dx)
+                handle = dist.all_reduce(dx, group=resolve_group(ctx.group), async_op=True)
+        x2 = x.reshape(-1, x.shape[-1])
+        dparams = []
+        for i, (g, has_bias) in enumerate(zip(grads, ctx.has_bias)):
+            g2 = g.reshape(-1, g.shape[-1])
+            dparams.append(g2.T @ x2 if ctx.needs_input_grad[2 + 2 * i] else None)  # overlaps the all-reduce
+            dparams.append(g2.sum(0) if has_bias and ctx.needs_input_grad[3 + 2 * i] else None)
+        if handle is not None:
+            handle.wait()
+        return (dx, None, *dparams)
+
+
+def column_parallel_linear(x: torch.Tensor, layers: Sequence[ColumnParallelLinear], group=None) -> list[torch.Tensor]:
+    """Apply several column-parallel layers to one input with a single (overlapped) input-gradient all-reduce."""
+    if get_world_size(group) == 1:
+        return [F.linear(x, layer.weight, layer.bias) for layer in layers]
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    return list(_ColumnParallelMatmul.apply(x, group, *params))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Row-parallel matmul: chunked, each chunk's all-reduce in flight while the next chunk computes
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _RowParallelOverlapped(torch.autograd.Function):
+    """``residual + gate * all_reduce(cat(parts) @ W^T)``, computed as C token chunks: chunk i's partial product
+    is written into its rows of the output and all-reduced asynchronously (NCCL runs on its own stream; gloo in a
+    background thread) while chunk i+1 computes; all handles are waited at the end. ``gate`` is applied before
+    the reduce (it distributes over the sum) and only rank 0 adds ``residual``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, gate, residual, group, chunks, backend, *parts):
+        B, S = parts[0].shape[:2]
+        rows, n = B * S, weight.shape[0]
+        world_size = get_world_size(group)
+        add_residual = residual is not None and get_rank(group) == 0
+        out = torch.empty((rows, n), device=weight.device, dtype=weight.dtype)
+        handles = []
+        for r0, r1 in chunks:
+            row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (r0, r1), backend)
+            if world_size > 1:
+                _record("all_reduce", "forward", out[r0:r1])
+                handles.append(dist.all_reduce(out[r0:r1], group=resolve_group(group), async_op=True))
+        for h in handles:
+            h.wait()
+        ctx.save_for_backward(weight, gate, *parts)
+        ctx.group = group
+        return out.view(B, S, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, gate, *parts = ctx.saved_tensors
+        n_in = ctx.needs_input_grad
+        needs = [*n_in[6:], n_in[0], n_in[1], n_in[2]]
+        *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad.contiguous(), parts, weight, gate, needs)
+        if dgate is not None:
+            dgate = all_reduce(dgate, ctx.group, phase="backward")  # every rank held a partial sum
+        return (dweight, dgate, dres, None, None, None, *dparts)
 
 
 class _ParallelLinear(nn.Module):
@@ -146,8 +277,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.weight, self.in_features, type(self).__name__)
-        x = copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)  # [..., out/N]
+        y = column_parallel_linear(x, [self], self.group)[0]  # [..., out/N]
         if self.gather_output:
             y = gather_from_tp_region(y, self.group, self.blocks)  # [..., out]
         return y
@@ -160,26 +290,79 @@ class RowParallelLinear(_ParallelLinear):
         input_is_parallel: the input is already this rank's slice (the output of a column layer). When ``False``
             the full input is split here (by ``blocks`` when packed).
         blocks: packed layout of the input features, e.g. ``[D, M]`` for ``cat(attn, mlp)``.
+        overlap: ``"auto"`` or a number of token chunks C: the output is computed in C chunks and each chunk's
+            all-reduce runs while the next chunk computes. ``"auto"`` picks C from the message size
+            (:func:`choose_chunks`; 1 below 4 MiB); ``last_chunks`` holds the count the last call used.
 
-    The bias is added once, after the reduction.
+    The bias is added once, after the reduction. :meth:`forward_fused` also folds a gate and a residual into the
+    reduction (``residual + gate * (x @ W^T)`` with no pass after the all-reduce).
     """
 
     _shard_dim = 1
     _bias_sharded = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
-                 group=None, device=None, dtype=None, blocks: Sequence[int] | None = None):
+                 group=None, device=None, dtype=None, blocks: Sequence[int] | None = None,
+                 overlap: str | int = "auto"):
+        if overlap != "auto" and not (isinstance(overlap, int) and not isinstance(overlap, bool) and overlap >= 1):
+            raise ValueError(f"RowParallelLinear: overlap must be 'auto' or an int >= 1, got {overlap!r}")
         self.input_is_parallel = input_is_parallel
+        self.overlap = overlap
+        self.last_chunks = None
         super().__init__(in_features, out_features, bias, group, device, dtype, blocks)
         self.in_features_per_partition = self.weight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_is_parallel:
-            check_input(x, self.weight, self.in_features_per_partition, type(self).__name__)
-        else:
+        if not self.input_is_parallel:
             check_input(x, self.weight, self.in_features, type(self).__name__)
             x = scatter_to_tp_region(x, self.group, self.blocks)
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.group)  # [..., out], replicated
-        if self.bias is not None:
+        return self.forward_fused([x])
+
+    def forward_fused(self, parts: Sequence[torch.Tensor], gate: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual + gate * (cat(parts) @ W^T + bias)``, reduced over the group, replicated on every rank.
+
+        ``parts`` are this rank's slices of the input (their widths sum to the local in-features, e.g.
+        ``[attn, mlp]``); the cat is never materialized on the triton backend. ``gate``: ``[B, out]`` or
+        ``[B, 1, out]``; ``residual``: ``[B, S, out]``.
+        """
+        parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
+        name = type(self).__name__
+        widths = [p.shape[-1] if isinstance(p, torch.Tensor) and p.dim() else None for p in parts]
+        if not parts or None in widths or sum(widths) != self.in_features_per_partition:
+            raise ValueError(f"{name}: input widths {widths} must sum to the local in_features "
+                             f"{self.in_features_per_partition}")
+        for i, p in enumerate(parts):
+            check_input(p, self.weight, p.shape[-1], f"{name} input {i}")
+        lead = parts[0].shape[:-1]
+        bad = [tuple(p.shape) for p in parts if p.shape[:-1] != lead]
+        if bad:
+            raise ValueError(f"{name}: inputs must share their leading dims {tuple(lead)}, got {bad}")
+        x3 = [p.reshape(1, -1, p.shape[-1]) if p.dim() != 3 else p for p in parts]  # [B, S, K_i]
+        B, S = x3[0].shape[:2]
+        for t, what in ((gate, "gate"), (residual, "residual")):
+            if t is not None:
+                check_input(t, self.weight, self.out_features, f"{name} {what}")
+        if residual is not None and residual.shape != (B, S, self.out_features):
+            raise ValueError(f"{name}: residual must be [{B}, {S}, {self.out_features}], got {tuple(residual.shape)}")
+        if gate is not None and not (gate.dim() in (2, 3) and gate.shape[0] in (1, B) and
+                                     (gate.dim() == 2 or gate.shape[1] == 1)):
+            raise ValueError(f"{name}: gate must be [B, out] or [B, 1, out] with B={B}, got {tuple(gate.shape)}")
+        rows = B * S
+        if self.overlap == "auto":
+            chunks = chunk_bounds(rows, choose_chunks(rows, self.out_features, self.weight.element_size(),
+                                                      self.world_size), AUTO_ROW_ALIGN)
+        else:
+            chunks = chunk_bounds(rows, self.overlap)
+        self.last_chunks = len(chunks)
+        logger.debug("%s: %d rows x %d features in %d chunk(s)", name, rows, self.out_features, len(chunks))
+        backend = select_backend("row_parallel_matmul", self.weight.device)
+        fused_gate, fused_res = (gate, residual) if self.bias is None else (None, None)
+        y = _RowParallelOverlapped.apply(self.weight, fused_gate, fused_res, self.group, chunks, backend, *x3)
+        if self.bias is not None:  # after the reduce, once; then gate and residual in torch
             y = y + self.bias
-        return y
+            if gate is not None:
+                y = y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
+            if residual is not None:
+                y = y + residual
+        return y.reshape(*lead, self.out_features)

@@ -43,7 +43,7 @@ from .flux2 import (
     SingleStreamBlock,
     attention_heads_major,
 )
-from .linear import ColumnParallelLinear, RowParallelLinear, check_input
+from .linear import ColumnParallelLinear, RowParallelLinear, check_input, column_parallel_linear
 
 __all__ = ["TPSingleStreamBlock", "TPDoubleStreamBlock", "HeadRMSNorm"]
 
@@ -150,11 +150,14 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
         return self
 
     def forward(self, hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self.to_out.forward_fused(self._parts(hidden_states, attention_mask, image_rotary_emb))
+
+    def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None):
         proj = self.to_qkv_mlp_proj
         eps = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
         if proj.bias is not None or eps is None or (hidden_states.is_cuda and self.head_dim not in
                                                     SUPPORTED_HEAD_DIMS):
-            return super().forward(hidden_states, attention_mask, image_rotary_emb)  # unfused, same math
+            return super()._parts(hidden_states, attention_mask, image_rotary_emb)  # unfused, same math
         check_input(hidden_states, proj.weight, proj.in_features, type(self).__name__)
         x = copy_to_tp_region(hidden_states, self.group)  # [B, S, D]; backward: all-reduce of dx
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -163,7 +166,7 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
             self.local_heads, self.head_dim, proj.local_blocks[3], eps,
         )
         attn = attention_heads_major(q, k, v, self._local_mask(attention_mask))  # [B, S, H_local*Dh]
-        return self.to_out(torch.cat([attn, mlp], dim=-1))
+        return [attn, mlp]  # to_out reads both without a cat
 
 
 class TPJointAttention(_TPHeadsMixin, JointAttention):
@@ -180,11 +183,11 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
         self.to_add_out = RowParallelLinear.from_dense(dense.to_add_out, group)
         return self
 
-    def forward(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         eps_img = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
         eps_txt = _shared_eps(self.norm_added_q, self.norm_added_k, hidden_states.dtype)
         if eps_img is None or eps_txt is None:
-            return super().forward(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return super()._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         txt_len = encoder_hidden_states.shape[1]
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
         rope_txt = (cos[:txt_len], sin[:txt_len]) if cos is not None else (None, None)
@@ -198,15 +201,13 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
                               eps_txt)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((cq, q), (ck, k), (cv, v)))  # [B, St+Si, H_local, Dh]
         out = self._attend(q, k, v, attention_mask)  # [B, St+Si, H_local*Dh]
-        context_out, out = out[:, :txt_len], out[:, txt_len:]
-        return self.to_out[1](self.to_out[0](out)), self.to_add_out(context_out)
+        return out[:, txt_len:], out[:, :txt_len]
 
     def _qkv(self, x, linears):
-        # Q, K and V read the same input: one copy_to_tp_region, so the backward all-reduces the summed input
-        # gradient once per stream instead of three times.
+        # Q, K and V read the same input: the backward all-reduces their summed input gradient once per stream
+        # (instead of three times), overlapped with the three weight-gradient GEMMs.
         check_input(x, linears[0].weight, linears[0].in_features, type(self).__name__)
-        x = copy_to_tp_region(x, self.group)
-        return [F.linear(x, lin.weight, lin.bias) for lin in linears]  # [B, S, inner/N] each
+        return column_parallel_linear(x, linears, self.group)  # [B, S, inner/N] each
 
 
 def _tp_feed_forward(dense, group) -> FeedForward:
@@ -218,12 +219,18 @@ def _tp_feed_forward(dense, group) -> FeedForward:
     return ff
 
 
-class _FusedNormModulateMixin:
+class _FusedBlockMixin:
     def _norm_modulate(self, norm, x, shift, scale):
         return layernorm_modulate(x, shift, scale, norm.eps)
 
+    @staticmethod
+    def _gated_residual(residual, gate, out_proj, parts):
+        # gate applied before the (chunked, overlapped) all-reduce and residual added by rank 0: the reduced sum
+        # is already residual + gate * out.
+        return out_proj.forward_fused(parts, gate, residual)
 
-class TPSingleStreamBlock(_FusedNormModulateMixin, SingleStreamBlock):
+
+class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
     """Tensor-parallel single-stream block; same ``forward`` and parameter names as the dense block."""
 
     @classmethod
@@ -240,7 +247,7 @@ class TPSingleStreamBlock(_FusedNormModulateMixin, SingleStreamBlock):
         return self
 
 
-class TPDoubleStreamBlock(_FusedNormModulateMixin, DoubleStreamBlock):
+class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
     """Tensor-parallel double-stream block; same ``forward`` and parameter names as the dense block."""
 
     @classmethod

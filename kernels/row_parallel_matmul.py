@@ -1,0 +1,301 @@
+"""Row-parallel output projection: ``gate * (cat(parts) @ W^T) (+ residual)`` without materializing the cat.
+
+A row-parallel layer's output is a partial sum that is all-reduced. FLUX.2's blocks then do
+``residual + gate * out``; because the all-reduce is a sum and ``gate`` multiplies every partial equally, the
+epilogue can apply ``gate`` before the reduce and one rank (rank 0) can add ``residual``: the reduced sum is
+already ``residual + gate * out`` and the block needs no pass after the reduce. The single-stream ``to_out`` reads
+``[attn | mlp]`` from two tensors; the kernel walks K over each part in turn, so the cat is never written.
+
+Backward is a torch implementation (:func:`row_parallel_matmul_backward`), shared with the overlapped
+row-parallel layer in :mod:`tpfuse.tp_layers.linear`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import select_backend
+from ._triton import tl, triton
+
+__all__ = ["row_parallel_matmul", "row_parallel_matmul_reference", "row_parallel_matmul_forward",
+           "row_parallel_matmul_backward", "rpm_config", "MAX_PARTS"]
+
+# The single-stream out-projection has two inputs ([attn | mlp]); every other row-parallel layer has one.
+MAX_PARTS = 2
+
+
+def rpm_config(m: int, n: int, ks: Sequence[int], dtype: torch.dtype) -> dict:
+    """Tile configuration (compiled by the compile report). 128x128 output tiles, K in steps of 64: one
+    wgmma m64n128 per warpgroup and K step, 32 KB of bf16 operands per stage, 4 stages = 128 KB of shared
+    memory. fp32 inputs use 2 stages."""
+    block_m = 128 if m > 64 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+            "num_warps": 8 if block_m == 128 else 4,
+            "num_stages": 4 if dtype in (torch.bfloat16, torch.float16) else 2,
+            "EVEN_K0": ks[0] % 64 == 0, "EVEN_K1": (ks[1] if len(ks) > 1 else 0) % 64 == 0}
+
+
+@triton.jit
+def _accumulate_part(acc, a_ptr, stride_am, w_ptr, stride_wn, k_offset, K, offs_m, offs_n, m_mask, n_mask,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += A[:, :K] @ W[:, k_offset:k_offset+K]^T for one part."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_offset + offs_k)[:, None]  # [BK, BN], W^T view
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _row_parallel_mm_kernel(
+    a0_ptr, a1_ptr, w_ptr, gate_ptr, res_ptr, out_ptr,
+    M, N, K0, K1, S, ROW0,
+    stride_a0m, stride_a1m, stride_wn, stride_gb, stride_rm, stride_om,
+    NUM_PARTS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K0: tl.constexpr, EVEN_K1: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * n_tiles_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(n_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+
+    # int32 offsets: the launcher checks every operand has < 2^31 elements (int64 pointer tiles cost registers).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_part(acc, a0_ptr, stride_a0m, w_ptr, stride_wn, 0, K0, offs_m, offs_n, m_mask, n_mask,
+                           BLOCK_K, EVEN_K0, INPUT_PRECISION)
+    if NUM_PARTS == 2:
+        acc = _accumulate_part(acc, a1_ptr, stride_a1m, w_ptr, stride_wn, K0, K1, offs_m, offs_n, m_mask, n_mask,
+                               BLOCK_K, EVEN_K1, INPUT_PRECISION)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_GATE:
+        b_idx = (ROW0 + offs_m) // S  # the chunk's rows are global rows ROW0.. of [B*S]
+        acc *= tl.load(gate_ptr + b_idx[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def row_parallel_matmul_reference(parts: Sequence[torch.Tensor], weight: torch.Tensor,
+                                  gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                                  add_residual: bool = False) -> torch.Tensor:
+    """Plain torch: ``gate * (cat(parts, -1) @ W^T) (+ residual if add_residual)``, in the parts' dtype."""
+    out = F.linear(torch.cat(list(parts), dim=-1), weight)  # [B, S, N]
+    if gate is not None:
+        out = out * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
+    if add_residual:
+        out = out + residual
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------------------
+
+_INT32_MAX = 2**31 - 1
+
+
+def _validate(parts, weight, gate, residual, add_residual):
+    if isinstance(parts, torch.Tensor):
+        raise TypeError("row_parallel_matmul: parts must be a list of tensors, got a single tensor")
+    parts = list(parts)
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"row_parallel_matmul: 1 to {MAX_PARTS} parts are supported, got {len(parts)}")
+    named = {f"parts[{i}]": p for i, p in enumerate(parts)} | {"weight": weight}
+    if gate is not None:
+        named["gate"] = gate
+    if add_residual:
+        if residual is None:
+            raise ValueError("row_parallel_matmul: add_residual=True needs a residual")
+        named["residual"] = residual
+    ref = parts[0]
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"row_parallel_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != ref.device:
+            raise ValueError(f"row_parallel_matmul: {name} is on {t.device}, parts[0] is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"row_parallel_matmul: {name} has dtype {t.dtype}, parts[0] has {ref.dtype}")
+    if ref.dim() != 3:
+        raise ValueError(f"row_parallel_matmul: parts must be [B, S, K_i], got shape {tuple(ref.shape)}")
+    for i, p in enumerate(parts):
+        if p.shape[:2] != ref.shape[:2] or p.dim() != 3:
+            raise ValueError(f"row_parallel_matmul: parts[{i}] has shape {tuple(p.shape)}, expected "
+                             f"[{ref.shape[0]}, {ref.shape[1]}, K_{i}]")
+    widths = [p.shape[-1] for p in parts]
+    if weight.dim() != 2 or weight.shape[1] != sum(widths):
+        raise ValueError(f"row_parallel_matmul: part widths {widths} sum to {sum(widths)}, but the weight has "
+                         f"shape {tuple(weight.shape)} (input width {weight.shape[-1] if weight.dim() else '?'})")
+    B, S, N = ref.shape[0], ref.shape[1], weight.shape[0]
+    if gate is not None and not (gate.shape in ((B, N), (B, 1, N)) or gate.shape in ((1, N), (1, 1, N))):
+        raise ValueError(f"row_parallel_matmul: gate must be [B, N] or [B, 1, N] with B={B}, N={N}, got shape "
+                         f"{tuple(gate.shape)}")
+    if add_residual and residual.shape != (B, S, N):
+        raise ValueError(f"row_parallel_matmul: residual must be [{B}, {S}, {N}], got shape {tuple(residual.shape)}")
+    return parts
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, K] -> [B*S, K] with a contiguous last dim (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_residual=False, out=None,
+                               row_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """The kernel on rows ``row_range`` of the flattened ``[B*S]`` tokens, written into ``out`` (``[B*S, N]``)
+    when given: the chunked overlap computes each chunk straight into its slice of one output buffer."""
+    B, S = parts[0].shape[:2]
+    M_total, N = B * S, weight.shape[0]
+    r0, r1 = row_range if row_range is not None else (0, M_total)
+    a = [_rows(p)[r0:r1] for p in parts]
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    res = _rows(residual)[r0:r1] if add_residual else None
+    if out is None:
+        out = torch.empty((M_total, N), device=weight.device, dtype=weight.dtype)
+    out_rows = out[r0:r1]
+    g = None
+    if gate is not None:
+        g = gate.reshape(gate.shape[0], N)
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+    sizes = {"parts": max(p.numel() for p in parts), "weight": weight.shape[0] * weight.stride(0), "out": out.numel()}
+    if max(sizes.values()) > _INT32_MAX:
+        raise ValueError(f"row_parallel_matmul: int32 addressing; {sizes} elements exceed 2^31 - 1: split the batch")
+    M = r1 - r0
+    if M == 0:
+        return out
+    ks = [p.shape[-1] for p in parts]
+    cfg = rpm_config(M, N, ks, weight.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
+    _row_parallel_mm_kernel[grid](
+        a[0], a[-1], weight, g if g is not None else weight, res if res is not None else out_rows, out_rows,
+        M, N, ks[0], ks[1] if len(ks) > 1 else 0, S, r0,
+        a[0].stride(0), a[-1].stride(0), weight.stride(0),
+        (g.stride(0) if g.shape[0] > 1 else 0) if g is not None else 0,
+        res.stride(0) if res is not None else 0, out_rows.stride(0),
+        NUM_PARTS=len(parts), HAS_GATE=g is not None, HAS_RESIDUAL=res is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        EVEN_K0=cfg["EVEN_K0"], EVEN_K1=cfg["EVEN_K1"], INPUT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def row_parallel_matmul_forward(parts, weight, gate=None, residual=None, add_residual=False, out=None,
+                                row_range: tuple[int, int] | None = None, backend: str = "torch") -> torch.Tensor:
+    """No-autograd forward on rows ``row_range`` of the flattened tokens into ``out`` (``[B*S, N]``), on the
+    given backend: the building block of the chunked, overlapped row-parallel layer."""
+    if backend == "triton":
+        return row_parallel_matmul_triton(parts, weight, gate, residual, add_residual, out, row_range)
+    B, S = parts[0].shape[:2]
+    N = weight.shape[0]
+    r0, r1 = row_range if row_range is not None else (0, B * S)
+    if out is None:
+        out = torch.empty((B * S, N), device=weight.device, dtype=weight.dtype)
+    x = torch.cat([_rows(p)[r0:r1] for p in parts], dim=-1)  # [rows, K]
+    y = F.linear(x, weight)
+    if gate is not None:
+        g = gate.reshape(gate.shape[0], N)
+        y = y * (g[torch.arange(r0, r1, device=g.device) // S] if g.shape[0] > 1 else g)
+    if add_residual:
+        y = y + _rows(residual)[r0:r1]
+    out[r0:r1] = y
+    return out
+
+
+def row_parallel_matmul_backward(grad: torch.Tensor, parts, weight, gate, needs: Sequence[bool]):
+    """Local gradients of ``gate * (cat(parts) @ W^T) + residual`` for ``grad`` ``[B, S, N]``:
+    ``(dparts..., dweight, dgate, dresidual)``, ``None`` where ``needs`` is False.
+
+    ``dgate`` recomputes the (local) product rather than keeping it from the forward: one GEMM in exchange for
+    no saved ``[B, S, N]`` activation. For a row-parallel shard it is this rank's partial sum (the caller
+    all-reduces it).
+    """
+    n_parts = len(parts)
+    need_parts, need_w, need_gate, need_res = needs[:n_parts], needs[n_parts], needs[n_parts + 1], needs[n_parts + 2]
+    scaled = grad
+    if gate is not None:
+        scaled = grad * (gate.unsqueeze(1) if gate.dim() == 2 else gate)  # [B, S, N]
+    widths = [p.shape[-1] for p in parts]
+    dparts = [None] * n_parts
+    if any(need_parts):
+        dx = scaled @ weight  # [B, S, K]
+        dparts = [d if need else None for d, need in zip(dx.split(widths, dim=-1), need_parts)]
+    dweight = None
+    if need_w:
+        g2 = _rows(scaled)
+        dweight = torch.cat([g2.T @ _rows(p) for p in parts], dim=1)  # [N, K]
+    dgate = None
+    if need_gate:
+        local = F.linear(torch.cat(list(parts), dim=-1), weight)  # [B, S, N]
+        dgate = (grad * local).sum(dim=1, keepdim=gate.dim() == 3)
+        if gate.shape[0] == 1 and dgate.shape[0] > 1:
+            dgate = dgate.sum(dim=0, keepdim=True)
+    return (*dparts, dweight, dgate, grad if need_res else None)
+
+
+class _RowParallelMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, gate, residual, add_residual, *parts):
+        ctx.save_for_backward(weight, gate, *parts)
+        B, S = parts[0].shape[:2]
+        return row_parallel_matmul_triton(parts, weight, gate, residual, add_residual).view(B, S, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, gate, *parts = ctx.saved_tensors
+        needs = [*ctx.needs_input_grad[4:], ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 ctx.needs_input_grad[2]]
+        *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad, parts, weight, gate, needs)
+        return (dweight, dgate, dres, None, *dparts)
+
+
+def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gate: torch.Tensor | None = None,
+                        residual: torch.Tensor | None = None, add_residual: bool = False,
+                        backend: str | None = None) -> torch.Tensor:
+    """``gate * (cat(parts) @ weight^T) (+ residual)`` with no materialized cat: the local (pre-all-reduce)
+    product of a row-parallel layer, residual added on the one rank that passes ``add_residual=True``.
+
+    Args:
+        parts: 1 or 2 tensors ``[B, S, K_i]`` whose widths sum to ``weight.shape[1]``.
+        weight: ``[N, sum(K_i)]`` (``nn.Linear`` layout; a row-parallel shard).
+        gate: ``[B, N]`` or ``[B, 1, N]`` (``B`` may be 1), multiplied into every token's output.
+        residual: ``[B, S, N]``, added when ``add_residual``.
+        backend: ``"torch"`` or ``"triton"``; default: triton for CUDA tensors, torch on CPU.
+
+    Differentiable on both backends (triton: the kernel forward, a torch backward).
+    """
+    parts = _validate(parts, weight, gate, residual, add_residual)
+    if select_backend("row_parallel_matmul", weight.device, backend) == "torch":
+        return row_parallel_matmul_reference(parts, weight, gate, residual, add_residual)
+    return _RowParallelMatmul.apply(weight, gate, residual if add_residual else None, add_residual, *parts)
