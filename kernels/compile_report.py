@@ -20,7 +20,7 @@ import json
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -187,6 +187,7 @@ def _launches_for(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple
     proj_mod = importlib.import_module(f"{__package__}.fused_qkv_mlp_proj")
     ln_mod = importlib.import_module(f"{__package__}.layernorm_modulate")
     qk_mod = importlib.import_module(f"{__package__}.qk_norm_rope")
+    rpm_mod = importlib.import_module(f"{__package__}.row_parallel_matmul")
 
     meta = {"device": "meta", "dtype": dtype}
     heads, d, hidden, mlp = cfg.heads // tp, cfg.head_dim, cfg.hidden_size, cfg.mlp_hidden // tp
@@ -211,13 +212,18 @@ def _launches_for(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple
         ln_mod._layernorm_modulate_triton(x, mod, mod, cfg.eps)
     out += [("layernorm_modulate", False, launch) for launch in rec]
 
-    for extra in _EXTRA_LAUNCHES:
-        out += extra(cfg, tp, tokens, dtype)
+    # Row-parallel out-projections: single-stream to_out over [attn | mlp] with gate + residual (rank 0), and a
+    # one-part layer (double-stream linear_out) with gate only (ranks > 0), in 1 chunk and in the 4-chunk
+    # overlap (each chunk is its own launch on a row range).
+    with _recording(rpm_mod, ["_row_parallel_mm_kernel"]) as rec:
+        attn, act = torch.empty(1, tokens, heads * d, **meta), torch.empty(1, tokens, mlp, **meta)
+        gate = torch.empty(1, hidden, **meta)
+        w_out = torch.empty(hidden, heads * d + mlp, **meta)
+        rpm_mod.row_parallel_matmul_triton([attn, act], w_out, gate, x, True)
+        w_ff = torch.empty(hidden, mlp, **meta)
+        rpm_mod.row_parallel_matmul_triton([act], w_ff, gate, None, False, row_range=(0, tokens // 4))
+    out += [("row_parallel_matmul", True, launch) for launch in rec]
     return out
-
-
-# Other kernel modules (e.g. the row-parallel matmul) register a function (cfg, tp, tokens, dtype) -> launches.
-_EXTRA_LAUNCHES: list[Callable] = []
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def test_compile_report_passes(report):
 def test_every_kernel_and_shape_is_covered(report):
     _, data = report
     names = {k["kernel"] for k in data["kernels"]}
-    assert {"fused_qkv_mlp_proj", "qk_norm_rope.fwd", "qk_norm_rope.bwd", "layernorm_modulate"} <= names
+    assert {"fused_qkv_mlp_proj", "qk_norm_rope.fwd", "qk_norm_rope.bwd", "layernorm_modulate",
+            "row_parallel_matmul"} <= names
+    assert sum(k["gemm"] for k in data["kernels"]) >= 3  # the fused projection and both row-matmul variants
     uses = {u for k in data["kernels"] for u in k["uses"]}
     for preset in ("klein-4b", "klein-9b", "dev"):
         for tp in (1, 2, 4, 8):

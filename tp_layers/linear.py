@@ -153,8 +153,15 @@ class _RowParallelOverlapped(torch.autograd.Function):
         add_residual = residual is not None and get_rank(group) == 0
         out = torch.empty((rows, n), device=weight.device, dtype=weight.dtype)
         handles = []
+        if backend == "torch":
+            # CPU BLAS picks other micro-kernels for small row counts (1-4 rows differ in the last bit), so
+            # per-chunk GEMMs would not reproduce one GEMM: the torch path multiplies once and chunks only the
+            # reduction. The Triton kernel computes every row range with the same tiles and K order, so there each
+            # chunk is its own launch and overlaps the previous chunk's all-reduce.
+            row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (0, rows), backend)
         for r0, r1 in chunks:
-            row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (r0, r1), backend)
+            if backend != "torch":
+                row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (r0, r1), backend)
             if world_size > 1:
                 _record("all_reduce", "forward", out[r0:r1])
                 handles.append(dist.all_reduce(out[r0:r1], group=resolve_group(group), async_op=True))
@@ -293,6 +300,9 @@ class RowParallelLinear(_ParallelLinear):
         overlap: ``"auto"`` or a number of token chunks C: the output is computed in C chunks and each chunk's
             all-reduce runs while the next chunk computes. ``"auto"`` picks C from the message size
             (:func:`choose_chunks`; 1 below 4 MiB); ``last_chunks`` holds the count the last call used.
+            The chunked GEMM is exact, so on 2 ranks any C gives bitwise the C=1 output; on 3+ ranks the
+            all-reduce itself (gloo's and NCCL's ring) orders each element's sum by its position in the message,
+            so outputs agree to the reordering bound of an N-term sum (a few ulp), not bitwise.
 
     The bias is added once, after the reduction. :meth:`forward_fused` also folds a gate and a residual into the
     reduction (``residual + gate * (x @ W^T)`` with no pass after the all-reduce).
@@ -328,6 +338,10 @@ class RowParallelLinear(_ParallelLinear):
         """
         parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
         name = type(self).__name__
+        group_size = get_world_size(self.group)
+        if self.weight.shape[1] * group_size != self.in_features:
+            raise ValueError(f"{name}: the weight shard has {self.weight.shape[1]} of {self.in_features} input "
+                             f"features, which does not match a group of size {group_size}")
         widths = [p.shape[-1] if isinstance(p, torch.Tensor) and p.dim() else None for p in parts]
         if not parts or None in widths or sum(widths) != self.in_features_per_partition:
             raise ValueError(f"{name}: input widths {widths} must sum to the local in_features "

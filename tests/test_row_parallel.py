@@ -1,0 +1,292 @@
+"""Issue: row-parallel output projection with the all-reduce overlapped (chunked), gate and residual folded into
+the reduce, and the column-parallel input-gradient all-reduce overlapped with the weight-gradient GEMMs."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tpfuse.kernels import record_backends
+from tpfuse.kernels._dispatch import interpreting
+from tpfuse.kernels.row_parallel_matmul import (
+    row_parallel_matmul,
+    row_parallel_matmul_forward,
+    row_parallel_matmul_reference,
+)
+from tpfuse.tp_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPDoubleStreamBlock,
+    TPSingleStreamBlock,
+    comm_stats,
+    run_ranks,
+)
+from tpfuse.tp_layers.linear import (
+    AUTO_MIN_BYTES,
+    chunk_bounds,
+    choose_chunks,
+    column_parallel_linear,
+)
+from tpfuse.tp_layers.numerics import rel_error, tolerance
+from tpfuse.tp_layers.sharding import shard_tensor
+from tpfuse.tp_layers.verify import block_inputs, random_dense_block
+from tpfuse.tp_layers.config import Flux2Config
+
+TOL = tolerance(torch.float32)
+KERNEL = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                            reason="needs TRITON_INTERPRET=1 or a GPU")
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel (interpreter, fp32, ragged shapes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@KERNEL
+@pytest.mark.parametrize("B,S,widths,N", [(2, 7, (40, 70), 50), (1, 77, (64,), 130), (1, 333, (16, 48), 33),
+                                          (1, 1, (70,), 128)])
+@pytest.mark.parametrize("gate_shape", ["bn", "b1n", "1n", None])
+@pytest.mark.parametrize("add_residual", [False, True])
+def test_row_parallel_matmul_kernel(B, S, widths, N, gate_shape, add_residual):
+    parts = [_rand(B, S, k, seed=i).requires_grad_() for i, k in enumerate(widths)]
+    w = _rand(N, sum(widths), seed=7, scale=sum(widths) ** -0.5).requires_grad_()
+    gate = None
+    if gate_shape is not None:
+        gate = _rand(*{"bn": (B, N), "b1n": (B, 1, N), "1n": (1, N)}[gate_shape], seed=8).requires_grad_()
+    res = _rand(B, S, N, seed=9).requires_grad_()
+    with record_backends() as ran:
+        out = row_parallel_matmul(parts, w, gate, res, add_residual, backend="triton")
+    assert ran == [("row_parallel_matmul", "triton")]
+    ref = row_parallel_matmul_reference(parts, w, gate, res, add_residual)
+    torch.testing.assert_close(out, ref)
+    inputs = [*parts, w] + ([gate] if gate is not None else []) + ([res] if add_residual else [])
+    g = _rand(*out.shape, seed=10)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert rel_error(a, b) <= TOL
+
+
+@KERNEL
+@pytest.mark.parametrize("backend", ["triton"])  # the torch path multiplies once (see _RowParallelOverlapped)
+def test_chunked_forward_fills_one_buffer_bitwise(backend):
+    B, S, N = 2, 37, 50
+    parts = [_rand(B, S, 40, seed=1), _rand(B, S, 24, seed=2)]
+    w, gate, res = _rand(N, 64, seed=3), _rand(B, N, seed=4), _rand(B, S, N, seed=5)
+    whole = row_parallel_matmul_forward(parts, w, gate, res, True, backend=backend)
+    for chunks in (2, 3, 5, 37):  # down to 2-row chunks
+        out = torch.empty(B * S, N)
+        for r0, r1 in chunk_bounds(B * S, chunks):
+            row_parallel_matmul_forward(parts, w, gate, res, True, out, (r0, r1), backend=backend)
+        assert torch.equal(out, whole)
+
+
+def test_kernel_bad_input():
+    p, w = torch.randn(1, 3, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"part widths \[8, 4\] sum to 12, but the weight has shape \(5, 8\)"):
+        row_parallel_matmul([p, torch.randn(1, 3, 4)], w)
+    with pytest.raises(ValueError, match="1 to 2 parts are supported, got 3"):
+        row_parallel_matmul([p, p, p], torch.randn(5, 24))
+    with pytest.raises(TypeError, match="parts must be a list of tensors"):
+        row_parallel_matmul(p, w)
+    with pytest.raises(ValueError, match="add_residual=True needs a residual"):
+        row_parallel_matmul([p], w, add_residual=True)
+    with pytest.raises(ValueError, match=r"gate must be \[B, N\] or \[B, 1, N\] with B=1, N=5, got shape \(1, 4\)"):
+        row_parallel_matmul([p], w, gate=torch.randn(1, 4))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        row_parallel_matmul([p], w.double())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunk choice (pure)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_chunk_bounds_cover_ragged_rows():
+    for rows in (1, 7, 37, 4608):
+        for chunks in (1, 2, 3, 5):
+            bounds = chunk_bounds(rows, chunks)
+            assert bounds[0][0] == 0 and bounds[-1][1] == rows
+            assert all(a < b and b == c for (a, b), (c, _) in zip(bounds, bounds[1:] + [(rows, None)]))
+            assert len(bounds) == min(rows, chunks)
+    assert chunk_bounds(4608, 4, align=128) == [(0, 1152), (1152, 2304), (2304, 3456), (3456, 4608)]
+    with pytest.raises(ValueError, match="overlap chunks must be >= 1, got 0"):
+        chunk_bounds(10, 0)
+
+
+def test_auto_chunks_follow_message_size():
+    assert choose_chunks(4608, 3072, 2, world_size=1) == 1  # nothing to overlap
+    small_rows = AUTO_MIN_BYTES // (3072 * 2) - 1
+    assert choose_chunks(small_rows, 3072, 2, world_size=2) == 1  # latency-bound message: no chunking
+    assert choose_chunks(4608, 3072, 2, world_size=2) == 4  # klein-4B, 4096+512 tokens: 28 MB -> 4 chunks
+    assert choose_chunks(1536, 3072, 2, world_size=2) == 2  # 9.4 MB -> 2 chunks
+    assert choose_chunks(300, 6144, 4, world_size=8) == 1  # too few rows for two chunks of >= 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overlapped row-parallel layer on gloo ranks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _row_overlap(chunk_counts, widths, n, tokens):
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    dense = nn.Linear(sum(widths), n, bias=False)
+    x = [_rand(1, tokens, k, seed=i) for i, k in enumerate(widths)]
+    gate, res = _rand(1, n, seed=11), _rand(1, tokens, n, seed=12)
+    g = _rand(1, tokens, n, seed=13)
+    # dense reference: residual + gate * (cat(x) @ W^T)
+    xd = [t.clone().requires_grad_() for t in x]
+    gd, rd = gate.clone().requires_grad_(), res.clone().requires_grad_()
+    ref = rd + gd[:, None] * dense(torch.cat(xd, -1))
+    ref.backward(g)
+    results = {}
+    for chunks in chunk_counts:
+        layer = RowParallelLinear.from_dense(dense, blocks=list(widths), overlap=chunks)
+        xt = [shard_tensor(t, -1, rank, ws).requires_grad_() for t in x]
+        gt, rt = gate.clone().requires_grad_(), res.clone().requires_grad_()
+        with comm_stats() as stats:
+            out = layer.forward_fused(xt, gt, rt)
+        out.backward(g)
+        assert layer.last_chunks == chunks
+        assert stats.count("all_reduce", "forward") == (chunks if ws > 1 else 0)
+        assert rel_error(out, ref) <= TOL
+        for t, d in zip(xt, xd):
+            assert rel_error(t.grad, shard_tensor(d.grad, -1, rank, ws)) <= TOL
+        assert rel_error(layer.weight.grad, shard_tensor(dense.weight.grad, 1, rank, ws, list(widths))) <= TOL
+        assert rel_error(gt.grad, gd.grad) <= TOL and rel_error(rt.grad, rd.grad) <= TOL
+        results[chunks] = [out.detach(), layer.weight.grad, gt.grad, rt.grad, *[t.grad for t in xt]]
+    base = results[chunk_counts[0]]
+    # Each rank's own terms: y_0 = gate * p_0 + residual, y_r = gate * p_r. Their sum in any two orders differs by
+    # at most 2 (N - 1) u sum_r |y_r| (u: fp32 unit roundoff).
+    local = gate[:, None] * nn.functional.linear(torch.cat([shard_tensor(t, -1, rank, ws) for t in x], -1),
+                                                 shard_tensor(dense.weight.detach(), 1, rank, ws, list(widths)))
+    abs_sum = (local + (res if rank == 0 else 0)).abs()
+    dist.all_reduce(abs_sum)
+    bound = 2 * (ws - 1) * 2.0**-24 * abs_sum
+    for chunks, tensors in results.items():
+        # The GEMM chunks are exact and the backward is not chunked: gradients are bitwise the C=1 ones.
+        assert all(torch.equal(a, b) for a, b in zip(tensors[1:], base[1:])), f"C={chunks}: gradients differ"
+        if ws <= 2:  # a sum of two terms is the same in either order: bitwise the un-chunked output
+            assert torch.equal(tensors[0], base[0]), f"C={chunks} differs from C=1"
+        else:  # gloo's (like NCCL's) ring all-reduce orders each element's sum by its position in the message
+            assert bool(((tensors[0] - base[0]).abs() <= bound).all()), f"C={chunks} beyond the reordering bound"
+    return base[0]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("widths", [(24,), (16, 32)])
+def test_overlapped_row_parallel_matches_dense_and_unchunked(world_size, widths):
+    outs = run_ranks(_row_overlap, world_size, [1, 2, 3, 5], widths, 20, 37)  # 37 tokens: no C divides it
+    assert all(torch.equal(o, outs[0]) for o in outs)  # replicated, bitwise, on every rank
+
+
+def _block_overlap(kind, chunks, backend="torch"):
+    import os
+
+    os.environ["TPFUSE_BACKEND"] = backend
+    # head_dim 32 for the triton run: the smallest the fused projection kernel takes.
+    cfg = Flux2Config.preset("tiny") if backend == "torch" else Flux2Config(
+        num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), num_layers=1, num_single_layers=1)
+    dense = random_dense_block(cfg, kind, seed=0)
+    tensors, rope = block_inputs(cfg, kind, 1, 7, 30, seed=1)
+    outs = dense(**tensors, image_rotary_emb=rope)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    ref = [o.detach() for o in outs] + [t.grad.clone() for t in tensors.values()]
+    results = {}
+    for c in (1, chunks):
+        tp = (TPDoubleStreamBlock if kind == "double" else TPSingleStreamBlock).from_dense(dense)
+        rows = [m for m in tp.modules() if isinstance(m, RowParallelLinear)]
+        for m in rows:
+            m.overlap = c
+        for t in tensors.values():
+            t.grad = None
+        outs = tp(**tensors, image_rotary_emb=rope)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        assert all(m.last_chunks == c for m in rows)
+        results[c] = [o.detach() for o in outs] + [t.grad.clone() for t in tensors.values()]
+    if dist.get_world_size() <= 2:  # bitwise on 2 ranks; on more, the all-reduce order depends on the chunk
+        assert all(torch.equal(a, b) for a, b in zip(results[chunks], results[1]))
+    assert max(rel_error(a, b) for a, b in zip(results[chunks], results[1])) <= TOL
+    assert max(rel_error(a, b) for a, b in zip(results[chunks], ref)) <= TOL
+    return results[chunks][0]
+
+
+@pytest.mark.parametrize("kind", ["single", "double"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_blocks_with_overlapped_reduce_match_dense(kind, world_size):
+    outs = run_ranks(_block_overlap, world_size, kind, 3)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@KERNEL
+@pytest.mark.parametrize("kind", ["single", "double"])
+def test_blocks_with_overlapped_triton_row_matmul(kind):
+    """Each chunk is its own kernel launch on a row range; 2 ranks: bitwise the one-chunk result."""
+    outs = run_ranks(_block_overlap, 2, kind, 3, "triton")
+    assert torch.equal(outs[0], outs[1])
+
+
+def _column_async(world_size):
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    dense = [nn.Linear(12, 8 * world_size) for _ in range(3)]
+    layers = [ColumnParallelLinear.from_dense(d) for d in dense]
+    x = _rand(2, 5, 12, seed=1)
+    xd, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = [_rand(2, 5, 8 * world_size, seed=2 + i) for i in range(3)]
+    torch.autograd.backward([d(xd) for d in dense], g)
+    with comm_stats() as stats:
+        outs = column_parallel_linear(xt, layers)
+        torch.autograd.backward(outs, [shard_tensor(t, -1, rank, world_size) for t in g])
+    assert stats.count("all_reduce", "backward") == 1  # one input-gradient all-reduce for the three layers
+    assert rel_error(xt.grad, xd.grad) <= TOL
+    for layer, d in zip(layers, dense):
+        assert rel_error(layer.weight.grad, shard_tensor(d.weight.grad, 0, rank, world_size)) <= TOL
+        assert rel_error(layer.bias.grad, shard_tensor(d.bias.grad, 0, rank, world_size)) <= TOL
+    return xt.grad
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_column_parallel_async_input_grad(world_size):
+    grads = run_ranks(_column_async, world_size, world_size)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_overlap_argument_is_validated():
+    with pytest.raises(ValueError, match="overlap must be 'auto' or an int >= 1, got 0"):
+        RowParallelLinear(8, 4, overlap=0)
+    with pytest.raises(ValueError, match="overlap must be 'auto' or an int >= 1, got 'fast'"):
+        RowParallelLinear.from_dense(nn.Linear(8, 4), overlap="fast")
+
+
+def test_forward_fused_bad_input():
+    layer = RowParallelLinear(12, 4, bias=False)
+    with pytest.raises(ValueError, match=r"input widths \[8, 8\] must sum to the local in_features 12"):
+        layer.forward_fused([torch.randn(1, 3, 8), torch.randn(1, 3, 8)])
+    with pytest.raises(ValueError, match=r"residual must be \[1, 3, 4\], got \(1, 2, 4\)"):
+        layer.forward_fused([torch.randn(1, 3, 12)], residual=torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match=r"gate must be \[B, out\] or \[B, 1, out\] with B=1, got \(3, 4\)"):
+        layer.forward_fused([torch.randn(1, 3, 12)], gate=torch.randn(3, 4))
+
+
+def _wrong_group():
+    layer = RowParallelLinear(12, 4, bias=False)  # a shard for 2 ranks
+    sub = dist.new_group([dist.get_rank()])  # ... used with a group of 1
+    layer.group = sub
+    layer.forward_fused([torch.randn(1, 3, 6)])
+
+
+def test_group_not_matching_the_shard():
+    with pytest.raises(Exception, match="weight shard has 6 of 12 input features, which does not match a group of "
+                                        "size 1"):
+        run_ranks(_wrong_group, 2)
