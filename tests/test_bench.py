@@ -26,3 +26,27 @@ def test_pytest_benchmark_entry_point():
                            "--benchmark-disable"], capture_output=True, text=True, timeout=600, cwd=BENCH)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout
+
+
+def test_bench_overlap_dry_run(tmp_path):
+    out = tmp_path / "overlap.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_overlap.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["chunks"] for r in rows} >= {1, 2, 4}
+    chunked = [r for r in rows if r["chunks"] > 1]
+    assert all({"chunk_overhead_pct", "sequential_ms", "overlapped_ms", "exposed_comm", "ring_comm_ms_est"} <= set(r)
+               for r in chunked)
+
+
+def test_bench_overlap_distributed_dry_run(tmp_path):
+    """The torchrun (multi-GPU) mode, on 2 gloo ranks."""
+    out = tmp_path / "overlap-dist.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(BENCH / "bench_overlap.py"), "--distributed", "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["world_size"] == 2 and {"compute_ms", "sequential_ms", "overlapped_ms"} <= set(r)
+                        for r in rows)
