@@ -29,6 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._triton import tl, triton
@@ -249,17 +250,8 @@ class _FusedQKVMLPProj(torch.autograd.Function):
 
 def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
     named = {"x": x, "weight": weight, "q_weight": q_weight, "k_weight": k_weight}
-    if (cos is None) != (sin is None):
-        raise ValueError("fused_qkv_mlp_proj: pass both cos and sin, or neither")
-    if cos is not None:
-        named.update(cos=cos, sin=sin)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fused_qkv_mlp_proj: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"fused_qkv_mlp_proj: {name} is on {t.device}, x is on {x.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"fused_qkv_mlp_proj: {name} must be floating point, got {t.dtype}")
+    check_rope_pair("fused_qkv_mlp_proj", cos, sin, named)
+    check_tensors("fused_qkv_mlp_proj", named, x.device if isinstance(x, torch.Tensor) else None, "x")
     for name, v in (("heads", heads), ("head_dim", head_dim), ("mlp_hidden", mlp_hidden)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"fused_qkv_mlp_proj: {name} must be a positive int, got {v!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._triton import tl, triton
@@ -69,13 +70,8 @@ def _as_b1d(mod: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(x, shift, scale, eps):
-    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"layernorm_modulate: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"layernorm_modulate: {name} is on {t.device}, x is on {x.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"layernorm_modulate: {name} must be floating point, got {t.dtype}")
+    check_tensors("layernorm_modulate", {"x": x, "shift": shift, "scale": scale},
+                  x.device if isinstance(x, torch.Tensor) else None, "x")
     if x.dim() != 3:
         raise ValueError(f"layernorm_modulate: x must be [B, S, D], got shape {tuple(x.shape)}")
     B, _, D = x.shape

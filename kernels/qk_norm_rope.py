@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._triton import tl, triton
@@ -227,19 +228,9 @@ class _QKNormRope(torch.autograd.Function):
 
 def _validate(q, k, q_weight, k_weight, cos, sin, eps):
     named = {"q": q, "k": k, "q_weight": q_weight, "k_weight": k_weight}
-    if (cos is None) != (sin is None):
-        raise ValueError("qk_norm_rope: pass both cos and sin, or neither")
-    if cos is not None:
-        named.update(cos=cos, sin=sin)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"qk_norm_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"qk_norm_rope: {name} is on {t.device}, q is on {q.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"qk_norm_rope: {name} must be floating point, got {t.dtype}")
-        if t.dim() > 0 and t.stride(-1) != 1:
-            raise ValueError(f"qk_norm_rope: {name} must be contiguous in its last dim, got strides {t.stride()}")
+    check_rope_pair("qk_norm_rope", cos, sin, named)
+    check_tensors("qk_norm_rope", named, q.device if isinstance(q, torch.Tensor) else None, "q",
+                  last_contiguous=True)
     if q.dim() != 4:
         raise ValueError(f"qk_norm_rope: q must be [B, S, H, D], got shape {tuple(q.shape)}")
     if k.shape != q.shape:

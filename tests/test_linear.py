@@ -125,7 +125,7 @@ def test_linear_bad_input():
     layer = ColumnParallelLinear(8, 6)
     with pytest.raises(ValueError, match=r"input has shape \(2, 5\), expected last dim 8"):
         layer(torch.zeros(2, 5))
-    with pytest.raises(TypeError, match="input dtype torch.float64 differs from the weight dtype torch.float32"):
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but the weight is torch.float32"):
         layer(torch.zeros(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="input is on meta but the weight is on cpu"):
         layer(torch.zeros(2, 8, device="meta"))
@@ -155,5 +155,5 @@ def test_indivisible_features_raise_on_ranks():
         run_ranks(_indivisible, 2)
     with pytest.raises(Exception, match=r"block size\(s\) \[6\] not divisible by the world size 4"):
         run_ranks(_indivisible_blocks, 4)
-    with pytest.raises(Exception, match="input dtype torch.float16 differs"):
+    with pytest.raises(Exception, match="input has dtype torch.float16 but the weight is torch.float32"):
         run_ranks(_bad_dtype_row, 2)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_like
 from .config import Flux2Config
 
 __all__ = [
@@ -112,23 +113,13 @@ def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _check_stream(x: torch.Tensor, ref: torch.Tensor, dim: int, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if ref.device.type != "meta" and x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but the block's weights are on {ref.device}")
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the block's weights are {ref.dtype}")
+    check_like(x, ref, name, "the block's weights are")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must be [B, S, {dim}], got shape {tuple(x.shape)}")
 
 
 def _check_mod(mod: torch.Tensor, ref: torch.Tensor, width: int, name: str) -> None:
-    if not isinstance(mod, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mod).__name__}")
-    if ref.device.type != "meta" and mod.device != ref.device:
-        raise ValueError(f"{name} is on {mod.device} but the block's weights are on {ref.device}")
-    if mod.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {mod.dtype} but the block's weights are {ref.dtype}")
+    check_like(mod, ref, name, "the block's weights are")
     if mod.shape[-1] != width or mod.dim() not in (2, 3):
         raise ValueError(f"{name} must be [B, {width}] or [B, 1, {width}], got shape {tuple(mod.shape)}")
 

@@ -26,6 +26,7 @@ from tpfuse.kernels.row_parallel_matmul import (
     row_parallel_matmul_forward,
 )
 
+from ._checks import check_like
 from .comm import (
     _record,
     all_reduce,
@@ -75,12 +76,7 @@ def chunk_bounds(rows: int, chunks: int, align: int = 1) -> list[tuple[int, int]
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, features: int, name: str) -> None:
     """Raise a clear error when ``x`` cannot feed a layer whose weight is ``weight``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
-    if weight.device.type != "meta" and x.device != weight.device:
-        raise ValueError(f"{name}: input is on {x.device} but the weight is on {weight.device}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}")
+    check_like(x, weight, f"{name}: input", "the weight is")
     if x.dim() == 0 or x.shape[-1] != features:
         raise ValueError(f"{name}: input has shape {tuple(x.shape)}, expected last dim {features}")
 

@@ -1,0 +1,27 @@
+"""Argument checks shared by the kernel launchers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensors(op: str, named: dict, device: torch.device, ref_name: str, last_contiguous: bool = False) -> None:
+    """Every value in ``named`` is a floating-point tensor on ``device`` (and, if asked, contiguous in its last
+    dim); the error names the op, the argument and the offending value."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, {ref_name} is on {device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+        if last_contiguous and t.dim() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def check_rope_pair(op: str, cos, sin, named: dict) -> None:
+    """``cos`` and ``sin`` come together or not at all; adds them to ``named`` when present."""
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: pass both cos and sin, or neither")
+    if cos is not None:
+        named.update(cos=cos, sin=sin)

@@ -1,0 +1,18 @@
+"""Input checks shared by the layers and the blocks: clear errors naming the offending value."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_like(x, ref: torch.Tensor, subject: str, owner: str) -> None:
+    """Raise unless ``x`` is a tensor on ``ref``'s device (``meta`` weights accept any) with ``ref``'s dtype.
+
+    ``owner`` reads as a subject with its verb, e.g. ``"the weight is"``, ``"the block's weights are"``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{subject} must be a torch.Tensor, got {type(x).__name__}")
+    if ref.device.type != "meta" and x.device != ref.device:
+        raise ValueError(f"{subject} is on {x.device} but {owner} on {ref.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{subject} has dtype {x.dtype} but {owner} {ref.dtype}")
