@@ -15,11 +15,13 @@ from .comm import (
     reduce_from_tp_region,
     scatter_to_tp_region,
 )
+from .checkpoint import LoadReport, load_sharded
 from .config import PRESETS, Flux2Config
 from .flux2 import DoubleStreamBlock, SingleStreamBlock, apply_rope, rope_cos_sin
 from .launch import RankError, run_ranks
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .sharding import check_blocks, local_blocks, shard_ranges, shard_tensor, unshard_tensors
+from .model import from_pretrained, parallelize
 from .tp_flux2 import HeadRMSNorm, TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = [
@@ -49,4 +51,8 @@ __all__ = [
     "unshard_tensors",
     "run_ranks",
     "RankError",
+    "parallelize",
+    "load_sharded",
+    "from_pretrained",
+    "LoadReport",
 ]

@@ -1,0 +1,317 @@
+"""Per-rank sharded loading of FLUX.2 safetensors checkpoints: no rank ever holds the full weights.
+
+Each parameter of a (parallelized, possibly ``meta``) model knows its shard: a column-parallel weight needs
+rows ``shard_ranges(blocks)``, a row-parallel weight the same columns, everything else is replicated. The loader
+opens every ``.safetensors`` file with ``safe_open`` and reads exactly those slices with ``get_slice`` — for
+dev's 32B parameters at TP 8 a rank reads ~1/8 of the block weights plus the small replicated embedders.
+
+Key names: diffusers' (``transformer_blocks.0.attn.to_q.weight`` ...) or Black Forest Labs' original ones
+(``double_blocks.0.img_attn.qkv.weight`` ...). The BFL -> diffusers mapping (the same one diffusers'
+``convert_flux2_transformer_checkpoint_to_diffusers`` applies; ``.scale`` becomes ``.weight`` everywhere):
+
+==============================================  ================================================================
+BFL                                             diffusers
+==============================================  ================================================================
+``img_in`` / ``txt_in``                          ``x_embedder`` / ``context_embedder``
+``time_in.{in,out}_layer``                       ``time_guidance_embed.timestep_embedder.linear_{1,2}``
+``guidance_in.{in,out}_layer``                   ``time_guidance_embed.guidance_embedder.linear_{1,2}``
+``{double_stream_modulation_img,_txt,single_stream_modulation}.lin``  ``... .linear``
+``final_layer.linear``                           ``proj_out``
+``final_layer.adaLN_modulation.1``               ``norm_out.linear`` (halves swapped: BFL is [shift, scale])
+``double_blocks.N.img_attn.qkv``                 ``transformer_blocks.N.attn.to_{q,k,v}`` (rows split in 3)
+``double_blocks.N.txt_attn.qkv``                 ``transformer_blocks.N.attn.add_{q,k,v}_proj``
+``double_blocks.N.{img,txt}_attn.norm.{query,key}_norm``  ``attn.norm_{q,k}`` / ``attn.norm_added_{q,k}``
+``double_blocks.N.img_attn.proj`` / ``txt_attn.proj``  ``attn.to_out.0`` / ``attn.to_add_out``
+``double_blocks.N.{img,txt}_mlp.{0,2}``          ``{ff,ff_context}.linear_{in,out}``
+``single_blocks.N.linear1`` / ``linear2``        ``single_transformer_blocks.N.attn.to_qkv_mlp_proj`` / ``to_out``
+``single_blocks.N.norm.{query,key}_norm``        ``single_transformer_blocks.N.attn.norm_{q,k}``
+==============================================  ================================================================
+
+The split QKV of the BFL format costs nothing extra: rank r's rows of ``to_k`` are rows ``D + r*D/N ...`` of the
+fused ``qkv`` tensor, read directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .comm import get_rank, get_world_size, resolve_group
+from .linear import ColumnParallelLinear, RowParallelLinear
+from .sharding import shard_ranges
+
+__all__ = ["load_sharded", "LoadReport", "resolve_source", "bfl_to_diffusers", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+_BFL_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_BFL_DOUBLE = {
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+_BFL_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_BFL_SINGLE = {
+    "linear1": "attn.to_qkv_mlp_proj",
+    "linear2": "attn.to_out",
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where a diffusers-named tensor lives: ``key`` in the checkpoint, rows ``[row0, row0 + rows)`` of it."""
+
+    key: str
+    row0: int
+    rows: int | None  # None: all rows
+    swap_halves: bool = False
+
+
+def bfl_to_diffusers(key: str, shape: Sequence[int]) -> list[tuple[str, _Source]] | None:
+    """The diffusers name(s) of a BFL checkpoint tensor (``None`` if the key is not a FLUX.2 BFL key)."""
+    stem, _, param = key.rpartition(".")
+    param = "weight" if param == "scale" else param
+    if stem in _BFL_TOP:
+        return [(f"{_BFL_TOP[stem]}.{param}", _Source(key, 0, None, swap_halves="adaLN_modulation" in stem))]
+    m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", stem)
+    if not m:
+        return None
+    kind, idx, inner = m.groups()
+    if kind == "double":
+        prefix = f"transformer_blocks.{idx}"
+        if inner in _BFL_QKV:
+            third = shape[0] // 3
+            return [(f"{prefix}.{name}.{param}", _Source(key, i * third, third))
+                    for i, name in enumerate(_BFL_QKV[inner])]
+        target = _BFL_DOUBLE.get(inner)
+    else:
+        prefix = f"single_transformer_blocks.{idx}"
+        target = _BFL_SINGLE.get(inner)
+    return None if target is None else [(f"{prefix}.{target}.{param}", _Source(key, 0, None))]
+
+
+@dataclasses.dataclass
+class LoadReport:
+    tensors: int
+    bytes_read: int
+    seconds: float
+    files: list[str]
+    key_format: str  # "diffusers" or "bfl"
+    rank: int
+    world_size: int
+
+    def __str__(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read "
+                f"from {len(self.files)} file(s) ({self.key_format} keys) in {self.seconds:.2f} s")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the files are
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_hub_id(source: str) -> bool:
+    return not os.path.exists(source) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+
+
+def resolve_source(source, subfolder: str | None = None, revision: str | None = None, token=None,
+                   allow_patterns: Sequence[str] = ("*.safetensors", "*.json")) -> Path:
+    """A local file or directory for ``source``: a path, or a Hub repo id fetched with ``snapshot_download``
+    (only ``allow_patterns`` under ``subfolder``); offline (``HF_HUB_OFFLINE=1`` or no network) it is served from
+    the local cache."""
+    source = os.fspath(source)
+    if not _is_hub_id(source):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint source {source!r} is neither a local path nor a Hub repo id")
+        return path / subfolder if subfolder and path.is_dir() else path
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{subfolder}/{p}" if subfolder else p for p in allow_patterns]
+    kwargs = {"revision": revision, "token": token, "allow_patterns": patterns}
+    try:
+        root = snapshot_download(source, **kwargs)
+    except Exception:  # noqa: BLE001 - no network: fall back to what the cache holds
+        root = snapshot_download(source, local_files_only=True, **kwargs)
+    return Path(root) / subfolder if subfolder else Path(root)
+
+
+def _weight_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, other weight files) at ``path`` (a file, or a directory searched non-recursively)."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path / "*")) if Path(p).suffix in WEIGHT_SUFFIXES)
+    return [f for f in files if f.suffix == ".safetensors"], [f for f in files if f.suffix != ".safetensors"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which slice each parameter needs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _param_plan(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, ...], int | None, list]]:
+    """name -> (owner module, attribute, global shape, split dim or None, [(start, stop), ...])."""
+    plan = {}
+    for mod_name, module in model.named_modules():
+        for attr, p in list(module._parameters.items()) + [
+                (b, t) for b, t in module._buffers.items() if b not in module._non_persistent_buffers_set]:
+            if p is None:
+                continue
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            shape, dim, ranges = tuple(p.shape), None, [(0, None)]
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                col = isinstance(module, ColumnParallelLinear)
+                if attr == "weight" or (attr == "bias" and col):
+                    dim = 0 if (col or attr == "bias") else 1
+                    shape = list(p.shape)
+                    shape[dim] = sum(module.blocks)
+                    shape = tuple(shape)
+                    ranges = shard_ranges(module.blocks, module.rank, module.world_size)
+            plan[name] = (module, attr, shape, dim, ranges)
+    return plan
+
+
+def _read(handle, src: _Source, dim: int | None, ranges) -> torch.Tensor:
+    sl = handle.get_slice(src.key)
+    full_rows = sl.get_shape()[0]
+    r0 = src.row0
+    r1 = r0 + (src.rows if src.rows is not None else full_rows)
+    if dim is None:
+        t = sl[r0:r1]
+        if src.swap_halves:
+            shift, scale = t.chunk(2, dim=0)
+            t = torch.cat([scale, shift], dim=0)
+        return t
+    pieces = [sl[r0 + a:r0 + b] if dim == 0 else sl[r0:r1, a:b] for a, b in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: str | None = None,
+                 revision: str | None = None, token=None, progress: bool = True) -> LoadReport:
+    """Fill ``model`` (parallelized by :func:`~tpfuse.tp_layers.parallelize`, real or ``meta``) with this rank's
+    slices of a safetensors checkpoint.
+
+    Args:
+        source: a ``.safetensors`` file, a directory of them (diffusers' sharded layout or one file), or a Hub
+            repo id (see :func:`resolve_source`).
+        device: where materialized ``meta`` parameters go (default: the current CUDA device under NCCL, else
+            CPU); parameters that already have storage keep their device. Tensors are cast to each parameter's
+            dtype.
+
+    Raises one ``ValueError`` listing every missing key, unexpected key, shape mismatch and non-safetensors weight
+    file. Returns a :class:`LoadReport` (tensors, bytes this rank read, seconds).
+    """
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    group = resolve_group(group)
+    rank, world_size = get_rank(group), get_world_size(group)
+    path = resolve_source(source, subfolder, revision, token)
+    files, others = _weight_files(path)
+    problems = []
+    if others:
+        problems.append(f"non-safetensors weight files (only safetensors are read): {[str(f) for f in others]}")
+    if not files:
+        problems.append(f"no .safetensors files at {path}")
+        raise ValueError("cannot load checkpoint:\n  " + "\n  ".join(problems))
+
+    handles = {}
+    index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
+    for f in files:
+        h = safe_open(str(f), framework="pt", device="cpu")
+        handles[str(f)] = h
+        for key in h.keys():
+            index[key] = (str(f), tuple(h.get_slice(key).get_shape()))
+
+    bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
+    sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
+    unexpected = []
+    for key, (f, shape) in index.items():
+        targets = bfl_to_diffusers(key, shape) if bfl else [(key, _Source(key, 0, None))]
+        if targets is None:
+            unexpected.append(key)
+            continue
+        for name, src in targets:
+            rows = src.rows if src.rows is not None else shape[0]
+            sources[name] = (f, src, (rows, *shape[1:]))
+
+    plan = _param_plan(model)
+    missing = sorted(set(plan) - set(sources))
+    unexpected = sorted(unexpected + [name for name in sources if name not in plan])
+    mismatched = [f"{name}: checkpoint {sources[name][2]} vs model {plan[name][2]}"
+                  for name in sorted(set(plan) & set(sources)) if tuple(sources[name][2]) != tuple(plan[name][2])]
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    if problems:
+        raise ValueError(f"cannot load {path} into {type(model).__name__}:\n  " + "\n  ".join(problems))
+
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if torch.distributed.is_initialized() and torch.distributed.get_backend(group) == "nccl"
+                  else torch.device("cpu"))
+    bytes_read = 0
+    items = list(plan.items())
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=f"tpfuse: loading shards (TP {world_size})", unit="tensor")
+    with torch.no_grad():
+        for name, (module, attr, _shape, dim, ranges) in items:
+            f, src, _ = sources[name]
+            t = _read(handles[f], src, dim, ranges)
+            bytes_read += t.numel() * t.element_size()
+            old = module._parameters.get(attr) if attr in module._parameters else module._buffers[attr]
+            target_device = device if old.device.type == "meta" else old.device
+            t = t.to(device=target_device, dtype=old.dtype)
+            if t.shape != old.shape:
+                raise ValueError(f"{name}: read a slice of shape {tuple(t.shape)} for a parameter of shape "
+                                 f"{tuple(old.shape)} (rank {rank} of {world_size})")
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
+            else:
+                module._buffers[attr] = t
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"still on the meta device after loading (not in the checkpoint's plan): {left}")
+    return LoadReport(len(items), bytes_read, time.perf_counter() - start, [str(f) for f in files],
+                      "bfl" if bfl else "diffusers", rank, world_size)

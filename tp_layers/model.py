@@ -1,0 +1,146 @@
+"""Drop-in tensor parallelism for diffusers' ``Flux2Transformer2DModel``.
+
+``parallelize(model)`` swaps every double- and single-stream block for its tensor-parallel version in place
+(same ``forward`` signature and parameter names, ~1/N of the block weights per rank); embedders, modulation and
+the final layer stay replicated. It works on a model with real weights (they are sharded) and on one built on
+the ``meta`` device (only shapes), which :func:`~tpfuse.tp_layers.checkpoint.load_sharded` then fills with this
+rank's slices. ``from_pretrained`` does config -> meta model -> parallelize -> load_sharded in one call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import LoadReport, load_sharded, resolve_source
+from .comm import get_world_size, resolve_group
+from .config import Flux2Config
+from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
+
+__all__ = ["parallelize", "from_pretrained", "check_parallelizable"]
+
+_MODEL_CLASS = "Flux2Transformer2DModel"
+
+
+def check_parallelizable(model: nn.Module, world_size: int) -> None:
+    """Refuse, with the reason, what :func:`parallelize` cannot shard correctly."""
+    if type(model).__name__ != _MODEL_CLASS or not hasattr(model, "single_transformer_blocks"):
+        raise TypeError(f"parallelize expects diffusers' {_MODEL_CLASS}, got {type(model).__module__}."
+                        f"{type(model).__name__}")
+    config = getattr(model, "config", {})
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None or \
+            (hasattr(config, "get") and config.get("quantization_config")):
+        raise ValueError("parallelize: the model is quantized; tensor-parallel sharding needs the dense "
+                         "(bf16/fp16/fp32) weights — load it unquantized")
+    odd = sorted({f"{n}: {type(p).__name__}/{p.dtype}" for n, p in model.named_parameters()
+                  if not p.is_floating_point() or type(p) is not nn.Parameter})
+    if odd:
+        raise ValueError(f"parallelize: quantized or wrapped parameters cannot be sharded: {odd[:5]}"
+                         + (" ..." if len(odd) > 5 else ""))
+    if getattr(model, "peft_config", None) or any(hasattr(m, "lora_A") or type(m).__module__.startswith("peft.")
+                                                   for m in model.modules()):
+        raise ValueError("parallelize: the model has LoRA (peft) adapters; fuse them into the weights first "
+                         "(fuse_lora() then unload_lora_weights())")
+    hooked = [n or type(m).__name__ for n, m in model.named_modules()
+              if getattr(m, "_hf_hook", None) is not None or getattr(m, "_diffusers_hook", None) is not None]
+    device_map = getattr(model, "hf_device_map", None)
+    if hooked or (device_map and len(set(map(str, device_map.values()))) > 1):
+        raise ValueError(f"parallelize: the model is offloaded or dispatched (hooks on {hooked[:3]}, "
+                         f"device map {device_map}); load it without offloading, then parallelize")
+    already = [n for n, m in model.named_modules() if isinstance(m, (TPSingleStreamBlock, TPDoubleStreamBlock))]
+    if already:
+        raise ValueError(f"parallelize: the model is already parallelized ({already[:2]} ...)")
+    heads = model.config.get("num_attention_heads") if hasattr(model.config, "get") else None
+    heads = heads or model.transformer_blocks[0].attn.heads
+    if heads % world_size:
+        raise ValueError(f"parallelize: num_attention_heads={heads} is not divisible by the world size {world_size}")
+
+
+def parallelize(model: nn.Module, group=None) -> nn.Module:
+    """Shard a diffusers ``Flux2Transformer2DModel`` over ``group`` (a ProcessGroup or 1-D DeviceMesh; default:
+    the world) in place and return it."""
+    group = resolve_group(group)
+    world_size = get_world_size(group)
+    check_parallelizable(model, world_size)
+    for blocks, cls in ((model.transformer_blocks, TPDoubleStreamBlock),
+                        (model.single_transformer_blocks, TPSingleStreamBlock)):
+        for i in range(len(blocks)):
+            blocks[i] = cls.from_dense(blocks[i], group)  # the dense block is dropped here
+    model.tp_world_size = world_size
+    model.tp_group = group
+    return model
+
+
+def _load_config(path: Path, subfolder: str | None) -> dict | None:
+    candidates = [path / "config.json"] if path.is_dir() else []
+    if path.is_dir() and subfolder is None:
+        candidates.append(path / "transformer" / "config.json")
+    for c in candidates:
+        if c.exists():
+            return json.loads(c.read_text())
+    return None
+
+
+def _infer_config(path: Path) -> dict:
+    """A config from a single-file checkpoint's tensor shapes (BFL or diffusers keys)."""
+    from safetensors import safe_open
+
+    from .checkpoint import _weight_files, bfl_to_diffusers
+
+    files, _ = _weight_files(path)
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            for key in h.keys():
+                shape = tuple(h.get_slice(key).get_shape())
+                for name, _src in (bfl_to_diffusers(key, shape) or [(key, None)]):
+                    shapes[name] = shape if _src is None or _src.rows is None else (_src.rows, *shape[1:])
+    try:
+        hidden, in_channels = shapes["x_embedder.weight"]
+        _, joint = shapes["context_embedder.weight"]
+        head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+        mlp2 = shapes["transformer_blocks.0.ff.linear_in.weight"][0]
+        t_channels = shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1]
+    except KeyError as exc:
+        raise ValueError(f"cannot infer a FLUX.2 config from {path}: no {exc.args[0]}") from None
+    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
+    return Flux2Config(
+        num_attention_heads=hidden // head_dim, attention_head_dim=head_dim, num_layers=count("transformer_blocks."),
+        num_single_layers=count("single_transformer_blocks."), mlp_ratio=mlp2 / 2 / hidden,
+        in_channels=in_channels, joint_attention_dim=joint, timestep_guidance_channels=t_channels,
+        guidance_embeds="time_guidance_embed.guidance_embedder.linear_1.weight" in shapes,
+        axes_dims_rope=(head_dim // 4,) * 4,
+    ).to_diffusers_kwargs()
+
+
+def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfolder: str | None = None,
+                    revision: str | None = None, token=None, device=None, progress: bool = True) -> nn.Module:
+    """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call.
+
+    ``source``: a diffusers model directory (``config.json`` + safetensors; a pipeline directory's
+    ``transformer/`` is found without ``subfolder``), a single safetensors file (diffusers or BFL keys; the config
+    is inferred from the shapes, RoPE axes split evenly), or a Hub repo id (e.g.
+    ``black-forest-labs/FLUX.2-klein-4B`` with ``subfolder="transformer"``). The model comes back in ``eval()``
+    mode; ``model.tp_load_report`` is the rank's :class:`LoadReport`.
+    """
+    from diffusers import Flux2Transformer2DModel
+
+    path = resolve_source(source, subfolder, revision, token)
+    config = _load_config(path, subfolder)
+    if config is None and not path.is_dir():
+        config = _infer_config(path)
+    if config is None:
+        raise ValueError(f"no config.json at {path} (pass subfolder=..., or a single checkpoint file)")
+    if path.is_dir() and subfolder is None and not (path / "config.json").exists():
+        path = path / "transformer"
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    parallelize(model, group)
+    report: LoadReport = load_sharded(model, path, group, device=device, progress=progress)
+    model.tp_load_report = report
+    return model.eval()
