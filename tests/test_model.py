@@ -277,3 +277,15 @@ def test_load_errors_are_listed_together(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local path nor a Hub repo id"):
         load_sharded(model, tmp_path / "nope", progress=False)
     assert load_file  # imported for symmetry with save_file; the loader itself never loads whole files
+
+
+def test_verify_with_model_weights(saved, bfl_file):
+    from tpfuse.tp_layers.verify import format_report, verify
+
+    root, _, _ = saved
+    for source in (str(root), str(bfl_file)):  # a pipeline directory (diffusers keys) and a BFL single file
+        res = verify(model=source, world_size=2, img_tokens=29, txt_tokens=7)
+        assert res.ok, format_report(res)
+        assert "(block 0)" in res.preset
+    with pytest.raises(ValueError, match="--block-index 5 is out of range for double blocks \\(the model has 1\\)"):
+        verify(model=str(root), world_size=2, block_index=5)

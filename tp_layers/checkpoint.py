@@ -48,7 +48,8 @@ from .comm import get_rank, get_world_size, resolve_group
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .sharding import shard_ranges
 
-__all__ = ["load_sharded", "LoadReport", "resolve_source", "bfl_to_diffusers", "WEIGHT_SUFFIXES"]
+__all__ = ["load_sharded", "load_block_state", "LoadReport", "resolve_source", "bfl_to_diffusers",
+           "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
@@ -217,6 +218,46 @@ def _read(handle, src: _Source, dim: int | None, ranges) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
+def _open_checkpoint(files: Sequence[Path]):
+    """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl)."""
+    from safetensors import safe_open
+
+    handles = {}
+    index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
+    for f in files:
+        h = safe_open(str(f), framework="pt", device="cpu")
+        handles[str(f)] = h
+        for key in h.keys():
+            index[key] = (str(f), tuple(h.get_slice(key).get_shape()))
+    bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
+    sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
+    unexpected = []
+    for key, (f, shape) in index.items():
+        targets = bfl_to_diffusers(key, shape) if bfl else [(key, _Source(key, 0, None))]
+        if targets is None:
+            unexpected.append(key)
+            continue
+        for name, src in targets:
+            rows = src.rows if src.rows is not None else shape[0]
+            sources[name] = (f, src, (rows, *shape[1:]))
+    return handles, sources, unexpected, bfl
+
+
+def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[str, torch.Tensor]:
+    """The full (dense) tensors under ``prefix`` (e.g. ``"transformer_blocks.0."``), diffusers names with the
+    prefix removed: one block of a checkpoint, for checking a sharded block against it."""
+    path = resolve_source(source, subfolder)
+    files, _ = _weight_files(path)
+    if not files:
+        raise ValueError(f"no .safetensors files at {path}")
+    handles, sources, _, _ = _open_checkpoint(files)
+    state = {name[len(prefix):]: _read(handles[f], src, None, None)
+             for name, (f, src, _) in sources.items() if name.startswith(prefix)}
+    if not state:
+        raise ValueError(f"no tensors under {prefix!r} in {path}")
+    return state
+
+
 def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: str | None = None,
                  revision: str | None = None, token=None, progress: bool = True) -> LoadReport:
     """Fill ``model`` (parallelized by :func:`~tpfuse.tp_layers.parallelize`, real or ``meta``) with this rank's
@@ -232,8 +273,6 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
     Raises one ``ValueError`` listing every missing key, unexpected key, shape mismatch and non-safetensors weight
     file. Returns a :class:`LoadReport` (tensors, bytes this rank read, seconds).
     """
-    from safetensors import safe_open
-
     start = time.perf_counter()
     group = resolve_group(group)
     rank, world_size = get_rank(group), get_world_size(group)
@@ -246,26 +285,7 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
         problems.append(f"no .safetensors files at {path}")
         raise ValueError("cannot load checkpoint:\n  " + "\n  ".join(problems))
 
-    handles = {}
-    index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
-    for f in files:
-        h = safe_open(str(f), framework="pt", device="cpu")
-        handles[str(f)] = h
-        for key in h.keys():
-            index[key] = (str(f), tuple(h.get_slice(key).get_shape()))
-
-    bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
-    sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
-    unexpected = []
-    for key, (f, shape) in index.items():
-        targets = bfl_to_diffusers(key, shape) if bfl else [(key, _Source(key, 0, None))]
-        if targets is None:
-            unexpected.append(key)
-            continue
-        for name, src in targets:
-            rows = src.rows if src.rows is not None else shape[0]
-            sources[name] = (f, src, (rows, *shape[1:]))
-
+    handles, sources, unexpected, bfl = _open_checkpoint(files)
     plan = _param_plan(model)
     missing = sorted(set(plan) - set(sources))
     unexpected = sorted(unexpected + [name for name in sources if name not in plan])

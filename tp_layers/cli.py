@@ -15,8 +15,8 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         res = verify(preset=args.preset, world_size=args.world_size, blocks=blocks, img_tokens=args.img_tokens,
                      txt_tokens=args.txt_tokens, dtype=args.dtype, seed=args.seed, batch=args.batch,
-                     backend=args.backend)
-    except ValueError as exc:
+                     backend=args.backend, model=args.model, subfolder=args.subfolder, block_index=args.block_index)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"tpfuse verify: error: {exc}", file=sys.stderr)
         return 2
     print(format_report(res))
@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="default: nccl with one CUDA device per rank, else gloo")
+    v.add_argument("--model", default=None, help="check the blocks of a real checkpoint: a diffusers directory, "
+                   "a safetensors file (diffusers or BFL keys) or a Hub repo id; replaces --preset")
+    v.add_argument("--subfolder", default=None, help="with --model: e.g. transformer")
+    v.add_argument("--block-index", type=int, default=0, help="with --model: which double/single block")
     v.set_defaults(func=_verify)
 
     from tpfuse.kernels import compile_report

@@ -20,7 +20,7 @@ from .comm import get_world_size, resolve_group
 from .config import Flux2Config
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
-__all__ = ["parallelize", "from_pretrained", "check_parallelizable"]
+__all__ = ["parallelize", "from_pretrained", "check_parallelizable", "load_config"]
 
 _MODEL_CLASS = "Flux2Transformer2DModel"
 
@@ -116,6 +116,19 @@ def _infer_config(path: Path) -> dict:
     ).to_diffusers_kwargs()
 
 
+def load_config(source, subfolder: str | None = None, revision: str | None = None, token=None) -> tuple[dict, Path]:
+    """(diffusers config dict, the directory or file holding the weights) for a checkpoint source."""
+    path = resolve_source(source, subfolder, revision, token)
+    config = _load_config(path, subfolder)
+    if config is None and not path.is_dir():
+        config = _infer_config(path)
+    if config is None:
+        raise ValueError(f"no config.json at {path} (pass subfolder=..., or a single checkpoint file)")
+    if path.is_dir() and subfolder is None and not (path / "config.json").exists():
+        path = path / "transformer"
+    return config, path
+
+
 def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfolder: str | None = None,
                     revision: str | None = None, token=None, device=None, progress: bool = True) -> nn.Module:
     """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call.
@@ -128,14 +141,7 @@ def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfol
     """
     from diffusers import Flux2Transformer2DModel
 
-    path = resolve_source(source, subfolder, revision, token)
-    config = _load_config(path, subfolder)
-    if config is None and not path.is_dir():
-        config = _infer_config(path)
-    if config is None:
-        raise ValueError(f"no config.json at {path} (pass subfolder=..., or a single checkpoint file)")
-    if path.is_dir() and subfolder is None and not (path / "config.json").exists():
-        path = path / "transformer"
+    config, path = load_config(source, subfolder, revision, token)
     with torch.device("meta"):
         model = Flux2Transformer2DModel.from_config(config)
     if dtype is not None:

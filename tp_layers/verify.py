@@ -103,14 +103,27 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def checkpoint_block(cfg: Flux2Config, kind: str, source, index: int, dtype=torch.float32,
+                     device="cpu") -> nn.Module:
+    """A dense block holding block ``index`` of a checkpoint's weights (diffusers or BFL keys)."""
+    from .checkpoint import load_block_state
+
+    prefix = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{index}."
+    with torch.device("meta"):
+        block = (DoubleStreamBlock if kind == "double" else SingleStreamBlock)(cfg)
+    block.load_state_dict(load_block_state(source, prefix), strict=True, assign=True)
+    return block.to(device=device, dtype=dtype)
+
+
 def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img: int, dtype_name: str,
-               seed: int) -> dict:
+               seed: int, model_path: str | None = None, block_index: int = 0) -> dict:
     dtype = DTYPES[dtype_name]
     rank, world_size = get_rank(), get_world_size()
     device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
     results = {}
     for kind in kinds:
-        dense = random_dense_block(cfg, kind, seed, dtype, device)
+        dense = (checkpoint_block(cfg, kind, model_path, block_index, dtype, device) if model_path else
+                 random_dense_block(cfg, kind, seed, dtype, device))
         tensors, rope = block_inputs(cfg, kind, batch, txt, img, seed, dtype, device)
         ref = None
         if rank == 0:
@@ -210,9 +223,27 @@ class VerifyResult:
 
 def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: Sequence[str] = BLOCK_KINDS,
            img_tokens: int = 64, txt_tokens: int = 16, dtype: str = "float32", seed: int = 0, batch: int = 1,
-           backend: str | None = None) -> VerifyResult:
-    """Shard dense blocks of ``preset`` over ``world_size`` ranks and compare against dense (see module doc)."""
-    cfg = preset if isinstance(preset, Flux2Config) else Flux2Config.preset(preset)
+           backend: str | None = None, model: str | None = None, subfolder: str | None = None,
+           block_index: int = 0) -> VerifyResult:
+    """Shard dense blocks of ``preset`` over ``world_size`` ranks and compare against dense (see module doc).
+
+    With ``model`` (a checkpoint directory, file or Hub repo id), the blocks hold that checkpoint's weights
+    (block ``block_index`` of each kind) and its config replaces ``preset``.
+    """
+    model_path = None
+    if model is not None:
+        from .model import load_config
+
+        config, path = load_config(model, subfolder)
+        cfg = dataclasses.replace(Flux2Config.from_dict(config), name=f"{model} (block {block_index})")
+        model_path = str(path)
+        counts = {"double": cfg.num_layers, "single": cfg.num_single_layers}
+        bad = [k for k in blocks if k in counts and not 0 <= block_index < counts[k]]
+        if bad:
+            raise ValueError(f"--block-index {block_index} is out of range for {bad[0]} blocks (the model has "
+                             f"{counts[bad[0]]})")
+    else:
+        cfg = preset if isinstance(preset, Flux2Config) else Flux2Config.preset(preset)
     blocks = list(blocks)
     bad = [b for b in blocks if b not in BLOCK_KINDS]
     if bad or not blocks:
@@ -229,7 +260,7 @@ def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: 
             raise ValueError(f"preset {cfg.name!r}: {what}={size} is not divisible by --world-size {world_size}")
     backend = backend or default_backend(world_size)
     per_rank = run_ranks(_rank_main, world_size, cfg, blocks, batch, txt_tokens, img_tokens, dtype, seed,
-                         backend=backend)
+                         model_path, block_index, backend=backend)
     tol = tolerance(DTYPES[dtype])
     results = []
     for kind in blocks:
