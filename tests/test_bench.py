@@ -50,3 +50,22 @@ def test_bench_overlap_distributed_dry_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["world_size"] == 2 and {"compute_ms", "sequential_ms", "overlapped_ms"} <= set(r)
                         for r in rows)
+
+
+def test_bench_model_dry_run(tmp_path):
+    out = tmp_path / "model.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_model.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["diffusers eager", "tpfuse (fused kernels)"]
+    assert rows[1]["rel_err"] <= 1e-5  # the parallelized (TP 1) model computes what diffusers computes
+
+
+def test_bench_model_distributed_dry_run(tmp_path):
+    out = tmp_path / "model-dist.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(BENCH / "bench_model.py"), "--distributed", "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(out.read_text())["rows"][0]["tp"] == 2
