@@ -1,9 +1,11 @@
 """Backend selection for every op, done per call in the launcher (never at import).
 
-CUDA tensors run the Triton kernel; CPU tensors run the plain-torch reference. ``TPFUSE_BACKEND=torch|triton``
+CUDA tensors run the Triton kernel; CPU tensors run the plain-torch reference. ``TPFUSE_BACKEND=torch|triton|cuda``
 (or an explicit ``backend=`` argument) forces one: ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set
-before triton is imported), otherwise the call raises instead of silently running something else. The backend
-that ran is logged at debug level and recorded for :func:`record_backends`.
+before triton is imported), otherwise the call raises instead of silently running something else. ``cuda`` is the
+CUDA C++ backend (``csrc/``) of the ops that have one; ``backend="cuda"`` on another op raises, while
+``TPFUSE_BACKEND=cuda`` means "csrc where it exists, Triton elsewhere". The backend that ran is logged at debug
+level and recorded for :func:`record_backends`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ._triton import HAS_TRITON
 __all__ = ["select_backend", "record_backends", "interpreting", "BACKENDS"]
 
 logger = logging.getLogger("tpfuse.kernels")
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cuda")
 _RECORDERS: list[list[tuple[str, str]]] = []
 
 
@@ -40,11 +42,25 @@ def record_backends() -> Iterator[list[tuple[str, str]]]:
         _RECORDERS.remove(events)
 
 
-def select_backend(op: str, device: torch.device, backend: str | None = None) -> str:
+def select_backend(op: str, device: torch.device, backend: str | None = None, cuda_kernel: bool = False) -> str:
+    """The backend ``op`` runs on for tensors on ``device`` (``cuda_kernel``: the op has a csrc kernel)."""
     requested = backend or os.environ.get("TPFUSE_BACKEND") or None
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {requested!r} (from "
                          f"{'backend=' if backend else 'TPFUSE_BACKEND'}); choose one of {list(BACKENDS)}")
+    if requested == "cuda":
+        if not cuda_kernel:
+            if backend == "cuda":
+                raise ValueError(f"{op}: there is no CUDA C++ (csrc) kernel for this op; use backend='triton' or "
+                                 "'torch'")
+            requested = "triton"  # TPFUSE_BACKEND=cuda: csrc where it exists, Triton elsewhere
+        elif device.type != "cuda":
+            raise RuntimeError(f"{op}: the cuda (csrc) backend needs CUDA tensors, got {device} tensors")
+        else:
+            logger.debug("%s: cuda backend on %s", op, device)
+            for events in _RECORDERS:
+                events.append((op, "cuda"))
+            return "cuda"
     if requested == "triton" or (requested is None and device.type == "cuda"):
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: the triton backend was selected for {device} tensors but triton is not "

@@ -108,10 +108,18 @@ def _layernorm_modulate_triton(x, shift, scale, eps):
 
 
 class _LayerNormModulate(torch.autograd.Function):
+    """Forward: the Triton kernel, or the csrc one (``impl="cuda"``); backward: torch (recomputed reference)."""
+
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
+    def forward(ctx, x, shift, scale, eps, impl="triton"):
         ctx.save_for_backward(x, shift, scale)
         ctx.eps = eps
+        if impl == "cuda":
+            from .cuda_backend import layernorm_modulate_cuda
+
+            D = x.shape[-1]
+            return layernorm_modulate_cuda(x, shift.reshape(shift.shape[0], D), scale.reshape(scale.shape[0], D),
+                                           eps)
         return _layernorm_modulate_triton(x, shift, scale, eps)
 
     @staticmethod
@@ -122,7 +130,7 @@ class _LayerNormModulate(torch.autograd.Function):
             out = layernorm_modulate_reference(*inputs, ctx.eps)
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad))
-        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:3]], None)
+        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:3]], None, None)
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
@@ -132,10 +140,11 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     Args:
         x: ``[B, S, D]``; any batch/sequence strides, last dim contiguous.
         shift, scale: ``[B, D]`` or ``[B, 1, D]`` (``B`` may be 1 to broadcast).
-        backend: ``"torch"`` or ``"triton"``; default: triton for CUDA tensors, torch on CPU
-            (``TPFUSE_BACKEND`` overrides the default).
+        backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (csrc forward); default: triton for CUDA tensors,
+            torch on CPU (``TPFUSE_BACKEND`` overrides the default).
     """
     _validate(x, shift, scale, eps)
-    if select_backend("layernorm_modulate", x.device, backend) == "torch":
+    chosen = select_backend("layernorm_modulate", x.device, backend, cuda_kernel=True)
+    if chosen == "torch":
         return layernorm_modulate_reference(x, shift, scale, eps)
-    return _LayerNormModulate.apply(x, shift, scale, eps)
+    return _LayerNormModulate.apply(x, shift, scale, eps, chosen)

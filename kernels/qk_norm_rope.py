@@ -211,10 +211,16 @@ def _last_contiguous(t):
 
 
 class _QKNormRope(torch.autograd.Function):
+    """Forward: the Triton kernel, or the csrc one (``impl="cuda"``); backward: the Triton kernel."""
+
     @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps):
+    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps, impl="triton"):
         ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
         ctx.eps = eps
+        if impl == "cuda":
+            from .cuda_backend import qk_norm_rope_cuda
+
+            return qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, eps)
         return _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps)
 
     @staticmethod
@@ -223,7 +229,7 @@ class _QKNormRope(torch.autograd.Function):
         gq = torch.zeros_like(q) if gq is None else gq
         gk = torch.zeros_like(k) if gk is None else gk
         dq, dk, dqw, dkw = _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, ctx.eps)
-        return dq, dk, dqw, dkw, None, None, None
+        return dq, dk, dqw, dkw, None, None, None, None
 
 
 def _validate(q, k, q_weight, k_weight, cos, sin, eps):
@@ -260,9 +266,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         q, k: ``[B, S, H, D]``, any strides with a contiguous last dim; outputs have the inputs' layout.
         q_weight, k_weight: ``[D]`` RMSNorm scales.
         cos, sin: ``[S, D]`` (``None`` for no rotation).
-        backend: ``"torch"`` or ``"triton"``; default: triton for CUDA tensors, torch on CPU.
+        backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (csrc forward); default: triton for CUDA tensors,
+            torch on CPU.
     """
     _validate(q, k, q_weight, k_weight, cos, sin, eps)
-    if select_backend("qk_norm_rope", q.device, backend) == "torch":
+    chosen = select_backend("qk_norm_rope", q.device, backend, cuda_kernel=True)
+    if chosen == "torch":
         return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
-    return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps)
+    return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps, chosen)

@@ -54,7 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     compile_report.add_arguments(c)
     c.set_defaults(func=compile_report.run)
+
+    b = sub.add_parser("build-csrc", help="build the CUDA C++ backend (csrc/*.cu) with nvcc ahead of time",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--arch", type=int, default=None, help="compute capability (default: this GPU, else 90)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the cached library exists")
+    b.set_defaults(func=_build_csrc)
     return parser
+
+
+def _build_csrc(args: argparse.Namespace) -> int:
+    from tpfuse.kernels.cuda_backend import CsrcError, build
+
+    try:
+        print(build(args.arch, force=args.force))
+    except CsrcError as exc:
+        print(f"tpfuse build-csrc: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

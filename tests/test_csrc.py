@@ -1,0 +1,167 @@
+"""The CUDA C++ backend: compiled for sm_90 with no spills (CI has nvcc, no GPU), the library builds and loads
+through ctypes, and the host-side launch logic is checked on the CPU. Numerics run where a GPU is."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope, qk_norm_rope_reference
+from tpfuse.kernels import cuda_backend as cb
+from tpfuse.kernels.layernorm_modulate import layernorm_modulate_reference
+
+NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+needs_nvcc = pytest.mark.skipif(not NVCC, reason="nvcc not installed")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", cb.SOURCES)
+def test_compiles_for_sm90_without_spills(source, tmp_path):
+    path = next(p for p in cb.sources() if p.name == source)
+    proc = subprocess.run([cb.nvcc_path(), "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas",
+                           "-v", "-c", str(path), "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = proc.stderr
+    functions = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", report)
+    assert len(functions) == 9  # 3 dtypes x 3 vector widths
+    stats = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(stats) == len(functions) and all(s == ("0", "0", "0") for s in stats), report
+
+
+@needs_nvcc
+def test_library_builds_caches_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPFUSE_CACHE", str(tmp_path))
+    path = cb.build(90)
+    assert path.exists() and str(tmp_path) in str(path) and "sm90-" in str(path)
+    mtime = path.stat().st_mtime_ns
+    assert cb.build(90) == path and path.stat().st_mtime_ns == mtime  # cached: not rebuilt
+    import ctypes
+
+    lib = ctypes.CDLL(str(path))  # statically linked cudart: loads without a GPU or driver
+    assert lib.tpfuse_qk_norm_rope_fwd and lib.tpfuse_layernorm_modulate_fwd
+
+
+@needs_nvcc
+def test_build_csrc_command(tmp_path):
+    env = {**os.environ, "TPFUSE_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "tpfuse.tp_layers.cli", "build-csrc", "--arch", "90"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("libtpfuse_csrc.so")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-side launch logic (pure Python)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_vector_width():
+    assert cb.vector_width(torch.bfloat16, 128, aligned=True, pairs=True) == 8  # 16 bytes
+    assert cb.vector_width(torch.float32, 128, aligned=True, pairs=True) == 4
+    assert cb.vector_width(torch.float16, 20, aligned=True, pairs=True) == 2  # not a multiple of 8: pairs
+    assert cb.vector_width(torch.bfloat16, 128, aligned=False, pairs=True) == 2  # misaligned rows
+    assert cb.vector_width(torch.bfloat16, 3001, aligned=True, pairs=False) == 1  # 3001 % 8 != 0: scalar
+
+
+def _qk_elements(d, vec, tpr):
+    """The elements each lane of a row touches, as the kernel's two loops walk them."""
+    d_vec = (d // vec) * vec
+    seen = []
+    for lane in range(tpr):
+        seen += [x for start in range(lane * vec, d_vec, tpr * vec) for x in range(start, start + vec)]
+        seen += [x for start in range(d_vec + 2 * lane, d, 2 * tpr) for x in (start, start + 1)]
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128),
+                                     (torch.float16, 20), (torch.bfloat16, 64), (torch.float32, 6)])
+def test_qk_launch_covers_every_element_once(dtype, d):
+    vec = cb.vector_width(dtype, d, aligned=True, pairs=True)
+    cfg = cb.qk_launch_config(n_rows=1000, d=d, vec=vec)
+    assert cfg["tpr"] & (cfg["tpr"] - 1) == 0 and cfg["tpr"] <= 32 and cfg["block"] % cfg["tpr"] == 0
+    assert cfg["grid"] * cfg["block"] >= 2 * 1000 * cfg["tpr"]  # Q rows then K rows
+    assert _qk_elements(d, vec, cfg["tpr"]) == list(range(d))
+    assert all(e % 2 == 0 for e in range(0, (d // vec) * vec, vec))  # vectors start on a pair
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 3072), (torch.bfloat16, 6144), (torch.float32, 40),
+                                     (torch.bfloat16, 3001)])
+def test_ln_launch_covers_the_row(dtype, d):
+    vec = cb.vector_width(dtype, d, aligned=True, pairs=False)
+    cfg = cb.ln_launch_config(rows=7, d=d, vec=vec)
+    assert cfg["block"] % 32 == 0 and 32 <= cfg["block"] <= 1024 and cfg["grid"] == 7
+    d_vec = (d // vec) * vec
+    seen = sorted([x for t in range(cfg["block"]) for s in range(t * vec, d_vec, cfg["block"] * vec)
+                   for x in range(s, s + vec)] + list(range(d_vec, d)))
+    assert seen == list(range(d))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection and errors without CUDA; fake implementations for torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cuda_backend_errors_without_cuda(monkeypatch):
+    q = torch.randn(1, 3, 2, 8)
+    w = torch.ones(8)
+    with pytest.raises(RuntimeError, match="the cuda \\(csrc\\) backend needs CUDA tensors, got cpu tensors"):
+        qk_norm_rope(q, q, w, w, None, None, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        layernorm_modulate(torch.randn(1, 3, 8), torch.zeros(1, 8), torch.zeros(1, 8), backend="cuda")
+    x, wt = torch.randn(1, 3, 8), torch.randn(3 * 32 + 2 * 4, 8)
+    with pytest.raises(ValueError, match="no CUDA C\\+\\+ \\(csrc\\) kernel for this op"):
+        fused_qkv_mlp_proj(x, wt, torch.ones(32), torch.ones(32), None, None, 1, 32, 4, backend="cuda")
+    monkeypatch.setenv("TPFUSE_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        qk_norm_rope(q, q, w, w, None, None)
+
+
+def test_fake_implementations_trace_without_the_library():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 5, 3, 8).transpose(1, 2).contiguous().transpose(1, 2)
+        qo, ko = torch.ops.tpfuse.qk_norm_rope_cuda(q, q, torch.empty(8), torch.empty(8), None, None, 1e-6)
+        y = torch.ops.tpfuse.layernorm_modulate_cuda(torch.empty(2, 5, 16), torch.empty(2, 16), torch.empty(2, 16),
+                                                      1e-6)
+    assert qo.shape == q.shape and qo.stride() == q.stride() and ko.shape == q.shape
+    assert y.shape == (2, 5, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerics (GPU only)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,layout", [(128, "bshd"), (128, "bhsd"), (20, "bshd")])
+def test_cuda_qk_norm_rope_matches_reference(dtype, D, layout):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (2, 3, 77, D) if layout == "bhsd" else (2, 77, 3, D)
+    q = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    k = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    if layout == "bhsd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(dtype)
+    ang = torch.rand(77, D // 2, device="cuda", generator=g) * 6.28
+    cos, sin = ang.cos().repeat_interleave(2, 1), ang.sin().repeat_interleave(2, 1)
+    out = qk_norm_rope(q, k, w, w, cos, sin, backend="cuda")
+    ref = qk_norm_rope_reference(q, k, w, w, cos, sin)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [3072, 3001])
+def test_cuda_layernorm_modulate_matches_reference(dtype, D):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (3 * torch.randn(2, 33, D, device="cuda", generator=g) + 1).to(dtype)
+    shift, scale = (torch.randn(2, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    torch.testing.assert_close(layernorm_modulate(x, shift, scale, backend="cuda"),
+                               layernorm_modulate_reference(x, shift, scale))
