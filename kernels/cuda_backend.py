@@ -12,7 +12,6 @@ Everything that decides *how* a kernel is launched (vector width, threads per ro
 Python here and is tested on the CPU; the C++ side only dispatches on dtype and vector width.
 """
 
-from __future__ import annotations
 
 import ctypes
 import functools

@@ -289,3 +289,18 @@ def test_verify_with_model_weights(saved, bfl_file):
         assert "(block 0)" in res.preset
     with pytest.raises(ValueError, match="--block-index 5 is out of range for double blocks \\(the model has 1\\)"):
         verify(model=str(root), world_size=2, block_index=5)
+
+
+def _with_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = _model()
+    ref = _forward(model)
+    parallelize(model, mesh)  # a 1-D DeviceMesh works as the group
+    return rel_error(_forward(model), ref), model.tp_world_size
+
+
+def test_parallelize_with_a_device_mesh():
+    for err, ws in run_ranks(_with_mesh, 2):
+        assert err <= TOL and ws == 2
