@@ -3,7 +3,7 @@
 // One group of `tpr` lanes ("threads per row", a power of two <= 32) owns one (b, s, h) row of Q or of K; a warp
 // holds 32 / tpr rows. Each lane moves VEC elements per access (16 bytes for VEC = 8 x 16-bit or 4 x fp32) and
 // walks the row in steps of tpr * VEC; elements past the last full vector (D % VEC) are a scalar tail handled a
-// pair at a time. RoPE pairs (2i, 2i+1) never straddle a vector (VEC is even, vectors start at even offsets), so
+// pair at a time. VEC = 1 (rows not 16-byte aligned) is the scalar tail alone. RoPE pairs (2i, 2i+1) never straddle a vector (VEC is even, vectors start at even offsets), so
 // each lane rotates its own registers. Two passes over the row: sum of squares, then normalize/rotate/store (the
 // second read is an L1 hit: a row is <= 512 bytes). No shared memory; fp32 math in registers.
 #include "common.cuh"
@@ -35,7 +35,7 @@ __global__ void qk_norm_rope_fwd_kernel(const T* __restrict__ q, const T* __rest
   T* y = (is_k ? ko : qo) + b * so.b + s * so.s + h * so.h;
   const T* w = is_k ? kw : qw;
   const int d_end = active ? D : 0;
-  const int d_vec = (d_end / VEC) * VEC;
+  const int d_vec = VEC >= 2 ? (d_end / VEC) * VEC : 0;  // VEC = 1: every pair goes through the scalar tail
 
   float ss = 0.f;
   for (int d = lane * VEC; d < d_vec; d += tpr * VEC) {
@@ -57,7 +57,7 @@ __global__ void qk_norm_rope_fwd_kernel(const T* __restrict__ q, const T* __rest
     load_vec<T, VEC>(x + d, v);
     load_vec<T, VEC>(w + d, g);
 #pragma unroll
-    for (int i = 0; i < VEC; i += 2) {
+    for (int i = 0; i + 1 < VEC; i += 2) {
       const float e = v[i] * rstd * g[i], o = v[i + 1] * rstd * g[i + 1];
       if (has_rope) {
         out[i] = e * cr[d + i] - o * sr[d + i];
@@ -89,7 +89,7 @@ static cudaError_t launch(int vec, const void* q, const void* k, const void* qw,
   switch (vec) {
     case 8: TPFUSE_QKR_LAUNCH(8); break;
     case 4: TPFUSE_QKR_LAUNCH(4); break;
-    case 2: TPFUSE_QKR_LAUNCH(2); break;
+    case 1: TPFUSE_QKR_LAUNCH(1); break;
     default: return cudaErrorInvalidValue;
   }
 #undef TPFUSE_QKR_LAUNCH

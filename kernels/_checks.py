@@ -25,3 +25,18 @@ def check_rope_pair(op: str, cos, sin, named: dict) -> None:
         raise ValueError(f"{op}: pass both cos and sin, or neither")
     if cos is not None:
         named.update(cos=cos, sin=sin)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_int32_addressable(op: str, named: dict) -> None:
+    """The kernels compute element offsets in int32: every tensor's largest offset (from its strides, so views of
+    wider buffers count in full) must stay below 2^31."""
+    def last_offset(t: torch.Tensor) -> int:
+        return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+    too_big = {name: last_offset(t) for name, t in named.items() if t is not None and last_offset(t) > INT32_MAX}
+    if too_big:
+        raise ValueError(f"{op}: the kernel addresses with int32 offsets; largest offsets {too_big} exceed 2^31 - 1: "
+                         "split the batch")

@@ -19,7 +19,7 @@ import torch
 
 from ._triton import HAS_TRITON
 
-__all__ = ["select_backend", "record_backends", "interpreting", "BACKENDS"]
+__all__ = ["select_backend", "resolve_backend", "record_backends", "interpreting", "BACKENDS"]
 
 logger = logging.getLogger("tpfuse.kernels")
 BACKENDS = ("torch", "triton", "cuda")
@@ -43,7 +43,18 @@ def record_backends() -> Iterator[list[tuple[str, str]]]:
 
 
 def select_backend(op: str, device: torch.device, backend: str | None = None, cuda_kernel: bool = False) -> str:
-    """The backend ``op`` runs on for tensors on ``device`` (``cuda_kernel``: the op has a csrc kernel)."""
+    """The backend ``op`` runs on for tensors on ``device`` (``cuda_kernel``: the op has a csrc kernel); logged
+    and recorded."""
+    chosen = resolve_backend(op, device, backend, cuda_kernel)
+    logger.debug("%s: %s backend on %s", op, chosen, device)
+    for events in _RECORDERS:
+        events.append((op, chosen))
+    return chosen
+
+
+def resolve_backend(op: str, device: torch.device, backend: str | None = None, cuda_kernel: bool = False) -> str:
+    """What :func:`select_backend` would choose, without logging or recording it (or raising for a backend
+    that cannot run: that is left to the call itself)."""
     requested = backend or os.environ.get("TPFUSE_BACKEND") or None
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {requested!r} (from "
@@ -57,9 +68,6 @@ def select_backend(op: str, device: torch.device, backend: str | None = None, cu
         elif device.type != "cuda":
             raise RuntimeError(f"{op}: the cuda (csrc) backend needs CUDA tensors, got {device} tensors")
         else:
-            logger.debug("%s: cuda backend on %s", op, device)
-            for events in _RECORDERS:
-                events.append((op, "cuda"))
             return "cuda"
     if requested == "triton" or (requested is None and device.type == "cuda"):
         if not HAS_TRITON:
@@ -68,10 +76,5 @@ def select_backend(op: str, device: torch.device, backend: str | None = None, cu
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(f"{op}: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
                                f"triton is imported) for {device} tensors")
-        chosen = "triton"
-    else:
-        chosen = "torch"
-    logger.debug("%s: %s backend on %s", op, chosen, device)
-    for events in _RECORDERS:
-        events.append((op, chosen))
-    return chosen
+        return "triton"
+    return "torch"

@@ -42,13 +42,11 @@ class CsrcError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def vector_width(dtype: torch.dtype, d: int, aligned: bool, pairs: bool) -> int:
-    """Elements per 16-byte access for rows of width ``d``; the scalar fallback when ``d`` is not a multiple of
-    it or a row start is not 16-byte aligned (``pairs``: RoPE needs an even width even in the fallback)."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    if aligned and d % vec == 0:
-        return vec
-    return 2 if pairs else 1
+def vector_width(dtype: torch.dtype, aligned: bool) -> int:
+    """Elements per 16-byte access when every row start is 16-byte aligned (the kernels finish a row whose width
+    is not a multiple of it with a scalar tail), else 1: scalar loads only, which need no alignment beyond the
+    element's."""
+    return 16 // torch.empty((), dtype=dtype).element_size() if aligned else 1
 
 
 def _aligned(t: torch.Tensor, row_strides) -> bool:
@@ -60,7 +58,7 @@ def _aligned(t: torch.Tensor, row_strides) -> bool:
 def qk_launch_config(n_rows: int, d: int, vec: int, block: int = 256) -> dict:
     """``tpr`` lanes per (token, head) row — enough to cover the row in one vector per lane (a power of two up
     to a warp) — ``block`` threads, and a grid covering ``2 * n_rows`` rows (Q then K)."""
-    per_row = -(-d // vec)
+    per_row = -(-d // max(vec, 2))  # vectors, or pairs in the scalar path
     tpr = 1
     while tpr < min(per_row, 32):
         tpr *= 2
@@ -187,15 +185,18 @@ def qk_norm_rope_cuda(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, 
     qw, kw = q_weight.to(q.dtype).contiguous(), k_weight.to(q.dtype).contiguous()
     rows = [t.stride()[:3] for t in (q, k, qo, ko)]
     aligned = all(_aligned(t, r) for t, r in zip((q, k, qo, ko), rows)) and _aligned(qw, []) and _aligned(kw, [])
-    vec = vector_width(q.dtype, D, aligned, pairs=True)
+    vec = vector_width(q.dtype, aligned)
     cfg = qk_launch_config(B * S * H, D, vec)
     has_rope = cos is not None
     cos_f = cos.float().contiguous() if has_rope else None
     sin_f = sin.float().contiguous() if has_rope else None
-    code = load().tpfuse_qk_norm_rope_fwd(
-        DTYPE_CODES[q.dtype], cfg["vec"], _ptr(q), _ptr(k), _ptr(qw), _ptr(kw), _ptr(cos_f), _ptr(sin_f), _ptr(qo),
-        _ptr(ko), B, S, H, D, _i64s([s for r in rows for s in r]), cos_f.stride(0) if has_rope else 0, float(eps),
-        int(has_rope), cfg["tpr"], cfg["block"], cfg["grid"], _stream(q))
+    if B * S * H == 0:
+        return qo, ko
+    with torch.cuda.device(q.device):
+        code = load().tpfuse_qk_norm_rope_fwd(
+            DTYPE_CODES[q.dtype], cfg["vec"], _ptr(q), _ptr(k), _ptr(qw), _ptr(kw), _ptr(cos_f), _ptr(sin_f),
+            _ptr(qo), _ptr(ko), B, S, H, D, _i64s([s for r in rows for s in r]), cos_f.stride(0) if has_rope else 0,
+            float(eps), int(has_rope), cfg["tpr"], cfg["block"], cfg["grid"], _stream(q))
     _check(code, "qk_norm_rope (cuda)")
     return qo, ko
 
@@ -213,12 +214,15 @@ def layernorm_modulate_cuda(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
     y = torch.empty((B, S, D), device=x.device, dtype=x.dtype)
     aligned = (_aligned(x, x.stride()[:2]) and _aligned(y, y.stride()[:2]) and _aligned(shift, shift.stride()[:1])
                and _aligned(scale, scale.stride()[:1]))
-    vec = vector_width(x.dtype, D, aligned, pairs=False)
+    vec = vector_width(x.dtype, aligned)
     cfg = ln_launch_config(B * S, D, vec)
     smb = shift.stride(0) if shift.shape[0] == B and B > 1 else 0
-    code = load().tpfuse_layernorm_modulate_fwd(
-        DTYPE_CODES[x.dtype], cfg["vec"], _ptr(x), _ptr(shift), _ptr(scale), _ptr(y), B, S, D,
-        _i64s([x.stride(0), x.stride(1), y.stride(0), y.stride(1), smb]), float(eps), cfg["block"], _stream(x))
+    if B * S == 0:
+        return y
+    with torch.cuda.device(x.device):
+        code = load().tpfuse_layernorm_modulate_fwd(
+            DTYPE_CODES[x.dtype], cfg["vec"], _ptr(x), _ptr(shift), _ptr(scale), _ptr(y), B, S, D,
+            _i64s([x.stride(0), x.stride(1), y.stride(0), y.stride(1), smb]), float(eps), cfg["block"], _stream(x))
     _check(code, "layernorm_modulate (cuda)")
     return y
 

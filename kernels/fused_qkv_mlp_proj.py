@@ -15,7 +15,8 @@ owns an output tile whose epilogue finishes the job in registers:
 
 RoPE uses one angle per pair: ``cos``/``sin`` must repeat each pair's value (``cos[:, 2i] == cos[:, 2i+1]``), as
 diffusers' ``Flux2PosEmbed`` and :func:`tpfuse.tp_layers.rope_cos_sin` return them; the launcher verifies it once
-per distinct ``cos``/``sin`` tensor (set ``TPFUSE_CHECK_ROPE=0`` to skip the check, e.g. under CUDA graphs).
+per ``cos``/``sin`` tensor object and version (set ``TPFUSE_CHECK_ROPE=0`` to skip the check, e.g. under CUDA
+graphs; writes through ``.data`` are not seen by the version counter).
 
 So all programs have the same shape (two ``[BLOCK_M, Dh/2]`` accumulators, same K loop), and Q/K/V land directly
 in ``[B, H, S, Dh]`` for the attention. Backward: a torch implementation (autograd through the reference, which
@@ -25,11 +26,12 @@ recomputes the projection); the forward is the Triton kernel.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_rope_pair, check_tensors
+from ._checks import check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._triton import tl, triton
@@ -180,16 +182,18 @@ def fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads:
 # Launcher
 # --------------------------------------------------------------------------------------------------------------
 
-_INT32_MAX = 2**31 - 1
-_checked_angles: dict[tuple, bool] = {}  # (ptr, version, shape, strides) of verified cos/sin tensors
+# Verified cos/sin pairs: id -> (weak references, version counters). A tensor object is checked again only when
+# in-place ops bump its version; writes through ``.data`` bypass the counter and are not seen.
+_checked_angles: dict[tuple[int, int], tuple] = {}
 
 
 def _check_pair_angles(cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Raise unless every RoPE pair shares one angle (what the kernel reads); once per distinct tensor."""
+    """Raise unless every RoPE pair shares one angle (what the kernel reads); once per cos/sin tensor pair."""
     if os.environ.get("TPFUSE_CHECK_ROPE", "1") == "0":
         return
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in (cos, sin))
-    if key in _checked_angles:
+    key = (id(cos), id(sin))
+    seen = _checked_angles.get(key)
+    if seen is not None and seen[0]() is cos and seen[1]() is sin and seen[2] == (cos._version, sin._version):
         return
     for name, t in (("cos", cos), ("sin", sin)):
         if not torch.equal(t[:, 0::2], t[:, 1::2]):
@@ -197,7 +201,7 @@ def _check_pair_angles(cos: torch.Tensor, sin: torch.Tensor) -> None:
                              "angle, so cos/sin must repeat each value twice (as Flux2PosEmbed returns them)")
     if len(_checked_angles) > 64:
         _checked_angles.clear()
-    _checked_angles[key] = True
+    _checked_angles[key] = (weakref.ref(cos), weakref.ref(sin), (cos._version, sin._version))
 
 
 def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
@@ -309,12 +313,8 @@ def fused_qkv_mlp_proj(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Te
         if cos.stride(-1) != 1 or sin.stride() != cos.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
         _check_pair_angles(cos, sin)
-    B, S, K = x.shape
-    n = weight.shape[0]
-    sizes = {"x": B * S * K, "weight": n * weight.stride(0), "q/k/v": 3 * B * S * heads * head_dim,
-             "mlp": B * S * mlp_hidden}
-    too_big = {k: v for k, v in sizes.items() if v > _INT32_MAX}
-    if too_big:
-        raise ValueError(f"fused_qkv_mlp_proj: the kernel addresses with int32 offsets; {too_big} elements exceed "
-                         f"2^31 - 1: split the batch")
+    B, S, _ = x.shape
+    outputs = {"q/k/v": torch.empty((3, B, heads, S, head_dim), device="meta"),  # shapes only: no memory
+               "mlp": torch.empty((B, S, mlp_hidden), device="meta")}
+    check_int32_addressable("fused_qkv_mlp_proj", {"x": x, "weight": weight, **outputs})
     return _FusedQKVMLPProj.apply(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps)

@@ -90,10 +90,6 @@ def _validate(x, shift, scale, eps):
 
 def _layernorm_modulate_triton(x, shift, scale, eps):
     B, S, D = x.shape
-    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"layernorm_modulate: {name} must be contiguous in its last dim, got strides "
-                             f"{t.stride()}")
     shift, scale = shift.reshape(shift.shape[0], D), scale.reshape(scale.shape[0], D)  # [B|1, D]
     if shift.stride() != scale.stride():
         shift, scale = shift.contiguous(), scale.contiguous()
@@ -147,4 +143,8 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     chosen = select_backend("layernorm_modulate", x.device, backend, cuda_kernel=True)
     if chosen == "torch":
         return layernorm_modulate_reference(x, shift, scale, eps)
+    for name, t in (("x", x), ("shift", shift), ("scale", scale)):  # both kernels read rows with unit stride
+        if t.stride(-1) != 1:
+            raise ValueError(f"layernorm_modulate: {name} must be contiguous in its last dim, got strides "
+                             f"{t.stride()}")
     return _LayerNormModulate.apply(x, shift, scale, eps, chosen)

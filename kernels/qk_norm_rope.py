@@ -273,4 +273,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     chosen = select_backend("qk_norm_rope", q.device, backend, cuda_kernel=True)
     if chosen == "torch":
         return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
+    if cos is not None and sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()  # the kernels take one row stride for both
     return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps, chosen)

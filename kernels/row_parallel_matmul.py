@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_int32_addressable
 from ._dispatch import select_backend
 from ._triton import tl, triton
 
@@ -119,8 +120,6 @@ def row_parallel_matmul_reference(parts: Sequence[torch.Tensor], weight: torch.T
 # Launcher
 # --------------------------------------------------------------------------------------------------------------
 
-_INT32_MAX = 2**31 - 1
-
 
 def _validate(parts, weight, gate, residual, add_residual):
     if isinstance(parts, torch.Tensor):
@@ -187,9 +186,8 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
         g = gate.reshape(gate.shape[0], N)
         if g.stride(-1) != 1:
             g = g.contiguous()
-    sizes = {"parts": max(p.numel() for p in parts), "weight": weight.shape[0] * weight.stride(0), "out": out.numel()}
-    if max(sizes.values()) > _INT32_MAX:
-        raise ValueError(f"row_parallel_matmul: int32 addressing; {sizes} elements exceed 2^31 - 1: split the batch")
+    check_int32_addressable("row_parallel_matmul", {**{f"parts[{i}]": p for i, p in enumerate(a)},
+                                                     "weight": weight, "residual": res, "out": out})
     M = r1 - r0
     if M == 0:
         return out

@@ -60,16 +60,21 @@ def test_build_csrc_command(tmp_path):
 
 
 def test_vector_width():
-    assert cb.vector_width(torch.bfloat16, 128, aligned=True, pairs=True) == 8  # 16 bytes
-    assert cb.vector_width(torch.float32, 128, aligned=True, pairs=True) == 4
-    assert cb.vector_width(torch.float16, 20, aligned=True, pairs=True) == 2  # not a multiple of 8: pairs
-    assert cb.vector_width(torch.bfloat16, 128, aligned=False, pairs=True) == 2  # misaligned rows
-    assert cb.vector_width(torch.bfloat16, 3001, aligned=True, pairs=False) == 1  # 3001 % 8 != 0: scalar
+    assert cb.vector_width(torch.bfloat16, aligned=True) == 8  # 16 bytes
+    assert cb.vector_width(torch.float32, aligned=True) == 4
+    assert cb.vector_width(torch.bfloat16, aligned=False) == 1  # misaligned rows: scalar loads only
+
+
+def test_alignment_check_sees_offsets_and_strides():
+    buf = torch.zeros(4, 2 * 136, dtype=torch.bfloat16)
+    assert cb._aligned(buf, buf.stride()[:1])  # 272-element rows: 544 bytes, a multiple of 16
+    assert not cb._aligned(buf[:, 1:129], buf.stride()[:1])  # an odd element offset
+    assert not cb._aligned(torch.zeros(4, 20, dtype=torch.bfloat16), (20,))  # 40-byte rows
 
 
 def _qk_elements(d, vec, tpr):
     """The elements each lane of a row touches, as the kernel's two loops walk them."""
-    d_vec = (d // vec) * vec
+    d_vec = (d // vec) * vec if vec >= 2 else 0
     seen = []
     for lane in range(tpr):
         seen += [x for start in range(lane * vec, d_vec, tpr * vec) for x in range(start, start + vec)]
@@ -77,21 +82,24 @@ def _qk_elements(d, vec, tpr):
     return sorted(seen)
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128),
-                                     (torch.float16, 20), (torch.bfloat16, 64), (torch.float32, 6)])
-def test_qk_launch_covers_every_element_once(dtype, d):
-    vec = cb.vector_width(dtype, d, aligned=True, pairs=True)
+@pytest.mark.parametrize("dtype,d,aligned", [(torch.bfloat16, 128, True), (torch.bfloat16, 256, True),
+                                             (torch.float32, 128, True), (torch.float16, 20, True),
+                                             (torch.float16, 20, False), (torch.bfloat16, 64, True),
+                                             (torch.float32, 6, True), (torch.bfloat16, 128, False)])
+def test_qk_launch_covers_every_element_once(dtype, d, aligned):
+    vec = cb.vector_width(dtype, aligned)
     cfg = cb.qk_launch_config(n_rows=1000, d=d, vec=vec)
     assert cfg["tpr"] & (cfg["tpr"] - 1) == 0 and cfg["tpr"] <= 32 and cfg["block"] % cfg["tpr"] == 0
     assert cfg["grid"] * cfg["block"] >= 2 * 1000 * cfg["tpr"]  # Q rows then K rows
     assert _qk_elements(d, vec, cfg["tpr"]) == list(range(d))
-    assert all(e % 2 == 0 for e in range(0, (d // vec) * vec, vec))  # vectors start on a pair
+    assert vec == 1 or all(e % 2 == 0 for e in range(0, (d // vec) * vec, vec))  # vectors start on a pair
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 3072), (torch.bfloat16, 6144), (torch.float32, 40),
-                                     (torch.bfloat16, 3001)])
-def test_ln_launch_covers_the_row(dtype, d):
-    vec = cb.vector_width(dtype, d, aligned=True, pairs=False)
+@pytest.mark.parametrize("dtype,d,aligned", [(torch.bfloat16, 3072, True), (torch.bfloat16, 6144, True),
+                                             (torch.float32, 40, True), (torch.bfloat16, 3001, True),
+                                             (torch.bfloat16, 3001, False)])
+def test_ln_launch_covers_the_row(dtype, d, aligned):
+    vec = cb.vector_width(dtype, aligned)
     cfg = cb.ln_launch_config(rows=7, d=d, vec=vec)
     assert cfg["block"] % 32 == 0 and 32 <= cfg["block"] <= 1024 and cfg["grid"] == 7
     d_vec = (d // vec) * vec
@@ -139,14 +147,16 @@ def test_fake_implementations_trace_without_the_library():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D,layout", [(128, "bshd"), (128, "bhsd"), (20, "bshd")])
+@pytest.mark.parametrize("D,layout", [(128, "bshd"), (128, "bhsd"), (20, "bshd"), (128, "offset")])
 def test_cuda_qk_norm_rope_matches_reference(dtype, D, layout):
     g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (2, 3, 77, D) if layout == "bhsd" else (2, 77, 3, D)
+    shape = (2, 3, 77, D) if layout == "bhsd" else (2, 77, 3, D + (1 if layout == "offset" else 0))
     q = torch.randn(shape, device="cuda", generator=g).to(dtype)
     k = torch.randn(shape, device="cuda", generator=g).to(dtype)
     if layout == "bhsd":
         q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if layout == "offset":  # rows start at an odd element: misaligned for vectors, scalar path
+        q, k = q[..., 1:], k[..., 1:]
     w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(dtype)
     ang = torch.rand(77, D // 2, device="cuda", generator=g) * 6.28
     cos, sin = ang.cos().repeat_interleave(2, 1), ang.sin().repeat_interleave(2, 1)

@@ -260,3 +260,41 @@ def test_bad_input_fused_qkv_mlp_proj():
     bad_cos = torch.rand(4, 32)  # not one angle per pair: the kernel would silently differ from the reference
     with pytest.raises(ValueError, match=r"cos\[:, 2i\] != cos\[:, 2i\+1\]"):
         fused_qkv_mlp_proj(x, w, nw, nw, bad_cos, bad_cos, 2, 32, 8, backend="triton")
+
+
+def test_qk_norm_rope_sin_with_its_own_row_stride():
+    q, k = _rand(1, 6, 2, 32, seed=1), _rand(1, 6, 2, 32, seed=2)
+    w = torch.ones(32, device=DEV)
+    cos, sin = _angles(6, 32, seed=3)
+    wide = torch.zeros(6, 48, device=DEV)
+    wide[:, :32] = sin
+    sin_view = wide[:, :32]  # row stride 48, cos has 32
+    out = qk_norm_rope(q, k, w, w, cos, sin_view, 1e-6, backend="triton")
+    for o, r in zip(out, qk_norm_rope_reference(q, k, w, w, cos, sin, 1e-6)):
+        torch.testing.assert_close(o, r)
+
+
+def test_pair_angle_check_sees_in_place_changes():
+    x, w = _rand(1, 4, 16, seed=1), _rand(3 * 32 + 2 * 8, 16, seed=2)
+    nw = torch.ones(32, device=DEV)
+    cos, sin = _angles(4, 32, seed=3)
+    fused_qkv_mlp_proj(x, w, nw, nw, cos, sin, 1, 32, 8, backend="triton")
+    cos[:, 1] += 0.5  # the checked tensor changes in place: its version moves, so it is checked again
+    with pytest.raises(ValueError, match=r"cos\[:, 2i\] != cos\[:, 2i\+1\]"):
+        fused_qkv_mlp_proj(x, w, nw, nw, cos, sin, 1, 32, 8, backend="triton")
+
+
+def test_tp_block_unfused_when_the_kernel_does_not_fit(monkeypatch):
+    """head_dim 16 is below the fused projection's minimum: with the triton backend the block runs unfused."""
+    from tpfuse.tp_layers import Flux2Config, TPSingleStreamBlock
+    from tpfuse.tp_layers.verify import block_inputs, random_dense_block
+
+    cfg = Flux2Config.preset("tiny")
+    dense = random_dense_block(cfg, "single", seed=0).to(DEV)
+    tensors, rope = block_inputs(cfg, "single", 1, 3, 5, seed=1, device=DEV)
+    monkeypatch.setenv("TPFUSE_BACKEND", "triton")
+    with torch.no_grad(), record_backends() as ran:
+        out = TPSingleStreamBlock.from_dense(dense)(**tensors, image_rotary_emb=rope)
+    assert "fused_qkv_mlp_proj" not in {op for op, _ in ran}
+    with torch.no_grad():
+        assert rel_error(out, dense(**tensors, image_rotary_emb=rope)) <= TOL

@@ -33,6 +33,7 @@ fused ``qkv`` tensor, read directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -218,14 +219,15 @@ def _read(handle, src: _Source, dim: int | None, ranges) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
-def _open_checkpoint(files: Sequence[Path]):
-    """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl)."""
+def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack):
+    """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl); the handles close
+    with ``stack``."""
     from safetensors import safe_open
 
     handles = {}
     index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
     for f in files:
-        h = safe_open(str(f), framework="pt", device="cpu")
+        h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
         handles[str(f)] = h
         for key in h.keys():
             index[key] = (str(f), tuple(h.get_slice(key).get_shape()))
@@ -250,9 +252,10 @@ def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[
     files, _ = _weight_files(path)
     if not files:
         raise ValueError(f"no .safetensors files at {path}")
-    handles, sources, _, _ = _open_checkpoint(files)
-    state = {name[len(prefix):]: _read(handles[f], src, None, None)
-             for name, (f, src, _) in sources.items() if name.startswith(prefix)}
+    with contextlib.ExitStack() as stack:
+        handles, sources, _, _ = _open_checkpoint(files, stack)
+        state = {name[len(prefix):]: _read(handles[f], src, None, None)
+                 for name, (f, src, _) in sources.items() if name.startswith(prefix)}
     if not state:
         raise ValueError(f"no tensors under {prefix!r} in {path}")
     return state
@@ -285,7 +288,12 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
         problems.append(f"no .safetensors files at {path}")
         raise ValueError("cannot load checkpoint:\n  " + "\n  ".join(problems))
 
-    handles, sources, unexpected, bfl = _open_checkpoint(files)
+    with contextlib.ExitStack() as stack:
+        return _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start)
+
+
+def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start) -> LoadReport:
+    handles, sources, unexpected, bfl = _open_checkpoint(files, stack)
     plan = _param_plan(model)
     missing = sorted(set(plan) - set(sources))
     unexpected = sorted(unexpected + [name for name in sources if name not in plan])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope
+from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
 from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
@@ -155,8 +156,9 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
     def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None):
         proj = self.to_qkv_mlp_proj
         eps = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
-        if proj.bias is not None or eps is None or (hidden_states.is_cuda and self.head_dim not in
-                                                    SUPPORTED_HEAD_DIMS):
+        kernel_fits = (self.head_dim in SUPPORTED_HEAD_DIMS or
+                       resolve_backend("fused_qkv_mlp_proj", hidden_states.device) != "triton")
+        if proj.bias is not None or eps is None or not kernel_fits:
             return super()._parts(hidden_states, attention_mask, image_rotary_emb)  # unfused, same math
         check_input(hidden_states, proj.weight, proj.in_features, type(self).__name__)
         x = copy_to_tp_region(hidden_states, self.group)  # [B, S, D]; backward: all-reduce of dx
