@@ -13,14 +13,13 @@ diffusers' ``enable_parallelism(config=TensorParallelConfig(tp_degree=N))`` on t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, format_table, median_ms, write_results  # noqa: E402
+from common import device_info, format_table, init_distributed, median_ms, write_results  # noqa: E402
 
 from tpfuse.tp_layers import Flux2Config, parallelize  # noqa: E402
 from tpfuse.tp_layers.verify import position_ids  # noqa: E402
@@ -77,12 +76,7 @@ def single(args, cfg, device, dtype) -> list[dict]:
 def distributed(args, cfg, dtype) -> list[dict]:
     import torch.distributed as dist
 
-    backend = "gloo" if args.dry_run else "nccl"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = "cpu" if args.dry_run else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    if device != "cpu":
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(args.dry_run)
     x = inputs(cfg, args.txt_tokens, args.img_tokens, device, dtype)
     rows = []
     model = parallelize(build(cfg, device, dtype))

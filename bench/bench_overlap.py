@@ -22,14 +22,13 @@ it working; ``--distributed --dry-run`` does the same on gloo ranks.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, format_table, median_ms, model_shapes, write_results  # noqa: E402
+from common import device_info, format_table, init_distributed, median_ms, model_shapes, write_results  # noqa: E402
 
 from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_forward  # noqa: E402
 from tpfuse.tp_layers.linear import AUTO_ROW_ALIGN, choose_chunks, chunk_bounds  # noqa: E402
@@ -148,12 +147,7 @@ def distributed(args, dtype) -> list[dict]:
 
     from tpfuse.tp_layers import RowParallelLinear
 
-    backend = "gloo" if args.dry_run else "nccl"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = "cpu" if args.dry_run else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    if device != "cpu":
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(args.dry_run)
     rows = []
     token_pairs = [tuple(int(t) for t in p.split("+")) for p in args.tokens.split(",")]
     for label, cfg, _tp, tokens in model_shapes(args.presets.split(","), [world], token_pairs, args.dry_run):

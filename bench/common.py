@@ -57,6 +57,21 @@ class Peaks:
         return cls(tflops, 2 * size / (ms * 1e-3) / 1e9)
 
 
+def init_distributed(dry_run: bool) -> tuple[int, int, str]:
+    """Under torchrun: the process group (gloo for a CPU dry-run, NCCL otherwise) and this rank's device.
+    Returns ``(rank, world_size, device)``."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo" if dry_run else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = "cpu" if dry_run else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def device_info(device: str) -> dict:
     info = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

@@ -10,9 +10,7 @@ import torch
 import torch.distributed as dist
 
 from tpfuse.tp_layers import (
-    DoubleStreamBlock,
     Flux2Config,
-    SingleStreamBlock,
     TPDoubleStreamBlock,
     TPSingleStreamBlock,
     comm_stats,

@@ -1,9 +1,6 @@
 """parallelize() on diffusers' Flux2Transformer2DModel, per-rank sharded safetensors loading, from_pretrained."""
 
-import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
