@@ -6,6 +6,8 @@ For every FLUX.2 preset (klein-4B, klein-9B, dev), TP degree (local widths at 1,
 * ``fused_qkv_mlp_proj``: ours vs the eager reference vs ``torch.compile(reference)`` vs a bare ``x @ W^T`` of
   the same shape (the floor: the epilogue should cost almost nothing). TFLOP/s and % of the measured GEMM peak.
   Target on an H100: <= 1.08x the bare GEMM, >= 1.3x faster than eager.
+* ``row_parallel_matmul`` (single-stream ``to_out`` over ``[attn | mlp]`` with gate and residual): ours vs the
+  eager reference (cat, GEMM, gate, residual) vs compiled vs the bare GEMM on a materialized cat.
 * ``qk_norm_rope`` and ``layernorm_modulate``: ours (Triton) vs the CUDA C++ backend (csrc) vs eager vs compiled;
   GB/s and % of the measured device-to-device copy bandwidth. Targets: Triton >= 85%, csrc >= 90% of copy
   bandwidth.
@@ -33,6 +35,7 @@ from tpfuse.kernels import (  # noqa: E402
     qk_norm_rope,
     qk_norm_rope_reference,
 )
+from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul, row_parallel_matmul_reference  # noqa: E402
 from tpfuse.tp_layers import rope_cos_sin  # noqa: E402
 from tpfuse.tp_layers.verify import position_ids  # noqa: E402
 
@@ -76,6 +79,22 @@ def bench_shape(label, cfg, tp, tokens, device, dtype, peaks: Peaks, use_compile
     }, device)
     flops = 2 * tokens * n * hidden
     rows.append(_row("fused_qkv_mlp_proj", label, times, tflops=flops / (times["ours"] * 1e-3) / 1e12,
+                     pct_peak=100 * flops / (times["ours"] * 1e-3) / 1e12 / peaks.matmul_tflops))
+
+    # Row-parallel out-projection: gate * ([attn | mlp] @ W^T) + residual (rank 0's local product) ----------------
+    attn_in, mlp_in = rand(1, tokens, heads * d), rand(1, tokens, mlp)
+    w_out = rand(hidden, heads * d + mlp, scale=(heads * d + mlp) ** -0.5)
+    gate, residual = rand(1, hidden), rand(1, tokens, hidden)
+    rpm_args = ([attn_in, mlp_in], w_out, gate, residual, True)
+    cat_in = torch.cat([attn_in, mlp_in], dim=-1)
+    times = _time_variants({
+        "ours": lambda: row_parallel_matmul(*rpm_args),
+        "eager": lambda: row_parallel_matmul_reference(*rpm_args),
+        "compiled": _compiled(lambda: row_parallel_matmul_reference(*rpm_args), use_compile),
+        "bare_gemm": lambda: cat_in @ w_out.T,
+    }, device)
+    flops = 2 * tokens * hidden * (heads * d + mlp)
+    rows.append(_row("row_parallel_matmul", label, times, tflops=flops / (times["ours"] * 1e-3) / 1e12,
                      pct_peak=100 * flops / (times["ours"] * 1e-3) / 1e12 / peaks.matmul_tflops))
 
     # QK norm + RoPE (double-stream layout [B, S, H, D]) -------------------------------------------------------

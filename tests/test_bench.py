@@ -15,7 +15,8 @@ def test_bench_kernels_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["dry_run"] and {"device", "torch", "triton", "date"} <= set(data["info"])
-    assert {r["op"] for r in data["rows"]} == {"fused_qkv_mlp_proj", "qk_norm_rope", "layernorm_modulate"}
+    assert {r["op"] for r in data["rows"]} == {"fused_qkv_mlp_proj", "qk_norm_rope", "layernorm_modulate",
+                                               "row_parallel_matmul"}
     fused = next(r for r in data["rows"] if r["op"] == "fused_qkv_mlp_proj")
     assert {"ours_ms", "eager_ms", "bare_gemm_ms", "ratio_to_bare_gemm", "tflops", "pct_peak"} <= set(fused)
     assert out.with_suffix(".md").exists() and "x eager" in proc.stdout
