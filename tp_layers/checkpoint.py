@@ -193,9 +193,8 @@ def _param_plan(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, 
             name = f"{mod_name}.{attr}" if mod_name else attr
             shape, dim, ranges = tuple(p.shape), None, [(0, None)]
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                col = isinstance(module, ColumnParallelLinear)
-                if attr == "weight" or (attr == "bias" and col):
-                    dim = 0 if (col or attr == "bias") else 1
+                dim = module.split_dim(attr)
+                if dim is not None:
                     shape = list(p.shape)
                     shape[dim] = sum(module.blocks)
                     shape = tuple(shape)

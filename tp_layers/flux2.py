@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpfuse.kernels.qk_norm_rope import rope_reference
+
 from ._checks import check_like
 from .config import Flux2Config
 
@@ -73,12 +75,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     fp32 math, result in ``x``'s dtype (as diffusers' ``apply_rotary_emb(..., sequence_dim=1)``); fp64 inputs
     stay fp64 (diffusers would round them to fp32), so an fp64 run checks sharding to fp64 precision.
     """
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2] each
-    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)  # [B, S, H, D]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    cos = cos[None, :, None, :].to(x.device, acc)
-    sin = sin[None, :, None, :].to(x.device, acc)
-    return (x.to(acc) * cos + rotated.to(acc) * sin).to(x.dtype)
+    return rope_reference(x, cos.to(x.device), sin.to(x.device)).to(x.dtype)
 
 
 def split_modulation(mod: torch.Tensor, sets: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:

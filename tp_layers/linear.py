@@ -226,6 +226,15 @@ class _ParallelLinear(nn.Module):
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
+    def split_dim(self, name: str) -> int | None:
+        """The dim of the dense ``weight``/``bias`` that is split across ranks (``None``: replicated) — the one
+        sharding rule that ``from_dense``, the checkpoint loader and ``tpfuse verify`` all follow."""
+        if name == "weight":
+            return self._shard_dim
+        if name == "bias":
+            return 0 if self._bias_sharded else None
+        raise ValueError(f"{type(self).__name__} has no parameter {name!r}")
+
     @classmethod
     def from_dense(cls, linear: nn.Linear, group=None, blocks: Sequence[int] | None = None, **layer_kwargs):
         """This rank's shard of a dense ``nn.Linear`` (``blocks``: packed sizes of the split dimension).
@@ -247,14 +256,14 @@ class _ParallelLinear(nn.Module):
             **layer_kwargs,
         )
         with torch.no_grad():
-            layer.weight = nn.Parameter(
-                shard_tensor(w.detach(), layer._shard_dim, layer.rank, layer.world_size, layer.blocks),
-                requires_grad=w.requires_grad,
-            )
-            if linear.bias is not None:
-                b = linear.bias.detach()
-                b = shard_tensor(b, 0, layer.rank, layer.world_size, layer.blocks) if cls._bias_sharded else b.clone()
-                layer.bias = nn.Parameter(b, requires_grad=linear.bias.requires_grad)
+            for name in ("weight", "bias"):
+                dense = getattr(linear, name)
+                if dense is None:
+                    continue
+                dim = layer.split_dim(name)
+                local = (dense.detach().clone() if dim is None else
+                         shard_tensor(dense.detach(), dim, layer.rank, layer.world_size, layer.blocks))
+                setattr(layer, name, nn.Parameter(local, requires_grad=dense.requires_grad))
         return layer
 
     def extra_repr(self) -> str:

@@ -139,13 +139,14 @@ def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img
         # Every rank's weight-gradient shard against the same shard of the dense gradient (rank 0 has the dense
         # gradients and scatters each rank its shard): a slicing bug on any rank shows.
         w_errors = {}
-        for name, p in tp.named_parameters():
-            owner = tp.get_submodule(name.rsplit(".", 1)[0])
-            mine = torch.empty_like(w_grads[name])
-            shards = ([_shard_like(d_w[name], p, r, world_size, owner).contiguous() for r in range(world_size)]
+        for name, grad in w_grads.items():
+            mod_name, attr = name.rsplit(".", 1)
+            owner = tp.get_submodule(mod_name)
+            mine = torch.empty_like(grad)
+            shards = ([_shard_like(d_w[name], attr, r, world_size, owner).contiguous() for r in range(world_size)]
                       if rank == 0 else None)
             torch.distributed.scatter(mine, shards, src=0)
-            w_errors[name] = (rel_error(w_grads[name], mine), max_abs_error(w_grads[name], mine))
+            w_errors[name] = (rel_error(grad, mine), max_abs_error(grad, mine))
         results[kind] = {
             "outputs": {k: v.cpu() for k, v in outs.items()},
             "in_grads": {k: v.cpu() for k, v in in_grads.items()},
@@ -164,12 +165,12 @@ def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img
     return results
 
 
-def _shard_like(dense_grad: torch.Tensor, param: torch.Tensor, rank: int, world_size: int, owner: nn.Module):
-    """The shard of a dense gradient that corresponds to a TP parameter (same rule as ``from_dense``)."""
-    if dense_grad.shape == param.shape:
+def _shard_like(dense_grad: torch.Tensor, name: str, rank: int, world_size: int, owner: nn.Module):
+    """The shard of a dense gradient that corresponds to TP parameter ``owner.<name>`` (the layer's own rule)."""
+    dim = owner.split_dim(name) if hasattr(owner, "split_dim") else None
+    if dim is None:
         return dense_grad  # replicated parameter (norm weights, row-parallel bias)
-    shard_dim = getattr(owner, "_shard_dim", 0) if dense_grad.dim() == 2 else 0
-    return shard_tensor(dense_grad, shard_dim, rank, world_size, getattr(owner, "blocks", None))
+    return shard_tensor(dense_grad, dim, rank, world_size, owner.blocks)
 
 
 @dataclasses.dataclass
