@@ -134,11 +134,15 @@ def test_qk_norm_rope_matches_diffusers_rotary():
 # ---------------------------------------------------------------------------------------------------------------
 
 FUSED_CASES = [
-    # (B, S, K, heads, head_dim, mlp_hidden): K not a multiple of BLOCK_K=64, mlp not a multiple of the tile
+    # (B, S, K, heads, head_dim, mlp_hidden): K not a multiple of BLOCK_K=64, mlp not a multiple of the MLP tile's
+    # Dh/2 columns (a tail tile), S not a multiple of BLOCK_M (64 up to 64 tokens, 128 above), 1 and 3 local heads,
+    # B > 1 with several row tiles per sequence (tiles never straddle two batch entries)
     (2, 7, 40, 3, 32, 50),
     (1, 1, 70, 1, 32, 16),
     (1, 77, 128, 3, 64, 70),
     (1, 333, 96, 1, 32, 33),
+    (2, 130, 72, 1, 32, 40),
+    (3, 67, 64, 3, 64, 130),
 ]
 
 
@@ -282,6 +286,25 @@ def test_pair_angle_check_sees_in_place_changes():
     cos[:, 1] += 0.5  # the checked tensor changes in place: its version moves, so it is checked again
     with pytest.raises(ValueError, match=r"cos\[:, 2i\] != cos\[:, 2i\+1\]"):
         fused_qkv_mlp_proj(x, w, nw, nw, cos, sin, 1, 32, 8, backend="triton")
+
+
+def test_angle_table_is_compact_cached_and_checked():
+    from tpfuse.kernels._rope import angle_table
+
+    cos, sin = _angles(5, 32, seed=3)
+    table = angle_table("op", cos, sin)
+    assert table.shape == (2, 5, 16) and table.dtype == torch.float32 and table.is_contiguous()
+    torch.testing.assert_close(table[0], cos[:, 0::2], rtol=0, atol=0)
+    torch.testing.assert_close(table[1], sin[:, 1::2], rtol=0, atol=0)
+    assert angle_table("op", cos, sin) is table  # one build per rotary embedding (all blocks of a forward share it)
+    sin.mul_(0.5)  # an in-place change moves the version: rebuilt, with the new values
+    rebuilt = angle_table("op", cos, sin)
+    assert rebuilt is not table
+    torch.testing.assert_close(rebuilt[1], sin[:, 0::2], rtol=0, atol=0)
+    bad = sin.clone()
+    bad[3, 7] += 1.0
+    with pytest.raises(ValueError, match=r"op: sin\[:, 2i\] != sin\[:, 2i\+1\]"):
+        angle_table("op", cos, bad)
 
 
 def test_tp_block_unfused_when_the_kernel_does_not_fit(monkeypatch):
