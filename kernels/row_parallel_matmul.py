@@ -6,6 +6,11 @@ epilogue can apply ``gate`` before the reduce and one rank (rank 0) can add ``re
 already ``residual + gate * out`` and the block needs no pass after the reduce. The single-stream ``to_out`` reads
 ``[attn | mlp]`` from two tensors; the kernel walks K over each part in turn, so the cat is never written.
 
+sm_90 code (``tpfuse compile-report``): 4 ``HGMMA.64x128x16`` per K step, one software pipeline over the K tiles of
+both parts (a loop per part drained and refilled the cp.async pipeline at the boundary), the gate read as
+``[BLOCK_N]`` vectors broadcast over rows (a ``[BLOCK_M, BLOCK_N]`` gather before), 16-byte residual loads and
+stores.
+
 Backward is a torch implementation (:func:`row_parallel_matmul_backward`), shared with the overlapped
 row-parallel layer in :mod:`tpfuse.tp_layers.linear`.
 """
@@ -31,33 +36,12 @@ MAX_PARTS = 2
 def rpm_config(m: int, n: int, ks: Sequence[int], dtype: torch.dtype) -> dict:
     """Tile configuration (compiled by the compile report). 128x128 output tiles, K in steps of 64: one
     wgmma m64n128 per warpgroup and K step, 32 KB of bf16 operands per stage, 4 stages = 128 KB of shared
-    memory. fp32 inputs use 2 stages."""
+    memory. fp32 inputs use 2 stages. ``EVEN_K``: every part's width is a multiple of BLOCK_K (no K masks)."""
     block_m = 128 if m > 64 else 64
     return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
             "num_warps": 8 if block_m == 128 else 4,
             "num_stages": 4 if dtype in (torch.bfloat16, torch.float16) else 2,
-            "EVEN_K0": ks[0] % 64 == 0, "EVEN_K1": (ks[1] if len(ks) > 1 else 0) % 64 == 0}
-
-
-@triton.jit
-def _accumulate_part(acc, a_ptr, stride_am, w_ptr, stride_wn, k_offset, K, offs_m, offs_n, m_mask, n_mask,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc += A[:, :K] @ W[:, k_offset:k_offset+K]^T for one part."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_offset + offs_k)[:, None]  # [BK, BN], W^T view
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    return acc
+            "EVEN_K": all(k % 64 == 0 for k in ks)}
 
 
 @triton.jit
@@ -65,9 +49,9 @@ def _row_parallel_mm_kernel(
     a0_ptr, a1_ptr, w_ptr, gate_ptr, res_ptr, out_ptr,
     M, N, K0, K1, S, ROW0,
     stride_a0m, stride_a1m, stride_wn, stride_gb, stride_rm, stride_om,
-    NUM_PARTS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    NUM_PARTS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K0: tl.constexpr, EVEN_K1: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
@@ -81,19 +65,56 @@ def _row_parallel_mm_kernel(
     # int32 offsets: the launcher checks every operand has < 2^31 elements (int64 pointer tiles cost registers).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    # ONE software pipeline over the K tiles of every part: part 0's tiles, then part 1's, without draining the
+    # pipeline in between (a loop per part refilled it from empty at the boundary). Each iteration picks its
+    # part with scalar selects; a part's last tile is masked at its own width.
+    tiles0 = tl.cdiv(K0, BLOCK_K)
+    n_k_tiles = tiles0 + tl.cdiv(K1, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_part(acc, a0_ptr, stride_a0m, w_ptr, stride_wn, 0, K0, offs_m, offs_n, m_mask, n_mask,
-                           BLOCK_K, EVEN_K0, INPUT_PRECISION)
-    if NUM_PARTS == 2:
-        acc = _accumulate_part(acc, a1_ptr, stride_a1m, w_ptr, stride_wn, K0, K1, offs_m, offs_n, m_mask, n_mask,
-                               BLOCK_K, EVEN_K1, INPUT_PRECISION)
+    for kk in range(0, n_k_tiles):
+        if NUM_PARTS == 2:
+            in0 = kk < tiles0
+            k_local = tl.where(in0, kk, kk - tiles0) * BLOCK_K  # first column of the tile inside its part
+            a_base = tl.where(in0, a0_ptr, a1_ptr)
+            stride_am = tl.where(in0, stride_a0m, stride_a1m)
+            k_part = tl.where(in0, K0, K1)
+            w_col = tl.where(in0, 0, K0) + k_local  # the tile's first column of the packed weight
+        else:
+            k_local = kk * BLOCK_K
+            a_base = a0_ptr
+            stride_am = stride_a0m
+            k_part = K0
+            w_col = k_local
+        a_ptrs = a_base + offs_m[:, None] * stride_am + (k_local + offs_k)[None, :]  # [BM, BK]
+        b_ptrs = w_ptr + offs_n[None, :] * stride_wn + (w_col + offs_k)[:, None]  # [BK, BN], W^T view
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < k_part - k_local
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_GATE:
-        b_idx = (ROW0 + offs_m) // S  # the chunk's rows are global rows ROW0.. of [B*S]
-        acc *= tl.load(gate_ptr + b_idx[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GATE_ROWS:
+            # A [BLOCK_N] gate vector per batch entry, broadcast over rows. The launcher picks this when S >=
+            # BLOCK_M, so a tile's rows span at most two batch entries: the first row's and the next one.
+            row0 = ROW0 + pid_m * BLOCK_M  # the tile's first row among all B*S tokens
+            b0 = row0 // S
+            b1 = tl.minimum(b0 + 1, (ROW0 + M - 1) // S)
+            g0 = tl.load(gate_ptr + b0 * stride_gb + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            g1 = tl.load(gate_ptr + b1 * stride_gb + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            in_b0 = (offs_m < (b0 + 1) * S - ROW0)[:, None]  # rows before the next entry's first token
+            acc *= tl.where(in_b0, g0[None, :], g1[None, :])
+        else:
+            b_idx = (ROW0 + offs_m) // S  # short sequences: any number of entries per tile
+            acc *= tl.load(gate_ptr + b_idx[:, None] * stride_gb + offs_n[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -192,7 +213,10 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
     if M == 0:
         return out
     ks = [p.shape[-1] for p in parts]
-    cfg = rpm_config(M, N, ks, weight.dtype)
+    # The tile shape follows the whole row count, not the chunk's: every chunk of an overlapped layer then runs the
+    # same code per row as the one-chunk launch, so chunking is bitwise invisible (also in the interpreter, whose
+    # numpy matmul is not row-invariant across tile heights).
+    cfg = rpm_config(M_total, N, ks, weight.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"
     _row_parallel_mm_kernel[grid](
@@ -201,9 +225,10 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
         a[0].stride(0), a[-1].stride(0), weight.stride(0),
         (g.stride(0) if g.shape[0] > 1 else 0) if g is not None else 0,
         res.stride(0) if res is not None else 0, out_rows.stride(0),
-        NUM_PARTS=len(parts), HAS_GATE=g is not None, HAS_RESIDUAL=res is not None,
+        NUM_PARTS=len(parts), HAS_GATE=g is not None, GATE_ROWS=g is not None and S >= cfg["BLOCK_M"],
+        HAS_RESIDUAL=res is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K0=cfg["EVEN_K0"], EVEN_K1=cfg["EVEN_K1"], INPUT_PRECISION=precision,
+        EVEN_K=cfg["EVEN_K"], INPUT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

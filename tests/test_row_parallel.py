@@ -33,6 +33,11 @@ from tpfuse.tp_layers.verify import block_inputs, random_dense_block
 from tpfuse.tp_layers.config import Flux2Config
 
 TOL = tolerance(torch.float32)
+# Chunk launches are bitwise the one-launch result on a GPU (same tile config, same instruction sequence per row).
+# In the interpreter tl.dot is numpy's sgemm, whose result for a row depends on the row's position in the tile
+# (seen with numpy 2.4's OpenBLAS: rows 3..12 of a 128x64 @ 64x128 product differ in the last bit from the same
+# rows computed at positions 0..9), so there the chunked result is held to fp32 rounding instead.
+KERNEL_BITWISE = torch.cuda.is_available()
 KERNEL = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
                             reason="needs TRITON_INTERPRET=1 or a GPU")
 
@@ -47,8 +52,9 @@ def _rand(*shape, seed=0, scale=1.0):
 
 
 @KERNEL
+# S >= BLOCK_M (128 here) takes the [BLOCK_N] gate-vector epilogue; (2, 130): a row tile straddles two entries.
 @pytest.mark.parametrize("B,S,widths,N", [(2, 7, (40, 70), 50), (1, 77, (64,), 130), (1, 333, (16, 48), 33),
-                                          (1, 1, (70,), 128)])
+                                          (1, 1, (70,), 128), (2, 130, (40, 70), 50), (3, 128, (64, 128), 130)])
 @pytest.mark.parametrize("gate_shape", ["bn", "b1n", "1n", None])
 @pytest.mark.parametrize("add_residual", [False, True])
 def test_row_parallel_matmul_kernel(B, S, widths, N, gate_shape, add_residual):
@@ -71,8 +77,9 @@ def test_row_parallel_matmul_kernel(B, S, widths, N, gate_shape, add_residual):
 
 @KERNEL
 @pytest.mark.parametrize("backend", ["triton"])  # the torch path multiplies once (see _RowParallelOverlapped)
-def test_chunked_forward_fills_one_buffer_bitwise(backend):
-    B, S, N = 2, 37, 50
+@pytest.mark.parametrize("S", [37, 130])  # 130: gate vectors, chunks starting inside a row tile and a batch entry
+def test_chunked_forward_fills_one_buffer_like_one_launch(backend, S):
+    B, N = 2, 50
     parts = [_rand(B, S, 40, seed=1), _rand(B, S, 24, seed=2)]
     w, gate, res = _rand(N, 64, seed=3), _rand(B, N, seed=4), _rand(B, S, N, seed=5)
     whole = row_parallel_matmul_forward(parts, w, gate, res, True, backend=backend)
@@ -80,7 +87,10 @@ def test_chunked_forward_fills_one_buffer_bitwise(backend):
         out = torch.empty(B * S, N)
         for r0, r1 in chunk_bounds(B * S, chunks):
             row_parallel_matmul_forward(parts, w, gate, res, True, out, (r0, r1), backend=backend)
-        assert torch.equal(out, whole)
+        if KERNEL_BITWISE:
+            assert torch.equal(out, whole)
+        else:
+            torch.testing.assert_close(out, whole)
 
 
 def test_kernel_bad_input():
@@ -209,7 +219,9 @@ def _block_overlap(kind, chunks, backend="torch"):
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         assert all(m.last_chunks == c for m in rows)
         results[c] = [o.detach() for o in outs] + [t.grad.clone() for t in tensors.values()]
-    if dist.get_world_size() <= 2:  # bitwise on 2 ranks; on more, the all-reduce order depends on the chunk
+    # Bitwise on 2 ranks (on more, the all-reduce order depends on the chunk), where the local products are too:
+    # the torch path multiplies once; the kernel's chunks are bitwise only on a GPU (see KERNEL_BITWISE).
+    if dist.get_world_size() <= 2 and (backend == "torch" or KERNEL_BITWISE):
         assert all(torch.equal(a, b) for a, b in zip(results[chunks], results[1]))
     assert max(rel_error(a, b) for a, b in zip(results[chunks], results[1])) <= TOL
     assert max(rel_error(a, b) for a, b in zip(results[chunks], ref)) <= TOL
