@@ -114,10 +114,13 @@ def write_results(name: str, payload: dict, table: str, out: str | None) -> Path
         out = RESULTS / f"{name}-{slug}-{info['date'][:10]}.json"
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
-    path.with_suffix(".md").write_text(
-        f"# {name}\n\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}\n\n"
-        f"```\n{table}\n```\n")
+    md = (f"# {name}\n\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}\n\n"
+          f"```\n{table}\n```\n")
+    # Written aside and renamed: a benchmark killed by a timeout while writing leaves the previous whole file.
+    for target, text in ((path, json.dumps(payload, indent=2)), (path.with_suffix(".md"), md)):
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(text)
+        partial.replace(target)
     return path
 
 

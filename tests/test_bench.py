@@ -1,33 +1,86 @@
 """Benchmarks are never timed tests; their --dry-run (tiny CPU shapes) keeps every code path exercised."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _dry_run(script: str, out: Path, distributed: bool = False):
+def _dry_run(script: str, out: Path, distributed: bool = False, env: dict | None = None):
     """Run ``bench/<script> --dry-run`` (under torchrun on 2 gloo ranks if ``distributed``); (stdout, JSON)."""
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if distributed
               else [sys.executable])
     flags = ["--distributed"] if distributed else []
     proc = subprocess.run([*launch, str(BENCH / script), *flags, "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout, json.loads(out.read_text())
 
 
 def test_bench_kernels_dry_run(tmp_path):
     out = tmp_path / "kernels.json"
-    stdout, data = _dry_run("bench_kernels.py", out)
-    assert data["dry_run"] and {"device", "torch", "triton", "date"} <= set(data["info"])
+    # The interpreter runs the GEMM + epilogue baseline's Triton kernel on the CPU tensors of the dry run.
+    stdout, data = _dry_run("bench_kernels.py", out, env={"TRITON_INTERPRET": "1"})
+    assert data["dry_run"] and data["complete"] and {"device", "torch", "triton", "date"} <= set(data["info"])
     assert {r["op"] for r in data["rows"]} == {"fused_qkv_mlp_proj", "qk_norm_rope", "layernorm_modulate",
                                                "row_parallel_matmul"}
     fused = next(r for r in data["rows"] if r["op"] == "fused_qkv_mlp_proj")
-    assert {"ours_ms", "eager_ms", "bare_gemm_ms", "ratio_to_bare_gemm", "tflops", "pct_peak"} <= set(fused)
-    assert out.with_suffix(".md").exists() and "x eager" in stdout
+    assert {"ours_ms", "eager_ms", "bare_gemm_ms", "ratio_to_bare_gemm", "gemm_epilogue_ms",
+            "speedup_vs_gemm_epilogue", "tflops", "pct_peak"} <= set(fused)
+    # One verdict per target; torch.compile is off in a dry run, so that target is not judged.
+    assert set(fused["targets"]) == {"<=1.08x bare", ">=1.3x eager", ">compiled", ">gemm+epi"}
+    assert fused["targets"][">compiled"] is None
+    assert all(isinstance(fused["targets"][t], bool) for t in ("<=1.08x bare", ">=1.3x eager", ">gemm+epi"))
+    assert fused["verdict"] == "pass" or fused["verdict"].startswith("FAIL ")
+    assert out.with_suffix(".md").exists() and "x eager" in stdout and "x gemm+epi" in stdout
+    assert "fused_qkv_mlp_proj: " in stdout  # the per-op summary of targets met
+
+
+def _epilogue_baseline():
+    spec = importlib.util.spec_from_file_location("epilogue_baseline", BENCH / "epilogue_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Odd shapes: tokens and MLP width not multiples of the tiles (head_dim 32: 128-row tiles, 32-wide MLP tiles),
+# tiles that straddle two batch items, 1 and 3 heads, a head_dim that is not a power of two, with and without RoPE.
+@pytest.mark.parametrize("batch, seq, heads, head_dim, mlp, rope", [
+    (2, 150, 3, 32, 72, True),
+    (2, 37, 1, 32, 40, False),
+    (1, 19, 3, 64, 100, True),
+    (2, 5, 1, 24, 20, True),
+])
+def test_gemm_epilogue_matches_reference(batch, seq, heads, head_dim, mlp, rope):
+    """fp32 (exact in the interpreter): the baseline computes what ``fused_qkv_mlp_proj_reference`` does."""
+    from tpfuse.kernels import fused_qkv_mlp_proj_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    hidden = 40
+    x = torch.randn(batch, seq, hidden, generator=g)
+    w = torch.randn(3 * heads * head_dim + 2 * mlp, hidden, generator=g) * hidden ** -0.5
+    qw, kw = 1 + 0.1 * torch.randn(head_dim, generator=g), 1 + 0.1 * torch.randn(head_dim, generator=g)
+    angles = torch.randn(seq, head_dim // 2, generator=g).repeat_interleave(2, dim=-1)  # one angle per pair
+    cos, sin = (angles.cos(), angles.sin()) if rope else (None, None)
+    args = [t.to(device) if t is not None else None for t in (x, w, qw, kw, cos, sin)]
+    out = _epilogue_baseline().gemm_epilogue(*args, heads, head_dim, mlp, 1e-6)
+    ref = fused_qkv_mlp_proj_reference(*args, heads, head_dim, mlp, 1e-6)
+    for name, a, b in zip(("q", "k", "v", "mlp"), out, ref):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gemm_epilogue_rejects_a_wrong_weight():
+    x = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match=r"weight must be \[3\*heads\*head_dim \+ 2\*mlp_hidden, K\] = \[112, 8\]"):
+        _epilogue_baseline().gemm_epilogue(x, torch.zeros(100, 8), torch.ones(32), torch.ones(32), None, None, 1, 32, 8)
 
 
 def test_pytest_benchmark_entry_point():
