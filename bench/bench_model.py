@@ -8,11 +8,15 @@ Several GPUs: ``torchrun --nproc-per-node N bench/bench_model.py --distributed``
 diffusers' ``enable_parallelism(config=TensorParallelConfig(tp_degree=N))`` on the same weights.
 
 ``--dry-run``: tiny preset on CPU (torch backends), to keep the code exercised in CI.
+
+Without diffusers (the model under test and both baselines come from it) the script prints why it skipped, writes
+a result file with ``"skipped"`` set to the reason and no rows, and exits 0: the GPU image has no diffusers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +104,19 @@ COLUMNS = [("impl", "implementation", ""), ("shape", "shape", ""), ("tp", "TP", 
            ("rel_err", "rel err vs eager", ".2e")]
 
 
+def _skip(args, device, reason: str) -> int:
+    """Say why nothing was timed, in the output and in the result file (rank 0 only under torchrun)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    info = device_info(device)
+    print(f"bench_model: skipped: {reason}")
+    path = write_results("model-distributed" if args.distributed else "model",
+                         {"info": info, "dry_run": args.dry_run, "skipped": reason, "rows": []},
+                         f"skipped: {reason}", args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true")
@@ -113,6 +130,10 @@ def main(argv=None) -> int:
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or pass --dry-run")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        return _skip(args, device, f"diffusers missing ({exc})")
     if args.dry_run:
         cfg, dtype = Flux2Config.preset("tiny"), torch.float32
         args.txt_tokens, args.img_tokens = 7, 29

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,55 @@ def test_gemm_epilogue_rejects_a_wrong_weight():
     x = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match=r"weight must be \[3\*heads\*head_dim \+ 2\*mlp_hidden, K\] = \[112, 8\]"):
         _epilogue_baseline().gemm_epilogue(x, torch.zeros(100, 8), torch.ones(32), torch.ones(32), None, None, 1, 32, 8)
+
+
+def test_gpu_session_fits_one_device_call():
+    """Every command of the GPU session runs under a timeout, and the timeouts (plus the grace before a kill) add
+    up to at most 9 minutes: the device call it runs in allows 10."""
+    script = (BENCH / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")]).returncode == 0
+    steps = re.findall(r"^step (\S+) (\d+) ", script, flags=re.M)
+    names = [name for name, _ in steps]
+    assert len(set(names)) == len(names)
+    assert {"gpu-tests", "bench-kernels", "bench-overlap", "bench-model", "compile-report"} <= set(names)
+    grace = int(re.search(r"^KILL_AFTER=(\d+)", script, flags=re.M).group(1))
+    assert sum(int(limit) + grace for _, limit in steps) <= 9 * 60
+    # The only `timeout` is the one inside step(); anything else that runs long goes through step.
+    assert len(re.findall(r"\btimeout -", script)) == 1
+    assert 'out="${OUT:-bench/results}"' in script
+
+
+def test_gpu_session_step_reports_instead_of_crashing(tmp_path):
+    """The session's step(): a missing module skips with one line, a failure and a timeout are reported, and the
+    steps after them still run."""
+    script = (BENCH / "gpu_session.sh").read_text()
+    step_fn = re.search(r"^step\(\) \{\n.*?^\}\n", script, flags=re.M | re.S).group(0)
+    harness = f"""set -uo pipefail
+out={tmp_path}; summary=$out/summary.txt; KILL_AFTER=1; missing="diffusers cuda"; declare -A status_of=()
+{step_fn}
+step needs-gpu 5 "torch cuda" echo never
+step fails 5 "" sh -c 'echo partial; exit 3'
+step hangs 1 "" sleep 30
+step runs 5 "torch" echo done
+"""
+    proc = subprocess.run(["bash", "-c", harness], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert lines[0] == "needs-gpu: skipped: cuda missing"
+    assert lines[1].startswith("fails: FAILED (exit 3)") and (tmp_path / "fails.txt").read_text() == "partial\n"
+    assert lines[2].startswith("hangs: TIMED OUT after 1s")
+    assert lines[3].startswith("runs: ok") and (tmp_path / "runs.txt").read_text() == "done\n"
+
+
+def test_bench_model_skips_without_diffusers(tmp_path):
+    """The GPU image has no diffusers: the model benchmark says so, in its output and its result file."""
+    fake = tmp_path / "site" / "diffusers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('simulated: diffusers is not installed')\n")
+    path = os.pathsep.join(p for p in (str(fake.parent), os.environ.get("PYTHONPATH")) if p)
+    stdout, data = _dry_run("bench_model.py", tmp_path / "model.json", env={"PYTHONPATH": path})
+    assert "bench_model: skipped: diffusers missing" in stdout
+    assert data["rows"] == [] and "simulated: diffusers is not installed" in data["skipped"]
 
 
 def test_pytest_benchmark_entry_point():
