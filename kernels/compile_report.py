@@ -1,14 +1,42 @@
 """Ahead-of-time compile every Triton kernel for a GPU architecture, with no GPU, and check the result.
 
 The launchers are run on ``meta`` tensors with each kernel swapped for a recorder, so the report compiles exactly
-the arguments, constexprs and launch options the launcher would use for FLUX.2 shapes (klein-4B, klein-9B, dev;
-TP 1, 2, 4, 8; 1024+512 and 4096+512 tokens), including Triton's divisibility-by-16 specialization of integer
+the arguments, constexprs, grid and launch options the launcher would use for FLUX.2 shapes (klein-4B, klein-9B,
+dev; TP 1, 2, 4, 8; 1024+512 and 4096+512 tokens), including Triton's divisibility-by-16 specialization of integer
 arguments. For every distinct compilation it reports registers, shared memory, stack frame, local memory and
-spill bytes (``cuobjdump -res-usage`` on the cubin, ``ptxas -v`` on the PTX; both ship in the triton wheel) and
-whether the SASS uses ``HGMMA`` (wgmma, Hopper's warpgroup tensor-core MMA).
+spill bytes (``cuobjdump -res-usage`` on the cubin, ``ptxas -v`` on the PTX; both ship in the triton wheel), and
+reads the SASS (``cuobjdump -sass``) for:
+
+* **HGMMA** (wgmma, Hopper's warpgroup tensor-core MMA): the shapes (``64x128x16``), the narrowest N, and how
+  many HGMMA run per K step (those inside the main loop: the innermost loop that contains HGMMA; Triton does not
+  unroll the K loop). Loops are found from the back edges of the control-flow graph built from the branches, so
+  an mbarrier retry block that ptxas moves after the EXIT and that jumps back into the K loop is part of it. On
+  Hopper an n64 HGMMA re-reads its A tile from shared memory twice as often per FLOP as an n128 one.
+* **Instructions**: the main loop's body (static count, one K iteration) and the epilogue after it, both as a
+  static count and as the longest path a warp executes through the post-loop control flow (Q/K, V and MLP
+  programs take different branches; only one runs). Predicated-off instructions count as executed; a ``CALL``
+  counts as one instruction (its callee is the int64 div/mod slow path, taken only for operands >= 2^32); loops
+  outside the main loop count once. With one CTA per SM and no persistent loop, nothing hides the epilogue: the
+  tensor cores idle while it runs.
+* **Global memory**: ``LDG``/``STG`` split into scalar (<= 32 bits, e.g. ``LDG.E.U16``, ``STG.E``) and vector
+  (``.64``, ``.128``), 16-bit scalar stores counted apart, cp.async (``LDGSTS``) by width, TMA (``UTMALDG``,
+  ``UTMASTG``, ``UBLKCP``...); plus ``CALL`` and ``BAR.SYNC`` counts.
+* **CTAs per SM** from registers (per-warp allocations rounded to 256; 65,536 per SM), threads (2,048 per SM,
+  32 CTAs at most) and shared memory (228 KB per SM, 1 KB of it reserved per CTA).
+* **Launch**: the grid and the DRAM bytes (every tensor argument's extent, overlapping views and aliased dummy
+  pointers counted once) at the first shape that uses the compilation; for memory-bound (non-GEMM) kernels the
+  warp instructions per DRAM byte: longest path per warp x warps per program x programs / bytes. An H200 issues
+  about 0.22 warp instructions per DRAM byte at 4.3 TB/s (132 SMs x 4 schedulers x ~1.75 GHz), so a kernel above
+  that is issue-bound, not bandwidth-bound.
 
 Checks (``CompileReport.failures``): everything compiles; every GEMM kernel uses wgmma; shared memory within the
-sm_90 per-block limit; no spills, no stack frame, no local memory.
+sm_90 per-block limit; no spills, no stack frame, no local memory; no GEMM HGMMA narrower than n128; no 16-bit
+scalar global store in any kernel (one bf16 per instruction: 8x the stores of 128-bit vectors); no GEMM epilogue
+longer than 900 instructions per warp at one CTA per SM; at most 32 scalar global loads + stores in a GEMM (its
+epilogue should move whole vectors).
+
+``--dump DIR`` writes every compiled cubin and ``DIR/index.json`` (one entry per compilation: these facts and the
+cubin's file name) for inspection with ``cuobjdump``/``nvdisasm``.
 """
 
 from __future__ import annotations
@@ -17,9 +45,11 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import math
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,13 +57,55 @@ import torch
 
 from ._triton import HAS_TRITON, triton
 
-__all__ = ["compile_report", "CompileReport", "KernelResult", "format_compile_report", "SHARED_LIMIT"]
+__all__ = ["compile_report", "CompileReport", "KernelResult", "SassFacts", "analyze_sass", "parse_sass",
+           "ctas_per_sm", "format_compile_report", "SHARED_LIMIT"]
 
 # Maximum dynamic shared memory per block on sm_90 (H100/H200): 227 KB.
 SHARED_LIMIT = {90: 227 * 1024}
 DEFAULT_PRESETS = ("klein-4b", "klein-9b", "dev")
 DEFAULT_TP = (1, 2, 4, 8)
 DEFAULT_TOKENS = ((512, 1024), (512, 4096))  # (text, image)
+
+# sm_90 per-SM resources (CUDA occupancy calculator): registers are allocated per warp in units of 256, 1 KB of
+# shared memory is reserved per resident CTA.
+REGISTERS_PER_SM = 65536
+REGISTER_UNIT_PER_WARP = 256
+THREADS_PER_SM = 2048
+CTAS_PER_SM_MAX = 32
+SHARED_PER_SM = 228 * 1024
+SHARED_RESERVED_PER_CTA = 1024
+
+# The rules on the SASS (see the module doc for why).
+MIN_HGMMA_N = 128
+MAX_EPILOGUE_AT_ONE_CTA = 900
+MAX_GEMM_SCALAR_GLOBAL = 32
+# Warp instructions an H200 can issue per DRAM byte at full bandwidth (shown next to each memory-bound kernel).
+H200_INSTR_PER_BYTE = 0.22
+
+
+@dataclasses.dataclass
+class SassFacts:
+    """What :func:`analyze_sass` reads from one kernel's SASS. Instruction counts are per warp."""
+
+    hgmma_shapes: dict[str, int]  # "64x128x16" -> static count
+    hgmma_min_n: int  # narrowest N of any HGMMA; 0 without HGMMA
+    hgmma_per_k_step: int  # HGMMA in one main-loop iteration (the largest, with several main loops)
+    main_loops: int  # innermost loops containing HGMMA (one per K loop; a two-part GEMM has two)
+    loops: int  # all natural loops reachable from the entry
+    loop_instructions: int  # static count of the (largest) main loop's body; 0 without a main loop
+    epilogue_instructions: int | None  # longest path after the last main loop; None without one
+    epilogue_static: int | None  # every reachable instruction after the last main loop
+    path_instructions: int  # longest path through the whole kernel, each loop once
+    ldg_scalar: int
+    ldg_vector: int
+    stg_scalar: int
+    stg_vector: int
+    stg_16bit: int  # of stg_scalar
+    cp_async: dict[str, int]  # LDGSTS by width in bits: {"128": 32}
+    tma_ops: dict[str, int]  # UTMALDG, UTMASTG, UBLKCP, ... by opcode
+    tma: bool
+    calls: int
+    bar_syncs: int
 
 
 @dataclasses.dataclass
@@ -52,12 +124,22 @@ class KernelResult:
     spill_load_bytes: int = -1
     wgmma: bool = False
     hgmma_count: int = 0
+    num_warps: int = 0
+    grid: list[int] = dataclasses.field(default_factory=list)  # at the first use's shape
+    bytes: int = 0  # DRAM bytes the first use's launch reads and writes
+    ctas_per_sm: int = 0
+    cta_limits: dict[str, int] = dataclasses.field(default_factory=dict)  # CTAs/SM allowed by each resource
+    instr_per_byte: float | None = None  # memory-bound kernels only
+    sass: SassFacts | None = None
+    cubin: str = ""  # file name under --dump DIR
 
     def failures(self, shared_limit: int) -> list[str]:
         name = f"{self.kernel} [{self.config}]"
         if not self.ok_compiled:
             return [f"{name}: failed to compile: {self.error}"]
         out = []
+        if self.error:
+            out.append(f"{name}: compiled, but inspecting it failed: {self.error}")
         if self.gemm and not self.wgmma:
             out.append(f"{name}: GEMM does not use wgmma (no HGMMA in the SASS)")
         if self.shared_bytes > shared_limit:
@@ -66,7 +148,27 @@ class KernelResult:
             out.append(f"{name}: spills {self.spill_store_bytes} B stores / {self.spill_load_bytes} B loads")
         if self.stack_bytes or self.local_bytes:
             out.append(f"{name}: stack frame {self.stack_bytes} B, local memory {self.local_bytes} B")
+        s = self.sass
+        if s is None:
+            return out
+        if self.gemm and 0 < s.hgmma_min_n < MIN_HGMMA_N:
+            out.append(f"{name}: HGMMA n{s.hgmma_min_n} ({', '.join(s.hgmma_shapes)}) is narrower than "
+                       f"n{MIN_HGMMA_N}: A is re-read from shared memory for every {s.hgmma_min_n} columns")
+        if s.stg_16bit:
+            out.append(f"{name}: {s.stg_16bit} 16-bit scalar global stores (STG.E.U16); store vectors")
+        if (self.gemm and self.ctas_per_sm <= 1 and s.epilogue_instructions is not None
+                and s.epilogue_instructions > MAX_EPILOGUE_AT_ONE_CTA):
+            out.append(f"{name}: epilogue of {s.epilogue_instructions} instructions per warp (longest path) at "
+                       f"{self.ctas_per_sm} CTA/SM exceeds {MAX_EPILOGUE_AT_ONE_CTA}: nothing overlaps it")
+        if self.gemm and s.ldg_scalar + s.stg_scalar > MAX_GEMM_SCALAR_GLOBAL:
+            out.append(f"{name}: {s.ldg_scalar} scalar global loads + {s.stg_scalar} scalar global stores exceed "
+                       f"{MAX_GEMM_SCALAR_GLOBAL} in a GEMM")
         return out
+
+    def to_json(self) -> dict:
+        """One flat record: the launch facts and, once inspected, the SASS facts."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sass"}
+        return {**record, **(dataclasses.asdict(self.sass) if self.sass is not None else {})}
 
 
 @dataclasses.dataclass
@@ -86,7 +188,243 @@ class CompileReport:
 
     def to_json(self) -> dict:
         return {"arch": self.arch, "triton_version": self.triton_version, "ok": self.ok, "failures": self.failures,
-                "kernels": [dataclasses.asdict(k) for k in self.kernels]}
+                "kernels": [k.to_json() for k in self.kernels]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading SASS
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SassInstr:
+    addr: int
+    guard: str  # "", "@P0", "@!P5", "@PT", ...
+    opcode: str  # "HGMMA.64x128x16.F32.BF16"
+    operands: str
+
+    @property
+    def op(self) -> str:
+        return self.opcode.split(".")[0]
+
+    @property
+    def modifiers(self) -> list[str]:
+        return self.opcode.split(".")[1:]
+
+
+# "        /*1fa0*/               @P5 BRA 0x1720 ;   /* 0x... */" (the encoding's second line has "/* 0x" and
+# no opcode, so it does not match).
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P(?:T|\d))?\s*([A-Z][A-Za-z0-9_.]*)([^;]*);")
+
+
+def parse_sass(text: str) -> list[SassInstr]:
+    """The instructions of the one kernel in ``cuobjdump -sass`` output, in address order."""
+    functions = text.count("Function :")
+    if functions > 1:
+        raise ValueError(f"expected the SASS of one kernel, found {functions} functions")
+    instrs = []
+    for line in text.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            instrs.append(SassInstr(int(m[1], 16), m[2] or "", m[3], m[4].strip()))
+    if not instrs:
+        raise ValueError("no SASS instructions found (expected cuobjdump -sass output)")
+    return instrs
+
+
+_JUMPS = {"BRA", "JMP"}
+_INDIRECT_JUMPS = {"BRX", "BRXU", "JMX", "JMXU"}
+_ENDS = {"EXIT", "RET", "KILL"}
+
+
+def _successors(instrs: list[SassInstr]) -> list[list[int]]:
+    """Indices each instruction can pass control to. CALL falls through (its callee is not followed); BSSY/BSYNC,
+    WARPSYNC and the like only synchronize, so they fall through too."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    out = []
+    for i, ins in enumerate(instrs):
+        nxt = [i + 1] if i + 1 < len(instrs) else []
+        # "@PT" always runs; BRA.DIV / BRA.CONV branch only when the warp is (not) converged.
+        always = ins.guard in ("", "@PT") and not {"DIV", "CONV"} & set(ins.modifiers)
+        if ins.op in _INDIRECT_JUMPS:
+            raise ValueError(f"indirect branch {ins.opcode} at {ins.addr:#x}: its targets are not in the SASS")
+        if ins.op in _JUMPS:
+            targets = re.findall(r"0x([0-9a-f]+)", ins.operands)
+            if not targets or int(targets[-1], 16) not in index:
+                raise ValueError(f"{ins.opcode} {ins.operands} at {ins.addr:#x}: no instruction at its target")
+            target = index[int(targets[-1], 16)]
+            out.append([target] if always else [target, *nxt])
+        elif ins.op in _ENDS:
+            out.append([] if always else nxt)
+        else:
+            out.append(nxt)
+    return out
+
+
+@dataclasses.dataclass
+class _Block:
+    first: int  # instruction indices [first, stop)
+    stop: int
+    succ: list[int]  # block indices
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.first
+
+
+def _blocks(instrs: list[SassInstr]) -> list[_Block]:
+    """Basic blocks: a block starts at the entry, at every jump target and after every jump or unconditional
+    end (a predicated EXIT falls through and does not end its block)."""
+    succ = _successors(instrs)
+    n = len(instrs)
+    leaders = {0} | {j for i in range(n) for j in succ[i] if j != i + 1}
+    leaders |= {i + 1 for i in range(n - 1) if succ[i] != [i + 1]}
+    starts = sorted(leaders)
+    block_of = {s: b for b, s in enumerate(starts)}
+    stops = starts[1:] + [n]
+    return [_Block(s, e, [block_of[j] for j in succ[e - 1]]) for s, e in zip(starts, stops)]
+
+
+def _dfs(blocks: list[_Block]) -> tuple[list[int], set[tuple[int, int]]]:
+    """Blocks reachable from the entry in DFS postorder, and the retreating edges (to a block still on the DFS
+    stack). Removing the retreating edges leaves a DAG whose edges all go to blocks earlier in the postorder; in
+    the reducible control flow ptxas emits for Triton they are exactly the loops' back edges."""
+    post: list[int] = []
+    retreating: set[tuple[int, int]] = set()
+    on_stack = {0}
+    done: set[int] = set()
+    stack = [(0, iter(blocks[0].succ))]
+    while stack:
+        b, succ = stack[-1]
+        for s in succ:
+            if s in on_stack:
+                retreating.add((b, s))
+            elif s not in done:
+                on_stack.add(s)
+                stack.append((s, iter(blocks[s].succ)))
+                break
+        else:
+            stack.pop()
+            on_stack.discard(b)
+            done.add(b)
+            post.append(b)
+    return post, retreating
+
+
+def _loops(blocks: list[_Block], post: list[int], retreating: set[tuple[int, int]]) -> dict[int, set[int]]:
+    """Natural loops: header -> body blocks (the header and every block that reaches a back edge to it without
+    passing the header). A retry block placed after the EXIT that jumps back into a loop belongs to that loop."""
+    preds: dict[int, list[int]] = {b: [] for b in post}
+    for b in post:
+        for s in blocks[b].succ:
+            preds[s].append(b)
+    loops: dict[int, set[int]] = {}
+    for tail, header in retreating:
+        body = loops.setdefault(header, {header})
+        todo = [tail]
+        while todo:
+            b = todo.pop()
+            if b not in body:
+                body.add(b)
+                todo.extend(preds[b])
+    return loops
+
+
+def _width_bits(ins: SassInstr) -> int:
+    mods = ins.modifiers
+    for mod, bits in (("128", 128), ("64", 64), ("U16", 16), ("S16", 16), ("U8", 8), ("S8", 8)):
+        if mod in mods:
+            return bits
+    return 32
+
+
+def analyze_sass(text: str) -> SassFacts:
+    """Loops, HGMMA, instruction counts and global memory traffic of one kernel's ``cuobjdump -sass`` text (see
+    the module doc). Only code reachable from the entry counts: not the BRA-to-self and NOP padding after the
+    final EXIT, nor CALL targets."""
+    instrs = parse_sass(text)
+    blocks = _blocks(instrs)
+    post, retreating = _dfs(blocks)
+    loops = _loops(blocks, post, retreating)
+
+    # Longest path (in instructions) from each block's start to an end, each loop once: postorder visits every
+    # DAG successor first.
+    longest: dict[int, int] = {}
+    for b in post:
+        longest[b] = blocks[b].size + max((longest[s] for s in blocks[b].succ if (b, s) not in retreating),
+                                          default=0)
+
+    reach = [i for b in sorted(post) for i in range(blocks[b].first, blocks[b].stop)]
+
+    def hgmma_in(body: set[int]) -> int:
+        return sum(instrs[i].op == "HGMMA" for b in body for i in range(blocks[b].first, blocks[b].stop))
+
+    def size(body: set[int]) -> int:
+        return sum(blocks[b].size for b in body)
+
+    # The main loops: innermost loops with HGMMA (an outer persistent tile loop contains the K loop); the
+    # epilogue is what runs after the last of them (in topological order) is left.
+    with_mma = [body for body in loops.values() if hgmma_in(body)]
+    main = [body for body in with_mma if not any(other < body for other in with_mma)]
+    if main:
+        order = {b: i for i, b in enumerate(reversed(post))}
+        last = max(main, key=lambda body: max(order[b] for b in body))
+        exits = {s for b in last for s in blocks[b].succ if s not in last}
+        epilogue = max((longest[s] for s in exits), default=0)
+        after, todo = set(), list(exits)
+        while todo:
+            b = todo.pop()
+            if b not in after:
+                after.add(b)
+                todo.extend(s for s in blocks[b].succ if (b, s) not in retreating)
+        epilogue_static = size(after)
+    else:
+        epilogue = epilogue_static = None
+
+    shapes = Counter()
+    for i in reach:
+        if instrs[i].op == "HGMMA":
+            m = re.match(r"(\d+x\d+x\d+)", ".".join(instrs[i].modifiers))
+            if m is None:
+                raise ValueError(f"cannot read the shape of {instrs[i].opcode} at {instrs[i].addr:#x}")
+            shapes[m[1]] += 1
+    loads = [instrs[i] for i in reach if instrs[i].op == "LDG"]
+    stores = [instrs[i] for i in reach if instrs[i].op == "STG"]
+    cp_async = Counter(str(_width_bits(instrs[i])) for i in reach if instrs[i].op == "LDGSTS")
+    tma = Counter(instrs[i].op for i in reach if instrs[i].op.startswith(("UTMA", "UBLK")))
+    return SassFacts(
+        hgmma_shapes=dict(sorted(shapes.items())),
+        hgmma_min_n=min((int(s.split("x")[1]) for s in shapes), default=0),
+        hgmma_per_k_step=max((hgmma_in(body) for body in main), default=0),
+        main_loops=len(main),
+        loops=len(loops),
+        loop_instructions=max((size(body) for body in main), default=0),
+        epilogue_instructions=epilogue,
+        epilogue_static=epilogue_static,
+        path_instructions=longest[0],
+        ldg_scalar=sum(_width_bits(x) <= 32 for x in loads),
+        ldg_vector=sum(_width_bits(x) > 32 for x in loads),
+        stg_scalar=sum(_width_bits(x) <= 32 for x in stores),
+        stg_vector=sum(_width_bits(x) > 32 for x in stores),
+        stg_16bit=sum(_width_bits(x) == 16 for x in stores),
+        cp_async=dict(sorted(cp_async.items())),
+        tma_ops=dict(sorted(tma.items())),
+        tma=bool(tma),
+        calls=sum(instrs[i].op == "CALL" for i in reach),
+        bar_syncs=sum(instrs[i].opcode.startswith("BAR.SYNC") for i in reach),
+    )
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> dict[str, int]:
+    """CTAs per SM each sm_90 resource allows (the occupancy is the minimum)."""
+    if registers <= 0 or num_warps <= 0 or shared_bytes < 0:
+        raise ValueError(f"ctas_per_sm: need registers > 0, num_warps > 0, shared_bytes >= 0; got {registers}, "
+                         f"{num_warps}, {shared_bytes}")
+    per_warp = math.ceil(registers * 32 / REGISTER_UNIT_PER_WARP) * REGISTER_UNIT_PER_WARP
+    return {"registers": REGISTERS_PER_SM // per_warp // num_warps,
+            "threads": THREADS_PER_SM // (num_warps * 32),
+            "shared": SHARED_PER_SM // (shared_bytes + SHARED_RESERVED_PER_CTA),
+            "blocks": CTAS_PER_SM_MAX}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -97,6 +435,7 @@ class CompileReport:
 @dataclasses.dataclass
 class _Launch:
     kernel: object  # the JIT function
+    grid: object  # a tuple, or a callable taking the meta dict (the bound arguments and constexprs)
     args: tuple
     kwargs: dict
 
@@ -107,7 +446,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append(_Launch(self.kernel, args, kwargs))
+            self.sink.append(_Launch(self.kernel, grid, args, kwargs))
         return launch
 
 
@@ -122,6 +461,41 @@ def _recording(module, names: Sequence[str]) -> Iterator[list[_Launch]]:
     finally:
         for n, k in saved.items():
             setattr(module, n, k)
+
+
+def _grid_shape(launch: _Launch) -> list[int]:
+    grid = launch.grid
+    if callable(grid):
+        grid = grid({**dict(zip(_jit_fn(launch.kernel).arg_names, launch.args)), **launch.kwargs})
+    return [int(g) for g in grid]
+
+
+def _launch_bytes(launch: _Launch) -> int:
+    """DRAM bytes a launch touches: the extent of every tensor argument, counted once per storage where views
+    overlap (a dummy pointer passed for an unused argument aliases a real one)."""
+    extents: dict[int, list[tuple[int, int]]] = {}
+    for t in (*launch.args, *launch.kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.numel():
+            size = t.element_size()
+            first = t.storage_offset()
+            last = first + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+            # The StorageImpl's address identifies the allocation (meta tensors have no data pointer); every
+            # argument is alive in the recorded launch, so no address is reused.
+            extents.setdefault(t.untyped_storage()._cdata, []).append((first * size, (last + 1) * size))
+    total = 0
+    for spans in extents.values():
+        end = -1
+        for lo, hi in sorted(spans):
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
+    return total
+
+
+def instr_per_byte(path_instructions: int, num_warps: int, grid: Sequence[int], nbytes: int) -> float:
+    """Warp instructions a launch issues per DRAM byte it moves."""
+    if nbytes <= 0:
+        raise ValueError("instr_per_byte: the launch moves no DRAM bytes (no tensor arguments?)")
+    return path_instructions * num_warps * math.prod(grid) / nbytes
 
 
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
@@ -144,8 +518,13 @@ def _compile_spec(launch: _Launch):
     bound.update({k: v for k, v in launch.kwargs.items() if k not in _OPTION_KEYS})
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
-        value = bound[name]
         param = fn.params[i]
+        if name in bound:
+            value = bound[name]
+        elif param.has_default:  # the JIT fills in parameter defaults the launch leaves out
+            value = param.default
+        else:
+            raise TypeError(f"the launch of {fn.__name__} passes no value for {name}")
         if param.is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -189,27 +568,29 @@ def _launches_for(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple
     qk_mod = importlib.import_module(f"{__package__}.qk_norm_rope")
     rpm_mod = importlib.import_module(f"{__package__}.row_parallel_matmul")
 
+    # Separate tensors wherever the model passes separate tensors (q and k, cos and sin, shift and scale): the
+    # launch's DRAM bytes count each storage once.
     meta = {"device": "meta", "dtype": dtype}
     heads, d, hidden, mlp = cfg.heads // tp, cfg.head_dim, cfg.hidden_size, cfg.mlp_hidden // tp
     out: list[tuple[str, bool, _Launch]] = []
     x = torch.empty(1, tokens, hidden, **meta)
-    cos = torch.empty(tokens, d, device="meta", dtype=torch.float32)
-    norm_w = torch.empty(d, **meta)
+    cos, sin = (torch.empty(tokens, d, device="meta", dtype=torch.float32) for _ in range(2))
+    q_norm, k_norm = torch.empty(d, **meta), torch.empty(d, **meta)
 
     with _recording(proj_mod, ["_fused_qkv_mlp_kernel"]) as rec:
         w = torch.empty(3 * heads * d + 2 * mlp, hidden, **meta)
-        proj_mod._fused_triton(x, w, norm_w, norm_w, cos, cos, heads, d, mlp, cfg.eps)
+        proj_mod._fused_triton(x, w, q_norm, k_norm, cos, sin, heads, d, mlp, cfg.eps)
     out += [("fused_qkv_mlp_proj", True, launch) for launch in rec]
 
     with _recording(qk_mod, ["_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"]) as rec:
-        q = torch.empty(1, tokens, heads, d, **meta)
-        qk_mod._fwd_triton(q, q, norm_w, norm_w, cos, cos, cfg.eps)
-        qk_mod._bwd_triton(q, q, norm_w, norm_w, cos, cos, q, q, cfg.eps)
+        q, k, gq, gk = (torch.empty(1, tokens, heads, d, **meta) for _ in range(4))
+        qk_mod._fwd_triton(q, k, q_norm, k_norm, cos, sin, cfg.eps)
+        qk_mod._bwd_triton(q, k, q_norm, k_norm, cos, sin, gq, gk, cfg.eps)
     out += [("qk_norm_rope." + ("fwd" if i == 0 else "bwd"), False, launch) for i, launch in enumerate(rec)]
 
     with _recording(ln_mod, ["_ln_mod_fwd_kernel"]) as rec:
-        mod = torch.empty(1, hidden, **meta)
-        ln_mod._layernorm_modulate_triton(x, mod, mod, cfg.eps)
+        shift, scale = torch.empty(1, hidden, **meta), torch.empty(1, hidden, **meta)
+        ln_mod._layernorm_modulate_triton(x, shift, scale, cfg.eps)
     out += [("layernorm_modulate", False, launch) for launch in rec]
 
     # Row-parallel out-projections: single-stream to_out over [attn | mlp] with gate + residual (rank 0), and a
@@ -248,6 +629,7 @@ def _ptxas(arch: int) -> str:
 
 def _inspect(compiled, result: KernelResult, arch: int) -> None:
     result.shared_bytes = int(compiled.metadata.shared)
+    result.num_warps = int(compiled.metadata.num_warps)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
@@ -255,12 +637,19 @@ def _inspect(compiled, result: KernelResult, arch: int) -> None:
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
         m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
-        if m:
-            result.registers, result.stack_bytes, _, result.local_bytes = map(int, m.groups())
+        if m is None:
+            raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED/LOCAL line: {usage!r}")
+        result.registers, result.stack_bytes, _, result.local_bytes = map(int, m.groups())
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
-        result.hgmma_count = len(re.findall(r"\bHGMMA\b", sass))
+        result.sass = analyze_sass(sass)
+        result.hgmma_count = sum(result.sass.hgmma_shapes.values())
         result.wgmma = result.hgmma_count > 0 and "wgmma.mma_async" in ptx
+        result.cta_limits = ctas_per_sm(result.registers, result.num_warps, result.shared_bytes)
+        result.ctas_per_sm = min(result.cta_limits.values())
+        if not result.gemm:
+            result.instr_per_byte = instr_per_byte(result.sass.path_instructions, result.num_warps, result.grid,
+                                                   result.bytes)
         ptx_file = Path(tmp, "k.ptx")
         ptx_file.write_text(ptx)
         suffix = "a" if arch >= 90 else ""
@@ -273,8 +662,10 @@ def _inspect(compiled, result: KernelResult, arch: int) -> None:
 
 
 def compile_report(arch: int = 90, presets: Sequence[str] = DEFAULT_PRESETS, tp: Sequence[int] = DEFAULT_TP,
-                   tokens: Sequence[tuple[int, int]] = DEFAULT_TOKENS) -> CompileReport:
-    """Compile every kernel at the configurations its launcher uses for the given shapes (see module doc)."""
+                   tokens: Sequence[tuple[int, int]] = DEFAULT_TOKENS, dump: str | Path | None = None
+                   ) -> CompileReport:
+    """Compile every kernel at the configurations its launcher uses for the given shapes (see module doc); with
+    ``dump``, write each cubin and an ``index.json`` describing them into that directory."""
     if not HAS_TRITON:
         raise RuntimeError("compile_report needs triton installed")
     from triton.backends.compiler import GPUTarget
@@ -296,26 +687,75 @@ def compile_report(arch: int = 90, presets: Sequence[str] = DEFAULT_PRESETS, tp:
                     key = json.dumps([name, sig, {k: str(v) for k, v in constexprs.items()},
                                       sorted(str(a) for a in attrs), options], sort_keys=True)
                     if key not in results:
-                        results[key] = KernelResult(name, gemm, _config_label(fn, sig, constexprs, attrs, options), [])
+                        results[key] = KernelResult(name, gemm, _config_label(fn, sig, constexprs, attrs, options), [],
+                                                    grid=_grid_shape(launch), bytes=_launch_bytes(launch))
                         specs[key] = (fn, sig, constexprs, attrs, options)
                     results[key].uses.append(f"{preset} tp{n} {txt}+{img}")
-    for key, result in results.items():
+    order = sorted(results, key=lambda key: (results[key].kernel, results[key].config))
+    dump_dir = Path(dump) if dump is not None else None
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(order):
+        result = results[key]
         fn, sig, constexprs, attrs, options = specs[key]
         try:
             compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=options)
-            result.ok_compiled = True
-            _inspect(compiled, result, arch)
         except Exception as exc:  # noqa: BLE001 - a failed compile is a reported failure
-            result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return CompileReport(arch, triton.__version__, sorted(results.values(), key=lambda r: (r.kernel, r.config)))
+            result.error = _one_line(exc)
+            continue
+        result.ok_compiled = True
+        if dump_dir is not None:
+            result.cubin = f"{i:02d}_{result.kernel}.cubin"
+            (dump_dir / result.cubin).write_bytes(compiled.asm["cubin"])
+        try:
+            _inspect(compiled, result, arch)
+        except Exception as exc:  # noqa: BLE001 - reported as a failure of this kernel, the others still run
+            result.error = _one_line(exc)
+    report = CompileReport(arch, triton.__version__, [results[key] for key in order])
+    if dump_dir is not None:
+        (dump_dir / "index.json").write_text(json.dumps([k.to_json() for k in report.kernels], indent=2))
+    return report
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _sass_summary(k: KernelResult) -> str:
+    """The SASS facts in one line (legend in :func:`format_compile_report`)."""
+    s = k.sass
+    parts = []
+    if s.hgmma_shapes:
+        parts.append(f"HGMMA {','.join(s.hgmma_shapes)} x{s.hgmma_per_k_step}/K")
+    if s.epilogue_instructions is not None:
+        parts.append(f"loop {s.loop_instructions} epi {s.epilogue_instructions}/{s.epilogue_static}")
+    else:
+        parts.append(f"path {s.path_instructions}" + (f" ({s.loops} loops once)" if s.loops else ""))
+    st16 = f"({s.stg_16bit}x16b)" if s.stg_16bit else ""
+    parts.append(f"LD {s.ldg_scalar}s/{s.ldg_vector}v ST {s.stg_scalar}s{st16}/{s.stg_vector}v")
+    if s.cp_async:
+        parts.append("cp.async " + ",".join(f"{n}x{bits}b" for bits, n in s.cp_async.items()))
+    parts.append("TMA " + ("+".join(f"{n}x{op}" for op, n in s.tma_ops.items()) if s.tma else "no"))
+    parts.append(f"CALL {s.calls} BAR {s.bar_syncs}")
+    limit = "/".join(r for r, n in k.cta_limits.items() if n == k.ctas_per_sm)
+    parts.append(f"{k.ctas_per_sm} CTA/SM ({limit})")
+    parts.append(f"grid {'x'.join(map(str, k.grid))} {k.bytes / 2**20:.1f} MiB ({k.uses[0]})")
+    if k.instr_per_byte is not None:
+        parts.append(f"{k.instr_per_byte:.3f} instr/B")
+    return " | ".join(parts)
 
 
 def format_compile_report(report: CompileReport) -> str:
     lines = [f"tpfuse compile-report: sm_{report.arch}, triton {report.triton_version}, "
-             f"{len(report.kernels)} distinct compilations"]
+             f"{len(report.kernels)} distinct compilations",
+             "SASS line: HGMMA shapes x per K step | main-loop instructions, epilogue longest path/static (per warp) "
+             "or the kernel's longest path | global LD/ST scalar(16-bit)/vector | cp.async count x width | TMA | "
+             "CALL, BAR.SYNC | CTAs/SM (limited by) | grid, DRAM bytes (at the first shape) | memory-bound: warp "
+             f"instructions per DRAM byte (H200 issues ~{H200_INSTR_PER_BYTE})"]
     header = f"{'kernel':<22} {'regs':>4} {'smem KB':>8} {'stack':>5} {'spill B':>8} {'wgmma':>6}  config / used for"
     lines.append(header)
     lines.append("-" * len(header))
+    pad = " " * (len(header) - len("config / used for"))
     for k in report.kernels:
         if not k.ok_compiled:
             lines.append(f"{k.kernel:<22} COMPILE FAILED: {k.error}")
@@ -325,8 +765,8 @@ def format_compile_report(report: CompileReport) -> str:
         lines.append(f"{k.kernel:<22} {k.registers:>4} {k.shared_bytes / 1024:>8.1f} {k.stack_bytes:>5} "
                      f"{spills:>8} {wg:>6}  {k.config}")
         uses = sorted(set(k.uses))
-        lines.append(f"{'':<22} {'':>4} {'':>8} {'':>5} {'':>8} {'':>6}  {len(uses)} shapes: {', '.join(uses[:4])}"
-                     + (" ..." if len(uses) > 4 else ""))
+        lines.append(f"{pad}{len(uses)} shapes: {', '.join(uses[:4])}" + (" ..." if len(uses) > 4 else ""))
+        lines.append(f"{pad}{_sass_summary(k)}" if k.sass is not None else f"{pad}INSPECTION FAILED: {k.error}")
     lines.append("")
     lines.append("PASS" if report.ok else "FAIL:\n  " + "\n  ".join(report.failures))
     return "\n".join(lines)
@@ -345,11 +785,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
     parser.add_argument("--tp", default=",".join(map(str, DEFAULT_TP)), help="tensor-parallel degrees")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    parser.add_argument("--dump", default=None, metavar="DIR",
+                        help="write every compiled cubin and an index.json describing them into DIR")
 
 
 def run(args) -> int:
     report = compile_report(args.arch, [p for p in args.presets.split(",") if p],
-                            [int(t) for t in args.tp.split(",") if t])
+                            [int(t) for t in args.tp.split(",") if t], dump=args.dump)
     print(format_compile_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
