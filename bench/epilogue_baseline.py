@@ -84,6 +84,9 @@ def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidd
     if weight.shape != (n, x.shape[-1]):
         raise ValueError(f"gemm_epilogue: weight must be [3*heads*head_dim + 2*mlp_hidden, K] = [{n}, {x.shape[-1]}], "
                          f"got shape {tuple(weight.shape)}")
+    if x.shape[0] * x.shape[1] * n >= 2**31:  # proj is the largest buffer the kernel addresses
+        raise ValueError(f"gemm_epilogue: the kernel addresses with int32 offsets and proj would have "
+                         f"{x.shape[0] * x.shape[1] * n} elements (limit 2^31 - 1): split the batch")
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w.shape != (head_dim,):
             raise ValueError(f"gemm_epilogue: {name} must be [{head_dim}], got shape {tuple(w.shape)}")
@@ -105,9 +108,6 @@ def gemm_epilogue(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor,
     proj = (x @ weight.T).reshape(M, -1)  # cuBLAS on CUDA; contiguous, so its rows have stride N
     qkv = torch.empty((3, B, heads, S, head_dim), device=x.device, dtype=x.dtype)
     mlp = torch.empty((B, S, mlp_hidden), device=x.device, dtype=x.dtype)
-    if max(proj.numel(), qkv.numel()) >= 2**31:
-        raise ValueError(f"gemm_epilogue: the kernel addresses with int32 offsets; proj has {proj.numel()} and q/k/v "
-                         f"{qkv.numel()} elements (limit 2^31 - 1): split the batch")
     norm_w = torch.stack([q_weight, k_weight])  # [2, Dh]: one pointer for Q's and K's scales
     has_rope = cos is not None
     if has_rope:
