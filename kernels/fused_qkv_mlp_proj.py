@@ -10,14 +10,31 @@ sm_90) whose epilogue finishes the job in registers:
   ``split`` hands over the RoPE pairs ``(x[2i], x[2i+1])`` without moving data, and ``join`` + ``reshape`` puts
   them back in interleaved order for 16-byte stores. The per-head RMSNorm is a row reduction over the tile.
 * a **V program** owns one head and stores it.
-* an **MLP program** owns ``Dh/2`` columns of gate *and* the matching ``Dh/2`` columns of up, gathered as the B
-  tile's ``[gate rows | up rows]`` by row index in the load (the weight itself keeps diffusers' row order), and
-  writes only ``silu(gate) * up``.
+* an **MLP program** owns ``Dh/2`` columns of gate *and* the matching ``Dh/2`` columns of up, fed as the B tile's
+  ``[gate rows | up rows]`` (the weight itself keeps diffusers' row order), and writes only ``silu(gate) * up``.
 
-A first version fed two ``Dh/2``-wide accumulators (even and odd rows): 8 ``HGMMA.64x64x16`` per K step (each A
-tile read from shared memory twice), 222 registers, ~2,270 epilogue instructions per warp and 64 scalar 16-bit
-stores. This one: 4 ``HGMMA.64x128x16``, 146 registers, ~730 instructions on the longest (Q/K) epilogue path,
-``STG.E.128`` stores only (``tpfuse compile-report``, klein-4B TP 2).
+Main loop: TMA for bf16/fp16 with 16-byte aligned rows: A in ``[BLOCK_M, BLOCK_K]`` boxes, B in
+``[2, Dh/2, BLOCK_K]`` boxes of a 3-D view of the weight whose two planes are the tile's two column halves, so one
+descriptor per program covers a head's consecutive rows and an MLP tile's gate and up rows alike. Elsewhere (fp32,
+misaligned rows) the same tile is gathered by row index with cp.async.
+
+sm_90 code (``tpfuse compile-report``, klein-4B TP 2, 512+1024 tokens), per warp:
+
+==========================  =====================  =====================  =====================
+\                           before: 2 n64 acc.     one n128, cp.async     one n128, TMA (kept)
+==========================  =====================  =====================  =====================
+HGMMA per K step            8 x 64x64x16           4 x 64x128x16          4 x 64x128x16
+registers                   222                    146                    136
+main loop, instr. / K step  136                    117                    82
+epilogue, longest path      ~2,270                 ~730                   814
+16-bit scalar stores        64                     0 (STG.E.128 only)     0 (STG.E.128 only)
+==========================  =====================  =====================  =====================
+
+(The TMA epilogue reads the RMSNorm scales in place, 16 32-bit loads, instead of an fp32 copy that cost one
+more launch per call.) Tried and not kept: a persistent grid (a program per SM walking the tiles): without
+flattening, the same code plus 46 registers; flattened (the next tile's TMA loads in flight during the epilogue),
+204 registers, 160 KB of shared memory and twice the code, still 1 CTA per SM. 3 stages under a 128-register cap
+(2 CTAs per SM) spill (40-byte stack). A GPU should settle these (``bench/bench_kernels.py``).
 
 RoPE reads one angle per pair from the compact ``[2, S, Dh/2]`` fp32 table of :func:`tpfuse.kernels._rope.
 angle_table` (built on the device, no host sync; ``cos``/``sin`` must repeat each pair's angle, as diffusers'
@@ -51,10 +68,9 @@ def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype) -> dict:
 
     128 tokens x one head per program, K in steps of 64: two warpgroups each own 64 rows of the accumulator (64 fp32
     registers per thread at Dh=128); a stage of A + B tiles is 32 KB in bf16, so 4 stages fit in 128 KB of shared
-    memory (1 CTA per SM: 146 registers x 256 threads; the epilogue is ~730 instructions per warp against ~117 per
-    K step x 48 steps at K=3072). Dh=256 runs BLOCK_M=64 on one warpgroup (one n256 wgmma, 128 accumulator
-    registers per thread). fp32 inputs
-    (tests, interpreter) halve the stages to stay under the 227 KB limit.
+    memory (1 CTA per SM: 136 registers x 256 threads; the epilogue's ~810 instructions per warp against 82 per K
+    step x 48 steps at K=3072). Dh=256 runs BLOCK_M=64 on one warpgroup (one n256 wgmma, 128 accumulator
+    registers per thread). fp32 inputs (tests, interpreter) halve the stages to stay under the 227 KB limit.
     """
     block_m = 128 if s > 64 and head_dim <= 128 else 64
     stages = 4 if dtype in (torch.bfloat16, torch.float16) else 2
@@ -64,7 +80,7 @@ def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 @triton.jit
 def _fused_qkv_mlp_kernel(
-    x_ptr, w_ptr, nw_ptr, ang_ptr, qkv_ptr, mlp_ptr,
+    x_ptr, w_ptr, qw_ptr, kw_ptr, ang_ptr, qkv_ptr, mlp_ptr,
     BATCH, K, S, HEADS, MLP,
     stride_xm, stride_wn, stride_ang,
     stride_qkv_w, stride_qkv_b, stride_qkv_h, stride_qkv_s,
@@ -72,7 +88,7 @@ def _fused_qkv_mlp_kernel(
     eps,
     HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     # Grouped tile order: GROUP_M row tiles sweep the columns together, so the weight stays in L2. Row tiles
@@ -88,43 +104,57 @@ def _fused_qkv_mlp_kernel(
     pid_m = first_m + (pid % width) % group_m
     pid_n = (pid % width) // group_m
     b_idx = pid_m // tiles_per_seq
-    s_idx = (pid_m % tiles_per_seq) * BLOCK_M + tl.arange(0, BLOCK_M)  # token positions in the sequence
+    s_idx0 = (pid_m % tiles_per_seq) * BLOCK_M
+    s_idx = s_idx0 + tl.arange(0, BLOCK_M)  # token positions in the sequence
     m_mask = s_idx < S
     offs_m = b_idx * S + s_idx  # rows of x and of the MLP output
 
-    # Tile column c = (hi, j): hi = c // HALF picks the half, j = c % HALF the position in it.
-    c = tl.arange(0, HEAD_DIM)
-    j = c % HALF
-    hi = c // HALF
+    c = tl.arange(0, HEAD_DIM)  # tile column
     head_base = pid_n * HEAD_DIM
     mlp_base = 3 * HEADS * HEAD_DIM
     mlp0 = (pid_n - 3 * HEADS) * HALF  # first gate/up column of an MLP tile
-    # The weight row feeding tile column c: Q/K heads in [even features | odd features] order (the RoPE partner
-    # of column j is column j + HALF, in the same thread), V in natural order, MLP as [gate rows | up rows].
-    rows = tl.where(pid_n < 3 * HEADS, head_base + c, mlp_base + hi * MLP + mlp0 + j)
-    # Valid columns: all of a head; the MLP tail tile stops at MLP. (A scalar limit: the interpreter rejects a
-    # `scalar | vector` of booleans as a mask.)
-    n_valid = tl.where(pid_n < 3 * HEADS, HALF, MLP - mlp0)
-    n_mask = j < n_valid
-
-    # int32 offsets (the launcher checks every tensor has < 2^31 elements): int64 pointer tensors for the A and
-    # B tiles cost registers in the K loop.
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    b_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None]  # [BK, HEAD_DIM], W^T view
-
+    is_mlp = pid_n >= 3 * HEADS
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if USE_TMA:
+        # TMA: A as [BLOCK_M, BLOCK_K] boxes of x; B as [2, HALF, BLOCK_K] boxes of a 3-D view of the weight whose
+        # two planes are the tile's column halves: consecutive rows of a Q/K/V head (plane stride HALF rows), or
+        # the gate rows and the matching up rows of an MLP tile (plane stride MLP rows; TMA zero-fills past MLP).
+        # The descriptors are built on the device per program, so one K loop serves every tile kind.
+        a_desc = tl.make_tensor_descriptor(x_ptr, shape=[BATCH * S, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        plane = tl.where(is_mlp, MLP, HALF)
+        b_desc = tl.make_tensor_descriptor(w_ptr + tl.where(is_mlp, mlp_base + mlp0, head_base) * stride_wn,
+                                           shape=[2, tl.where(is_mlp, MLP - mlp0, HALF), K],
+                                           strides=[plane * stride_wn, stride_wn, 1], block_shape=[2, HALF, BLOCK_K])
+        row0 = b_idx * S + s_idx0  # rows past this sequence's end are computed but never stored
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([row0, kk * BLOCK_K])
+            b = tl.reshape(b_desc.load([0, 0, kk * BLOCK_K]), (HEAD_DIM, BLOCK_K))  # [Dh, BK]: W rows
+            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    else:
+        # cp.async with the same tile: the weight row feeding tile column c (the head's rows in order, or
+        # [gate rows | up rows] for an MLP tile), gathered by row index.
+        j = c % HALF
+        rows = tl.where(is_mlp, mlp_base + (c // HALF) * MLP + mlp0 + j, head_base + c)
+        # Valid columns: all of a head; the MLP tail tile stops at MLP (a scalar limit: the interpreter rejects a
+        # `scalar | vector` of booleans as a mask).
+        n_mask = j < tl.where(is_mlp, MLP - mlp0, HALF)
+        # int32 offsets (the launcher checks every tensor has < 2^31 elements): int64 pointer tensors for the A
+        # and B tiles cost registers in the K loop.
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+        b_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None]  # [BK, HEAD_DIM], W^T view
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
 
     out_ty = qkv_ptr.dtype.element_ty
     if pid_n < 3 * HEADS:
@@ -135,7 +165,7 @@ def _fused_qkv_mlp_kernel(
         if which < 2:
             # Per-head RMSNorm (a row reduction over the whole tile), then RoPE on (column j, column j + HALF).
             rstd = 1.0 / tl.sqrt(tl.sum(acc * acc, axis=1) / HEAD_DIM + eps)
-            nw = tl.load(nw_ptr + which * HEAD_DIM + c)  # fp32
+            nw = tl.load(tl.where(which == 0, qw_ptr, kw_ptr) + c).to(tl.float32)
             n = acc * rstd[:, None] * nw[None, :]
             even, odd = tl.split(tl.reshape(n, (BLOCK_M, HALF, 2)))
             if HAS_ROPE:
@@ -181,9 +211,29 @@ def fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads:
 # Launcher
 # --------------------------------------------------------------------------------------------------------------
 
-def _norm_weights(q_weight: torch.Tensor, k_weight: torch.Tensor) -> torch.Tensor:
-    """``[2, Dh]`` fp32: Q's and K's RMSNorm scales in the tile's ``[even features | odd features]`` order."""
-    return torch.stack([q_weight, k_weight]).float()
+# TMA boxes need 16-byte aligned bases and row strides. fp32 (tests, interpreter) also runs the cp.async path:
+# there the wgmma is not used and the FMA dot reads its operands from registers anyway.
+TMA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _use_tma(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x2.dtype not in TMA_DTYPES or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    size = x2.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in (x2, weight))
+
+
+def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in a global scratch buffer that triton asks an allocator for; keep a
+    user's allocator, set one only where none is (triton's default raises at launch)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_allocator)
 
 
 def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
@@ -194,21 +244,24 @@ def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_
         x2 = x2.contiguous()
     qkv = torch.empty((3, B, heads, S, head_dim), device=x.device, dtype=x.dtype)  # Q, K, V head-major
     mlp = torch.empty((B, S, mlp_hidden), device=x.device, dtype=x.dtype)
-    norm_w = _norm_weights(q_weight, k_weight)
+    q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()  # [Dh] scales, read in place
     cfg = proj_config(S, K, head_dim, x.dtype)
     grid = (B * triton.cdiv(S, cfg["BLOCK_M"]) * (3 * heads + triton.cdiv(mlp_hidden, head_dim // 2)),)
     has_rope = cos is not None
-    angles = angle_table("fused_qkv_mlp_proj", cos, sin) if has_rope else norm_w  # [2, S, Dh/2] fp32
+    angles = angle_table("fused_qkv_mlp_proj", cos, sin) if has_rope else q_weight  # [2, S, Dh/2] fp32
+    use_tma = _use_tma(x2, weight)
+    if use_tma and x.device.type == "cuda":
+        _ensure_allocator()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, no TF32
     _fused_qkv_mlp_kernel[grid](
-        x2, weight, norm_w, angles, qkv, mlp,
+        x2, weight, q_weight, k_weight, angles, qkv, mlp,
         B, K, S, heads, mlp_hidden,
         x2.stride(0), weight.stride(0), angles.stride(0) if has_rope else 0,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), mlp_hidden,
         eps,
         HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], EVEN_K=cfg["EVEN_K"], INPUT_PRECISION=precision,
-        **{k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg},
+        GROUP_M=cfg["GROUP_M"], EVEN_K=cfg["EVEN_K"], USE_TMA=use_tma, INPUT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return qkv[0], qkv[1], qkv[2], mlp
 
