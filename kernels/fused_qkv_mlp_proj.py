@@ -18,10 +18,10 @@ Main loop: TMA for bf16/fp16 with 16-byte aligned rows: A in ``[BLOCK_M, BLOCK_K
 descriptor per program covers a head's consecutive rows and an MLP tile's gate and up rows alike. Elsewhere (fp32,
 misaligned rows) the same tile is gathered by row index with cp.async.
 
-sm_90 code (``tpfuse compile-report``, klein-4B TP 2, 512+1024 tokens), per warp:
+sm_90 code (``tpfuse compile-report``, klein-4B TP 2, 512+1024 tokens):
 
 ==========================  =====================  =====================  =====================
-\                           before: 2 n64 acc.     one n128, cp.async     one n128, TMA (kept)
+per warp                    before: 2 n64 acc.     one n128, cp.async     one n128, TMA (kept)
 ==========================  =====================  =====================  =====================
 HGMMA per K step            8 x 64x64x16           4 x 64x128x16          4 x 64x128x16
 registers                   222                    146                    136
