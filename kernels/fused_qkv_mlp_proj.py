@@ -53,6 +53,7 @@ from ._checks import check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._rope import angle_table
+from ._tma import tma_ready
 from ._triton import tl, triton
 from .qk_norm_rope import qk_norm_rope_reference
 
@@ -211,31 +212,6 @@ def fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads:
 # Launcher
 # --------------------------------------------------------------------------------------------------------------
 
-# TMA boxes need 16-byte aligned bases and row strides. fp32 (tests, interpreter) also runs the cp.async path:
-# there the wgmma is not used and the FMA dot reads its operands from registers anyway.
-TMA_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _use_tma(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    if x2.dtype not in TMA_DTYPES or not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    size = x2.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in (x2, weight))
-
-
-def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """Device-side TMA descriptors live in a global scratch buffer that triton asks an allocator for; keep a
-    user's allocator, set one only where none is (triton's default raises at launch)."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_torch_allocator)
-
-
 def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
     B, S, K = x.shape
     M = B * S
@@ -249,9 +225,7 @@ def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_
     grid = (B * triton.cdiv(S, cfg["BLOCK_M"]) * (3 * heads + triton.cdiv(mlp_hidden, head_dim // 2)),)
     has_rope = cos is not None
     angles = angle_table("fused_qkv_mlp_proj", cos, sin) if has_rope else q_weight  # [2, S, Dh/2] fp32
-    use_tma = _use_tma(x2, weight)
-    if use_tma and x.device.type == "cuda":
-        _ensure_allocator()
+    use_tma = tma_ready(x2, weight)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, no TF32
     _fused_qkv_mlp_kernel[grid](
         x2, weight, q_weight, k_weight, angles, qkv, mlp,

@@ -5,8 +5,6 @@ Tolerances: single fused ops in fp32 are compared with ``torch.testing.assert_cl
 tolerance of :mod:`tpfuse.tp_layers.numerics`.
 """
 
-import importlib
-
 import pytest
 import torch
 
@@ -152,14 +150,15 @@ FUSED_CASES = [
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("tma", [False, True])
 def test_fused_qkv_mlp_proj(B, S, K, heads, head_dim, mlp, rope, tma, monkeypatch):
-    mod = importlib.import_module("tpfuse.kernels.fused_qkv_mlp_proj")  # the module (the package re-exports the op)
+    from tpfuse.kernels import _tma
+
     # The TMA main loop (bf16/fp16 on a GPU) is exercised here in fp32: its 3-D weight boxes, zero-filled MLP
     # tail and batch-aligned row boxes are the addressing under test. K=70 rows are not 16-byte aligned in fp32:
     # those cases take the cp.async path either way.
-    monkeypatch.setattr(mod, "TMA_DTYPES", (torch.float32,) if tma else ())
+    monkeypatch.setattr(_tma, "TMA_DTYPES", (torch.float32,) if tma else ())
     x = _rand(B, S, K, seed=1).requires_grad_()
     w = _rand(3 * heads * head_dim + 2 * mlp, K, seed=2, scale=K ** -0.5).requires_grad_()
-    assert mod._use_tma(x.detach().reshape(B * S, K), w.detach()) == (tma and K % 4 == 0)
+    assert _tma.tma_ready(x.detach().reshape(B * S, K), w.detach()) == (tma and K % 4 == 0)
     qw = (1 + 0.1 * _rand(head_dim, seed=3)).requires_grad_()
     kw = (1 + 0.1 * _rand(head_dim, seed=4)).requires_grad_()
     cos, sin = _angles(S, head_dim, seed=5) if rope else (None, None)
@@ -183,10 +182,11 @@ def test_fused_qkv_mlp_proj_bf16_tma(B, S, K, heads, head_dim, mlp):
     """The production path: bf16 operands, TMA boxes, wgmma; against the fp32 reference on the same bf16 inputs,
     to bf16 output rounding: one rounding of each output is ~u/sqrt(3) = 2.2e-3 in norm (u = 2^-8), held to 2u (the
     GEMM accumulates the same bf16 products in fp32 in both)."""
-    mod = importlib.import_module("tpfuse.kernels.fused_qkv_mlp_proj")
+    from tpfuse.kernels._tma import tma_ready
+
     x = _rand(B, S, K, seed=1).bfloat16()
     w = _rand(3 * heads * head_dim + 2 * mlp, K, seed=2, scale=K ** -0.5).bfloat16()
-    assert mod._use_tma(x.reshape(B * S, K), w)
+    assert tma_ready(x.reshape(B * S, K), w)
     qw, kw = (1 + 0.1 * _rand(head_dim, seed=3)).bfloat16(), (1 + 0.1 * _rand(head_dim, seed=4)).bfloat16()
     cos, sin = _angles(S, head_dim, seed=5)
     out = fused_qkv_mlp_proj(x, w, qw, kw, cos, sin, heads, head_dim, mlp, 1e-6, backend="triton")

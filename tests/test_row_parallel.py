@@ -57,9 +57,16 @@ def _rand(*shape, seed=0, scale=1.0):
                                           (1, 1, (70,), 128), (2, 130, (40, 70), 50), (3, 128, (64, 128), 130)])
 @pytest.mark.parametrize("gate_shape", ["bn", "b1n", "1n", None])
 @pytest.mark.parametrize("add_residual", [False, True])
-def test_row_parallel_matmul_kernel(B, S, widths, N, gate_shape, add_residual):
+@pytest.mark.parametrize("tma", [False, True])
+def test_row_parallel_matmul_kernel(B, S, widths, N, gate_shape, add_residual, tma, monkeypatch):
+    from tpfuse.kernels import _tma
+
+    # TMA (bf16 on a GPU) is checked here in fp32: one part with 16-byte aligned rows takes it, the rest cp.async.
+    monkeypatch.setattr(_tma, "TMA_DTYPES", (torch.float32,) if tma else ())
     parts = [_rand(B, S, k, seed=i).requires_grad_() for i, k in enumerate(widths)]
     w = _rand(N, sum(widths), seed=7, scale=sum(widths) ** -0.5).requires_grad_()
+    assert (len(widths) == 1 and _tma.tma_ready(parts[0].detach().reshape(B * S, -1), w.detach())) == (
+        tma and len(widths) == 1 and widths[0] % 4 == 0)
     gate = None
     if gate_shape is not None:
         gate = _rand(*{"bn": (B, N), "b1n": (B, 1, N), "1n": (1, N)}[gate_shape], seed=8).requires_grad_()
