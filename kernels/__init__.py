@@ -7,7 +7,7 @@ Dispatch happens per call in each launcher: CUDA tensors run Triton, CPU tensors
 from ._dispatch import record_backends, select_backend
 from .fused_qkv_mlp_proj import fused_qkv_mlp_proj, fused_qkv_mlp_proj_reference
 from .layernorm_modulate import layernorm_modulate, layernorm_modulate_reference
-from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_joint, qk_norm_rope_joint_reference, qk_norm_rope_reference
 
 __all__ = [
     "fused_qkv_mlp_proj",
@@ -15,6 +15,8 @@ __all__ = [
     "layernorm_modulate",
     "layernorm_modulate_reference",
     "qk_norm_rope",
+    "qk_norm_rope_joint",
+    "qk_norm_rope_joint_reference",
     "qk_norm_rope_reference",
     "record_backends",
     "select_backend",

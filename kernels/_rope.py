@@ -60,7 +60,9 @@ def angle_table(op: str, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if hit is not None and hit[0]() is cos and hit[1]() is sin and hit[2] == versions:
             return hit[3]
     _check_pairs(op, cos, sin)
-    table = torch.stack((cos[:, 0::2], sin[:, 0::2])).float().contiguous()  # [2, S, D/2]
+    table = torch.empty((2, cos.shape[0], cos.shape[1] // 2), device=cos.device, dtype=torch.float32)
+    table[0].copy_(cos[:, 0::2])
+    table[1].copy_(sin[:, 0::2])
     if cacheable:
         if len(_cache) >= _MAX_CACHED:
             _cache.clear()

@@ -561,7 +561,8 @@ def _config_label(fn, signature: dict, constexprs: dict, attrs: dict, options: d
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _launches_for(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple[str, bool, _Launch]]:
+def _launches_for(cfg, tp: int, tokens: int, txt: int = 512,
+                 dtype=torch.bfloat16) -> list[tuple[str, bool, _Launch]]:
     # By module path: the package re-exports functions under the same names as their modules.
     proj_mod = importlib.import_module(f"{__package__}.fused_qkv_mlp_proj")
     ln_mod = importlib.import_module(f"{__package__}.layernorm_modulate")
@@ -586,7 +587,12 @@ def _launches_for(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple
         q, k, gq, gk = (torch.empty(1, tokens, heads, d, **meta) for _ in range(4))
         qk_mod._fwd_triton(q, k, q_norm, k_norm, cos, sin, cfg.eps)
         qk_mod._bwd_triton(q, k, q_norm, k_norm, cos, sin, gq, gk, cfg.eps)
-    out += [("qk_norm_rope." + ("fwd" if i == 0 else "bwd"), False, launch) for i, launch in enumerate(rec)]
+        # The double-stream block: text and image Q/K/V of projection layout [B, S, H, D] into joint buffers.
+        segs = [tuple(torch.empty(1, n, heads, d, **meta) for _ in range(3)) + (q_norm, k_norm)
+                for n in (txt, tokens - txt)]
+        joint = tuple(torch.empty(1, tokens, heads, d, **meta) for _ in range(3))
+        qk_mod._fwd_launch(segs, qk_mod._angles("compile_report", cos, sin), joint, (cfg.eps, cfg.eps))
+    out += [("qk_norm_rope." + name, False, launch) for name, launch in zip(("fwd", "bwd", "joint"), rec)]
 
     with _recording(ln_mod, ["_ln_mod_fwd_kernel"]) as rec:
         shift, scale = torch.empty(1, hidden, **meta), torch.empty(1, hidden, **meta)
@@ -682,7 +688,7 @@ def compile_report(arch: int = 90, presets: Sequence[str] = DEFAULT_PRESETS, tp:
             if cfg.heads % n or cfg.mlp_hidden % n:
                 continue
             for txt, img in tokens:
-                for name, gemm, launch in _launches_for(cfg, n, txt + img):
+                for name, gemm, launch in _launches_for(cfg, n, txt + img, txt):
                     fn, sig, constexprs, attrs, options = _compile_spec(launch)
                     key = json.dumps([name, sig, {k: str(v) for k, v in constexprs.items()},
                                       sorted(str(a) for a in attrs), options], sort_keys=True)

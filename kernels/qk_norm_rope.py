@@ -20,118 +20,185 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_rope_pair, check_tensors
+from ._checks import check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
+from ._rope import angle_table
 from ._triton import tl, triton
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_reference", "rope_reference", "qk_rope_config"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_joint", "qk_norm_rope_reference", "qk_norm_rope_joint_reference",
+           "rope_reference", "qk_rope_config"]
 
 
-def qk_rope_config(d: int) -> dict:
-    """Rows per program: one program moves ~8 KB of Q+K (a 128-wide bf16 row is 256 B), so the
-    launch is not dominated by per-program overhead at FLUX.2's ~10^5 (token, head) rows."""
+# Rows (one token's one head) per program: ~32 rows of a 128-wide head (8 KB of bf16 per tensor) amortize the
+# per-program setup; tokens x heads with the head count a power of two that divides H, so a program's rows never
+# straddle a sequence or a head block and its indices need no division.
+ROWS_PER_PROGRAM = 32
+
+
+def qk_rope_config(d: int, heads: int, with_v: bool = False) -> dict:
+    """Tile: BLOCK_S tokens x BLOCK_H heads x the whole (power-of-two padded) head dim. 2 warps, so each thread
+    holds 64 elements of each of Q and K and the per-warp setup is spread over twice the bytes of 4 warps
+    (sm_90, klein-4B: 0.08-0.09 warp instructions per byte forward against 0.09-0.10); with V riding along (the
+    joint double-stream launch) 4 warps, where 2 spill."""
     block_d = triton.next_power_of_2(d)
-    return {"BLOCK_D": block_d, "BLOCK_R": max(1, min(16, 2048 // block_d)), "num_warps": 4}
+    rows = max(1, ROWS_PER_PROGRAM * 128 // block_d)
+    block_h = 1
+    while block_h * 2 <= rows and heads % (block_h * 2) == 0:
+        block_h *= 2
+    return {"BLOCK_D": block_d, "BLOCK_H": block_h, "BLOCK_S": max(1, rows // block_h),
+            "num_warps": 4 if with_v else 2}
 
 
 @triton.jit
-def _load_rows(ptr, b, s, h, d, stride_b, stride_s, stride_h, mask):
-    offs = b[:, None] * stride_b + s[:, None] * stride_s + h[:, None] * stride_h + d[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _pairs(x, R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[R, BLOCK_D] -> (even, odd) features [R, BLOCK_D/2]: a thread holds whole pairs, so this moves no data."""
+    return tl.split(tl.reshape(x, (R, BLOCK_D // 2, 2)))
 
 
 @triton.jit
-def _row_index(pid, n_rows, S, H, BLOCK_R: tl.constexpr):
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return rows, rows < n_rows, rows // (S * H), (rows // H) % S, rows % H
+def _interleave(e, o, R: tl.constexpr, BLOCK_D: tl.constexpr):
+    return tl.reshape(tl.join(e, o), (R, BLOCK_D))
 
 
 @triton.jit
-def _norm_rope_fwd_one(x_ptr, w_ptr, o_ptr, b, s, h, d, p, mask, dmask, cos, sin, sgn,
-                       sxb, sxs, sxh, sob, sos, soh, D, eps, HAS_ROPE: tl.constexpr):
-    x = _load_rows(x_ptr, b, s, h, d, sxb, sxs, sxh, mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [R]
-    n = x * rstd[:, None] * tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+def _scales(qw_ptr, kw_ptr, d, dmask):
+    """Q's and K's [D] scales as one [2, D] load (two elements per thread: 32-bit loads; a [D] vector on its own
+    compiled to one 16-bit load per thread), split into two fp32 vectors."""
+    which = tl.arange(0, 2)
+    base = tl.multiple_of(tl.where(which == 0, qw_ptr, kw_ptr), 16)  # both 16-byte aligned (the launcher checks)
+    w = tl.load(base[:, None] + d[None, :], mask=dmask[None, :] & (which[:, None] < 2), other=0.0).to(tl.float32)
+    return tl.split(tl.permute(w, (1, 0)))
+
+
+@triton.jit
+def _tile(pid, S0, S1, H, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's (batch, segment, first token in the segment, first head); programs run over
+    [batch][segment 0's token blocks, segment 1's token blocks][head blocks]."""
+    n_hb = H // BLOCK_H
+    n_sb0 = tl.cdiv(S0, BLOCK_S)
+    per_b = (n_sb0 + tl.cdiv(S1, BLOCK_S)) * n_hb
+    b = pid // per_b
+    rem = pid % per_b
+    sb = rem // n_hb
+    seg1 = sb >= n_sb0
+    s0 = tl.where(seg1, sb - n_sb0, sb) * BLOCK_S
+    return b, seg1, s0, (rem % n_hb) * BLOCK_H
+
+
+@triton.jit
+def _norm_rope_fwd(x_ptr, w, o_ptr, in_rows, out_rows, d, mask, dmask, cs, sn, D, eps,
+                   R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr):
+    x = tl.load(x_ptr + in_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # [R]; MUFU.RSQ: 1/sqrt with IEEE division was ~15 instr per row
+    n = x * rstd[:, None] * w[None, :]
     if HAS_ROPE:
-        xp = _load_rows(x_ptr, b, s, h, p, sxb, sxs, sxh, mask)  # partner elements d ^ 1
-        n_p = xp * rstd[:, None] * tl.load(w_ptr + p, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        n = n * cos - sgn[None, :] * n_p * sin
-    offs = b[:, None] * sob + s[:, None] * sos + h[:, None] * soh + d[None, :]
-    tl.store(o_ptr + offs, n.to(o_ptr.dtype.element_ty), mask=mask)
+        e, o = _pairs(n, R, BLOCK_D)  # the RoPE partner comes from registers, not a second load
+        n = _interleave(e * cs - o * sn, o * cs + e * sn, R, BLOCK_D)
+    tl.store(o_ptr + out_rows[:, None] + d[None, :], n.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
-    q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-    n_rows, S, H, D,
-    sqb, sqs, sqh, skb, sks, skh, sqob, sqos, sqoh, skob, skos, skoh, stride_cs,
-    eps,
-    HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    q0_ptr, k0_ptr, v0_ptr, q1_ptr, k1_ptr, v1_ptr, qw0_ptr, kw0_ptr, qw1_ptr, kw1_ptr, ang_ptr,
+    qo_ptr, ko_ptr, vo_ptr,
+    S0, S1, H, D: tl.constexpr,
+    sq0b, sq0s, sq0h, sk0b, sk0s, sk0h, sv0b, sv0s, sv0h,
+    sq1b, sq1s, sq1h, sk1b, sk1s, sk1h, sv1b, sv1s, sv1h,
+    sqob, sqos, sqoh, skob, skos, skoh, svob, svos, svoh,
+    eps0, eps1,
+    HAS_ROPE: tl.constexpr, HAS_V: tl.constexpr, TWO_SEGMENTS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows, rmask, b, s, h = _row_index(tl.program_id(0), n_rows, S, H, BLOCK_R)
+    """Segment 0 then segment 1 (e.g. text then image tokens) of Q and K (and V, copied) into one output of
+    S0 + S1 tokens; each segment has its own inputs, RMSNorm scales and eps. int32 offsets (the launcher checks
+    every tensor's extent)."""
+    R: tl.constexpr = BLOCK_S * BLOCK_H
+    b, seg1, s0, h0 = _tile(tl.program_id(0), S0, S1, H, BLOCK_S, BLOCK_H)
+    seg1 = seg1 & TWO_SEGMENTS  # one segment: every select below folds away
+    r = tl.arange(0, R)
+    s = s0 + r // BLOCK_H  # token in the segment (BLOCK_H is a power of two: a shift)
+    h = h0 + r % BLOCK_H
+    s_out = tl.where(seg1, S0, 0) + s  # token in the output, and the angle table's row
+    rmask = s < tl.where(seg1, S1, S0)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    p = d ^ 1
     mask = rmask[:, None] & dmask[None, :]
-    sgn = tl.where(d % 2 == 0, 1.0, -1.0)  # out[2i] gets -x[2i+1] sin, out[2i+1] gets +x[2i] sin
-    cos = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    sin = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    if HAS_ROPE:
-        cs = s[:, None] * stride_cs + d[None, :]
-        cos = tl.load(cos_ptr + cs, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + cs, mask=mask, other=0.0).to(tl.float32)
-    _norm_rope_fwd_one(q_ptr, qw_ptr, qo_ptr, b, s, h, d, p, mask, dmask, cos, sin, sgn,
-                       sqb, sqs, sqh, sqob, sqos, sqoh, D, eps, HAS_ROPE)
-    _norm_rope_fwd_one(k_ptr, kw_ptr, ko_ptr, b, s, h, d, p, mask, dmask, cos, sin, sgn,
-                       skb, sks, skh, skob, skos, skoh, D, eps, HAS_ROPE)
+    cs = tl.zeros((R, BLOCK_D // 2), tl.float32)
+    sn = tl.zeros((R, BLOCK_D // 2), tl.float32)
+    if HAS_ROPE:  # the compact [2, S0 + S1, D/2] table: one angle per pair, shared by Q and K
+        j = tl.arange(0, BLOCK_D // 2)
+        a_off = s_out[:, None] * (D // 2) + j[None, :]
+        a_mask = rmask[:, None] & (j < D // 2)[None, :]
+        cs = tl.load(ang_ptr + a_off, mask=a_mask, other=0.0)
+        sn = tl.load(ang_ptr + (S0 + S1) * (D // 2) + a_off, mask=a_mask, other=0.0)
+    # Scalar selects of the segment's pointers and strides: one program never straddles two segments.
+    q_in = tl.where(seg1, b * sq1b, b * sq0b) + s * tl.where(seg1, sq1s, sq0s) + h * tl.where(seg1, sq1h, sq0h)
+    k_in = tl.where(seg1, b * sk1b, b * sk0b) + s * tl.where(seg1, sk1s, sk0s) + h * tl.where(seg1, sk1h, sk0h)
+    eps = tl.where(seg1, eps1, eps0)
+    qw, kw = _scales(tl.where(seg1, qw1_ptr, qw0_ptr), tl.where(seg1, kw1_ptr, kw0_ptr), d, dmask)
+    _norm_rope_fwd(tl.where(seg1, q1_ptr, q0_ptr), qw, qo_ptr, q_in,
+                   b * sqob + s_out * sqos + h * sqoh, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+    _norm_rope_fwd(tl.where(seg1, k1_ptr, k0_ptr), kw, ko_ptr, k_in,
+                   b * skob + s_out * skos + h * skoh, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+    if HAS_V:  # V of both segments lands in the same joint output, in the same pass
+        v_in = tl.where(seg1, b * sv1b, b * sv0b) + s * tl.where(seg1, sv1s, sv0s) + h * tl.where(seg1, sv1h, sv0h)
+        v = tl.load(tl.where(seg1, v1_ptr, v0_ptr) + v_in[:, None] + d[None, :], mask=mask)
+        tl.store(vo_ptr + (b * svob + s_out * svos + h * svoh)[:, None] + d[None, :], v, mask=mask)
 
 
 @triton.jit
-def _norm_rope_bwd_one(x_ptr, w_ptr, g_ptr, b, s, h, d, p, mask, dmask, cos, sin_p, sgn,
-                       sxb, sxs, sxh, sgb, sgs, sgh, D, eps, HAS_ROPE: tl.constexpr):
-    """(dx [R, D], this program's partial dw [D]) for one of Q/K."""
-    x = _load_rows(x_ptr, b, s, h, d, sxb, sxs, sxh, mask)
-    g = _load_rows(g_ptr, b, s, h, d, sgb, sgs, sgh, mask)
-    if HAS_ROPE:
-        gp = _load_rows(g_ptr, b, s, h, p, sgb, sgs, sgh, mask)
-        g = g * cos + sgn[None, :] * gp * sin_p  # rotate the gradient back: dn
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    gw = g * w[None, :]
-    dot = tl.sum(gw * x, axis=1) / D
-    dx = rstd[:, None] * gw - x * (rstd * rstd * rstd * dot)[:, None]
-    return dx, tl.sum(g * x * rstd[:, None], axis=0)
+def _norm_rope_bwd(x_ptr, w, g_ptr, dx_ptr, x_rows, g_rows, dx_rows, d, mask, dmask, cs, sn, D, eps,
+                   R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Writes dx; returns this program's partial dw [BLOCK_D]."""
+    x = tl.load(x_ptr + x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROPE:  # rotate the gradient back by -angle: dn
+        ge, go = _pairs(g, R, BLOCK_D)
+        g = _interleave(ge * cs + go * sn, go * cs - ge * sn, R, BLOCK_D)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    t = g * x  # shared by both reductions: sum_d(t w) for dx, sum_rows(t rstd) for dw
+    dot = tl.sum(t * w[None, :], axis=1) / D
+    dx = rstd[:, None] * (g * w[None, :]) - x * (rstd * rstd * rstd * dot)[:, None]
+    tl.store(dx_ptr + dx_rows[:, None] + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(t * rstd[:, None], axis=0)
 
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
-    q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, dqw_ptr, dkw_ptr,
-    n_rows, S, H, D,
-    sqb, sqs, sqh, skb, sks, skh, sgqb, sgqs, sgqh, sgkb, sgks, sgkh, stride_cs,
+    q_ptr, k_ptr, qw_ptr, kw_ptr, ang_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, dqw_ptr, dkw_ptr,
+    S, H, D: tl.constexpr, ANG_ROW0, ANG_ROWS,
+    sqb, sqs, sqh, skb, sks, skh, sgqb, sgqs, sgqh, sgkb, sgks, sgkh,
     eps,
-    HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One segment; its angles are rows ANG_ROW0.. of a [2, ANG_ROWS, D/2] table. dq, dk: contiguous
+    [B, S, H, D]; dqw, dkw: a [D] partial sum per program (reduced in torch)."""
+    R: tl.constexpr = BLOCK_S * BLOCK_H
     pid = tl.program_id(0)
-    rows, rmask, b, s, h = _row_index(pid, n_rows, S, H, BLOCK_R)
+    b, _seg1, s0, h0 = _tile(pid, S, 0, H, BLOCK_S, BLOCK_H)
+    r = tl.arange(0, R)
+    s = s0 + r // BLOCK_H
+    h = h0 + r % BLOCK_H
+    rmask = s < S
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    p = d ^ 1
     mask = rmask[:, None] & dmask[None, :]
-    sgn = tl.where(d % 2 == 0, 1.0, -1.0)
-    cos = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    sin_p = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    cs = tl.zeros((R, BLOCK_D // 2), tl.float32)
+    sn = tl.zeros((R, BLOCK_D // 2), tl.float32)
     if HAS_ROPE:
-        cos = tl.load(cos_ptr + s[:, None] * stride_cs + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        sin_p = tl.load(sin_ptr + s[:, None] * stride_cs + p[None, :], mask=mask, other=0.0).to(tl.float32)
-    out_offs = rows[:, None] * D + d[None, :]  # dq, dk: contiguous [B, S, H, D]
-    dx, dw = _norm_rope_bwd_one(q_ptr, qw_ptr, gq_ptr, b, s, h, d, p, mask, dmask, cos, sin_p, sgn,
-                                sqb, sqs, sqh, sgqb, sgqs, sgqh, D, eps, HAS_ROPE)
-    tl.store(dq_ptr + out_offs, dx.to(dq_ptr.dtype.element_ty), mask=mask)
+        j = tl.arange(0, BLOCK_D // 2)
+        a_off = (ANG_ROW0 + s)[:, None] * (D // 2) + j[None, :]
+        a_mask = rmask[:, None] & (j < D // 2)[None, :]
+        cs = tl.load(ang_ptr + a_off, mask=a_mask, other=0.0)
+        sn = tl.load(ang_ptr + ANG_ROWS * (D // 2) + a_off, mask=a_mask, other=0.0)
+    out_rows = ((b * S + s) * H + h) * D
+    qw, kw = _scales(qw_ptr, kw_ptr, d, dmask)
+    dw = _norm_rope_bwd(q_ptr, qw, gq_ptr, dq_ptr, b * sqb + s * sqs + h * sqh, b * sgqb + s * sgqs + h * sgqh,
+                        out_rows, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
     tl.store(dqw_ptr + pid * D + d, dw, mask=dmask)
-    dx, dw = _norm_rope_bwd_one(k_ptr, kw_ptr, gk_ptr, b, s, h, d, p, mask, dmask, cos, sin_p, sgn,
-                                skb, sks, skh, sgkb, sgks, sgkh, D, eps, HAS_ROPE)
-    tl.store(dk_ptr + out_offs, dx.to(dk_ptr.dtype.element_ty), mask=mask)
+    dw = _norm_rope_bwd(k_ptr, kw, gk_ptr, dk_ptr, b * skb + s * sks + h * skh, b * sgkb + s * sgks + h * sgkh,
+                        out_rows, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
     tl.store(dkw_ptr + pid * D + d, dw, mask=dmask)
 
 
@@ -169,41 +236,76 @@ def _strides3(t):  # [B, S, H, D] -> (b, s, h) strides; the last dim is contiguo
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps):
-    B, S, H, D = q.shape
-    qo, ko = torch.empty_like(q), torch.empty_like(k)  # same layout as the inputs
-    cfg = qk_rope_config(D)
-    n_rows = B * S * H
-    has_rope = cos is not None
-    cos_ = cos if has_rope else q_weight
-    sin_ = sin if has_rope else q_weight
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+def _aligned(w: torch.Tensor) -> torch.Tensor:
+    """The kernels read the [D] scales as 16-byte aligned vectors (``tl.multiple_of``): copy a misaligned view."""
+    w = _last_contiguous(w)
+    return w if w.data_ptr() % 16 == 0 else w.clone()
+
+
+def _angles(op, cos, sin):
+    return angle_table(op, cos, sin) if cos is not None else None  # [2, S, D/2] fp32
+
+
+def _fwd_launch(segs, angles, outs, eps):
+    """``segs``: one or two ``(q, k, v or None, q_weight, k_weight)``, each ``[B, S_i, H, D]``, written to token
+    rows ``[0, S_0)`` and ``[S_0, S_0 + S_1)`` of ``outs = (qo, ko, vo or None)``; ``angles`` covers those rows."""
+    segs = [(q, k, v, _aligned(qw), _aligned(kw)) for q, k, v, qw, kw in segs]
+    q0 = segs[0][0]
+    B, S0, H, D = q0.shape
+    seg1 = segs[1] if len(segs) > 1 else segs[0]
+    S1 = seg1[0].shape[1] if len(segs) > 1 else 0
+    qo, ko, vo = outs
+    has_v = vo is not None
+    named = {f"{n}{i}": t for i, sg in enumerate(segs) for n, t in zip("qkv", sg[:3]) if t is not None}
+    check_int32_addressable("qk_norm_rope", {**named, "qo": qo, "ko": ko, "vo": vo, "angles": angles})
+    cfg = qk_rope_config(D, H, has_v)
+    grid = (B * (triton.cdiv(S0, cfg["BLOCK_S"]) + triton.cdiv(S1, cfg["BLOCK_S"])) * (H // cfg["BLOCK_H"]),)
+    v0, v1 = (segs[0][2], seg1[2]) if has_v else (q0, q0)
+    vs = (*_strides3(v0), *_strides3(v1), *_strides3(vo)) if has_v else (0,) * 9
     _qk_norm_rope_fwd_kernel[grid](
-        q, k, q_weight, k_weight, cos_, sin_, qo, ko, n_rows, S, H, D,
-        *_strides3(q), *_strides3(k), *_strides3(qo), *_strides3(ko), cos.stride(0) if has_rope else 0, eps,
-        HAS_ROPE=has_rope, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        q0, segs[0][1], v0, seg1[0], seg1[1], v1, segs[0][3], segs[0][4], seg1[3], seg1[4],
+        angles if angles is not None else q0, qo, ko, vo if has_v else qo,
+        S0, S1, H, D,
+        *_strides3(q0), *_strides3(segs[0][1]), *vs[0:3], *_strides3(seg1[0]), *_strides3(seg1[1]), *vs[3:6],
+        *_strides3(qo), *_strides3(ko), *vs[6:9],
+        eps[0], eps[-1],
+        HAS_ROPE=angles is not None, HAS_V=has_v, TWO_SEGMENTS=len(segs) > 1, BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
-    return qo, ko
+    return outs
 
 
-def _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, eps):
+def _bwd_launch(q, k, q_weight, k_weight, angles, ang_row0, gq, gk, eps):
+    """Gradients of one segment whose angles are rows ``ang_row0..`` of ``angles``."""
     B, S, H, D = q.shape
-    cfg = qk_rope_config(D)
-    n_rows = B * S * H
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    cfg = qk_rope_config(D, H)
+    grid = (B * triton.cdiv(S, cfg["BLOCK_S"]) * (H // cfg["BLOCK_H"]),)
     dq = torch.empty((B, S, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, S, H, D), device=k.device, dtype=k.dtype)
     dqw = torch.empty((grid[0], D), device=q.device, dtype=torch.float32)
     dkw = torch.empty((grid[0], D), device=q.device, dtype=torch.float32)
     gq, gk = _last_contiguous(gq), _last_contiguous(gk)
-    has_rope = cos is not None
+    q_weight, k_weight = _aligned(q_weight), _aligned(k_weight)
+    check_int32_addressable("qk_norm_rope", {"q": q, "k": k, "gq": gq, "gk": gk, "dq": dq, "angles": angles})
+    has_rope = angles is not None
     _qk_norm_rope_bwd_kernel[grid](
-        q, k, q_weight, k_weight, cos if has_rope else q_weight, sin if has_rope else q_weight, gq, gk, dq, dk,
-        dqw, dkw, n_rows, S, H, D, *_strides3(q), *_strides3(k), *_strides3(gq), *_strides3(gk),
-        cos.stride(0) if has_rope else 0, eps,
-        HAS_ROPE=has_rope, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        q, k, q_weight, k_weight, angles if has_rope else q, gq, gk, dq, dk, dqw, dkw,
+        S, H, D, ang_row0, angles.shape[1] if has_rope else 0,
+        *_strides3(q), *_strides3(k), *_strides3(gq), *_strides3(gk), eps,
+        HAS_ROPE=has_rope, BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
     return dq, dk, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)
+
+
+def _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps):
+    """One segment, outputs in the inputs' layout."""
+    outs = (torch.empty_like(q), torch.empty_like(k), None)
+    return _fwd_launch([(q, k, None, q_weight, k_weight)], _angles("qk_norm_rope", cos, sin), outs, (eps,))[:2]
+
+
+def _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, eps):
+    return _bwd_launch(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), 0, gq, gk, eps)
 
 
 def _last_contiguous(t):
@@ -230,6 +332,35 @@ class _QKNormRope(torch.autograd.Function):
         gk = torch.zeros_like(k) if gk is None else gk
         dq, dk, dqw, dkw = _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, ctx.eps)
         return dq, dk, dqw, dkw, None, None, None, None
+
+
+class _JointQKNormRope(torch.autograd.Function):
+    """Two segments into one ``[B, S_0 + S_1, H, D]`` output each for Q, K and V; one kernel launch forward, one
+    backward launch per segment (V's gradient is a view of the incoming one)."""
+
+    @staticmethod
+    def forward(ctx, cos, sin, eps0, eps1, q0, k0, v0, qw0, kw0, q1, k1, v1, qw1, kw1):
+        B, S0, H, D = q0.shape
+        S = S0 + q1.shape[1]
+        angles = _angles("qk_norm_rope", cos, sin)
+        outs = tuple(torch.empty((B, S, H, D), device=q0.device, dtype=q0.dtype) for _ in range(3))
+        _fwd_launch([(q0, k0, v0, qw0, kw0), (q1, k1, v1, qw1, kw1)], angles, outs, (eps0, eps1))
+        ctx.save_for_backward(angles, q0, k0, qw0, kw0, q1, k1, qw1, kw1)
+        ctx.eps = (eps0, eps1)
+        return outs
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        angles, q0, k0, qw0, kw0, q1, k1, qw1, kw1 = ctx.saved_tensors
+        S0 = q0.shape[1]
+        grads = []
+        for (q, k, qw, kw), rows, eps in (((q0, k0, qw0, kw0), slice(0, S0), ctx.eps[0]),
+                                          ((q1, k1, qw1, kw1), slice(S0, None), ctx.eps[1])):
+            gqs = torch.zeros_like(q) if gq is None else gq[:, rows]
+            gks = torch.zeros_like(k) if gk is None else gk[:, rows]
+            dq, dk, dqw, dkw = _bwd_launch(q, k, qw, kw, angles, rows.start, gqs, gks, eps)
+            grads.append((dq, dk, None if gv is None else gv[:, rows], dqw, dkw))
+        return (None, None, None, None, *grads[0], *grads[1])
 
 
 def _validate(q, k, q_weight, k_weight, cos, sin, eps):
@@ -273,6 +404,58 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     chosen = select_backend("qk_norm_rope", q.device, backend, cuda_kernel=True)
     if chosen == "torch":
         return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
-    if cos is not None and sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()  # the kernels take one row stride for both
+    if chosen == "cuda" and cos is not None and sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()  # the csrc kernel takes one row stride for both
     return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps, chosen)
+
+
+def qk_norm_rope_joint_reference(qs, ks, vs, q_weights, k_weights, cos, sin, eps):
+    """Plain torch: each segment's :func:`qk_norm_rope_reference` with its own scales and eps and its rows of
+    ``cos``/``sin``, then the segments concatenated along tokens (V concatenated as is)."""
+    outs, row = [], 0
+    for q, k, qw, kw, e in zip(qs, ks, q_weights, k_weights, eps):
+        rows = slice(row, row + q.shape[1])
+        row = rows.stop
+        outs.append(qk_norm_rope_reference(q, k, qw, kw, *((cos[rows], sin[rows]) if cos is not None else
+                                                             (None, None)), e))
+    return (torch.cat([o[0] for o in outs], dim=1), torch.cat([o[1] for o in outs], dim=1),
+            torch.cat(list(vs), dim=1))
+
+
+def qk_norm_rope_joint(qs, ks, vs, q_weights, k_weights, cos, sin, eps, backend: str | None = None):
+    """Two token segments (FLUX.2's double-stream text then image) normalized and rotated into ONE
+    ``[B, S_0 + S_1, H, D]`` output each for Q, K and V, as the joint attention reads them.
+
+    Args:
+        qs, ks, vs: two ``[B, S_i, H, D]`` tensors each (any strides with a contiguous last dim).
+        q_weights, k_weights: each segment's ``[D]`` RMSNorm scales; eps: each segment's eps (a float for both).
+        cos, sin: ``[S_0 + S_1, D]`` for the joint sequence, or ``None``.
+
+    On the Triton backend one kernel writes every segment's rows in place: no ``torch.cat`` of Q, K or V.
+    Returns contiguous ``(q, k, v)``.
+    """
+    qs, ks, vs, q_weights, k_weights = (list(t) for t in (qs, ks, vs, q_weights, k_weights))
+    eps = [eps, eps] if isinstance(eps, (int, float)) else list(eps)
+    if not all(len(t) == 2 for t in (qs, ks, vs, q_weights, k_weights, eps)):
+        raise ValueError("qk_norm_rope_joint: pass two segments of qs, ks, vs, q_weights, k_weights (and eps)")
+    total = sum(q.shape[1] for q in qs if isinstance(q, torch.Tensor) and q.dim() == 4)
+    for i in range(2):
+        seg_cos = seg_sin = None
+        if cos is not None:
+            if not isinstance(cos, torch.Tensor) or cos.dim() != 2 or cos.shape[0] != total:
+                raise ValueError(f"qk_norm_rope_joint: cos must be [S_0 + S_1, D] = [{total}, D], got shape "
+                                 f"{tuple(getattr(cos, 'shape', ()))}")
+            rows = slice(0, qs[0].shape[1]) if i == 0 else slice(qs[0].shape[1], total)
+            seg_cos, seg_sin = cos[rows], (sin[rows] if isinstance(sin, torch.Tensor) else sin)
+        _validate(qs[i], ks[i], q_weights[i], k_weights[i], seg_cos, seg_sin, eps[i])
+        if vs[i].shape != qs[i].shape or vs[i].dtype != qs[i].dtype or vs[i].stride(-1) != 1:
+            raise ValueError(f"qk_norm_rope_joint: vs[{i}] must match qs[{i}] ({tuple(qs[i].shape)}, {qs[i].dtype}, "
+                             f"contiguous last dim), got {tuple(vs[i].shape)}, {vs[i].dtype}, strides {vs[i].stride()}")
+    B, _, H, D = qs[0].shape
+    if qs[1].shape[0] != B or qs[1].shape[2:] != (H, D) or qs[1].dtype != qs[0].dtype:
+        raise ValueError(f"qk_norm_rope_joint: segments differ beyond their token counts: {tuple(qs[0].shape)} "
+                         f"{qs[0].dtype} vs {tuple(qs[1].shape)} {qs[1].dtype}")
+    if select_backend("qk_norm_rope_joint", qs[0].device, backend) == "torch":
+        return qk_norm_rope_joint_reference(qs, ks, vs, q_weights, k_weights, cos, sin, eps)
+    return _JointQKNormRope.apply(cos, sin, eps[0], eps[1], qs[0], ks[0], vs[0], q_weights[0], k_weights[0],
+                                  qs[1], ks[1], vs[1], q_weights[1], k_weights[1])

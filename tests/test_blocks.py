@@ -213,7 +213,7 @@ def test_per_head_attention_mask(kind):
 # The TP blocks run the fused kernels (Triton in the interpreter here) and still match dense
 # ---------------------------------------------------------------------------------------------------------------
 
-# head_dim 32: the smallest the fused projection kernel supports (two 16-wide accumulators).
+# head_dim 32: the smallest the fused projection kernel supports.
 HEAD32 = Flux2Config(num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), num_layers=1,
                      num_single_layers=1, in_channels=8, joint_attention_dim=16, name="head32")
 
@@ -238,6 +238,44 @@ def test_tp_block_with_triton_kernels_matches_dense(kind):
     results = run_ranks(_tp_with_triton, 2, kind)
     (out0, grads0), ran = results[0]
     expected = ({"layernorm_modulate", "fused_qkv_mlp_proj", "row_parallel_matmul"} if kind == "single"
-                else {"layernorm_modulate", "qk_norm_rope", "row_parallel_matmul"})
+                else {"layernorm_modulate", "qk_norm_rope_joint", "row_parallel_matmul"})
     assert {op for op, _ in ran} == expected and {b for _, b in ran} == {"triton"}
     assert all(torch.equal(a, b) for (out, _), _ in results[1:] for a, b in zip(out, out0))
+
+
+def _double_block_aten_ops(backend):
+    import os
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tpfuse.tp_layers import TPDoubleStreamBlock
+    from tpfuse.tp_layers.verify import block_inputs, random_dense_block
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    os.environ["TPFUSE_BACKEND"] = backend
+    dense = random_dense_block(HEAD32, "double", seed=0)
+    tensors, rope = block_inputs(HEAD32, "double", 1, 7, 30, seed=1)
+    block = TPDoubleStreamBlock.from_dense(dense)
+    with torch.no_grad(), Ops() as ops:
+        block(**tensors, image_rotary_emb=rope)
+    return ops.seen
+
+
+def test_double_block_forward_has_no_qkv_concatenation():
+    """On the Triton path the text and image streams' Q, K and V are written into the joint buffers in place: the
+    block's forward runs no aten cat/stack. (The torch path concatenates, so the probe sees cats there.)"""
+    from tpfuse.kernels._dispatch import interpreting
+
+    if not (interpreting() or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    triton_ops, torch_ops = (run_ranks(_double_block_aten_ops, 2, b)[0] for b in ("triton", "torch"))
+    assert "cat" in torch_ops  # the probe sees concatenations where there are some
+    assert not {"cat", "stack"} & set(triton_ops), sorted(set(triton_ops))

@@ -107,6 +107,54 @@ def test_qk_norm_rope_forward_backward(S, H, D, layout):
     assert rel_error(g_out[2], g_ref[2]) <= TOL and rel_error(g_out[3], g_ref[3]) <= TOL
 
 
+@pytest.mark.parametrize("S0,S1", [(1, 7), (5, 37), (33, 2)])
+@pytest.mark.parametrize("H,D", [(1, 32), (3, 24), (4, 64)])  # H=4: two-head blocks per program; D=24: masked
+@pytest.mark.parametrize("rope", [True, False])
+def test_qk_norm_rope_joint_forward_backward(S0, S1, H, D, rope):
+    from tpfuse.kernels import qk_norm_rope_joint, qk_norm_rope_joint_reference
+
+    B = 2
+    seg = []
+    for i, S in enumerate((S0, S1)):
+        q = _rand(B, H, S, D, seed=10 * i + 1).transpose(1, 2).requires_grad_()  # a [B, H, S, D] buffer's view
+        k = _rand(B, S, H, D, seed=10 * i + 2, scale=2.0).requires_grad_()
+        v = _rand(B, S, H, D, seed=10 * i + 3).requires_grad_()
+        qw = (1 + 0.1 * _rand(D, seed=10 * i + 4)).requires_grad_()
+        kw = (1 + 0.1 * _rand(D, seed=10 * i + 5)).requires_grad_()
+        seg.append((q, k, v, qw, kw))
+    cos, sin = _angles(S0 + S1, D, seed=7) if rope else (None, None)
+    args = ([s[0] for s in seg], [s[1] for s in seg], [s[2] for s in seg], [s[3] for s in seg], [s[4] for s in seg],
+            cos, sin, (1e-6, 1e-5))
+    with record_backends() as ran:
+        out = qk_norm_rope_joint(*args, backend="triton")
+    assert ran == [("qk_norm_rope_joint", "triton")]
+    ref = qk_norm_rope_joint_reference(*args)
+    for o, r in zip(out, ref):
+        assert o.shape == (B, S0 + S1, H, D)
+        torch.testing.assert_close(o, r)
+    inputs = [t for s in seg for t in s]
+    for a, b in zip(_grads(list(out), inputs), _grads(list(ref), inputs)):
+        assert rel_error(a, b) <= TOL
+
+
+def test_bad_input_qk_norm_rope_joint():
+    from tpfuse.kernels import qk_norm_rope_joint
+
+    q0, q1 = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8)
+    w = torch.ones(8)
+    with pytest.raises(ValueError, match="pass two segments"):
+        qk_norm_rope_joint([q0], [q0], [q0], [w], [w], None, None, 1e-6)
+    with pytest.raises(ValueError, match=r"cos must be \[S_0 \+ S_1, D\] = \[8, D\], got shape \(5, 8\)"):
+        qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1], [w, w], [w, w], torch.ones(5, 8), torch.ones(5, 8), 1e-6)
+    with pytest.raises(ValueError, match=r"vs\[1\] must match qs\[1\]"):
+        qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1[:, :4]], [w, w], [w, w], None, None, 1e-6)
+    with pytest.raises(ValueError, match="segments differ beyond their token counts"):
+        q2 = torch.randn(1, 5, 4, 8)
+        qk_norm_rope_joint([q0, q2], [q0, q2], [q0, q2], [w, w], [w, w], None, None, 1e-6)
+    with pytest.raises(ValueError, match="eps must be positive, got 0"):
+        qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1], [w, w], [w, w], None, None, (1e-6, 0))
+
+
 def test_qk_norm_rope_without_rotation_is_rms_norm():
     q, k = _rand(1, 5, 2, 32, seed=1).requires_grad_(), _rand(1, 5, 2, 32, seed=2).requires_grad_()
     w = _rand(32, seed=3).requires_grad_()

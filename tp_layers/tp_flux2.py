@@ -22,7 +22,8 @@ Where the dense block runs several eager ops, the TP block calls one fused op fr
 * every ``norm -> (1 + scale) * x + shift``  ->  ``layernorm_modulate``
 * single-stream ``to_qkv_mlp_proj -> split -> QK RMSNorm -> RoPE -> transpose -> SwiGLU``  ->
   ``fused_qkv_mlp_proj`` (one GEMM; Q/K/V come out head-major for SDPA)
-* double-stream ``QK RMSNorm -> RoPE`` per stream  ->  ``qk_norm_rope``
+* double-stream ``QK RMSNorm -> RoPE`` per stream, then ``cat`` of text and image Q/K/V  ->  ``qk_norm_rope_joint``
+  (one kernel writes both streams' rows of the joint Q, K and V)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope
+from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope_joint
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
@@ -192,16 +193,14 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
             return super()._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         txt_len = encoder_hidden_states.shape[1]
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        rope_txt = (cos[:txt_len], sin[:txt_len]) if cos is not None else (None, None)
-        rope_img = (cos[txt_len:], sin[txt_len:]) if cos is not None else (None, None)
         q, k, v = (self._heads(t) for t in self._qkv(hidden_states, (self.to_q, self.to_k, self.to_v)))
         cq, ck, cv = (self._heads(t) for t in
                       self._qkv(encoder_hidden_states, (self.add_q_proj, self.add_k_proj, self.add_v_proj)))
-        # Per stream: RMSNorm with the stream's scales, then RoPE with the stream's rows of cos/sin.
-        q, k = qk_norm_rope(q, k, self.norm_q.tp_weight(), self.norm_k.tp_weight(), *rope_img, eps_img)
-        cq, ck = qk_norm_rope(cq, ck, self.norm_added_q.tp_weight(), self.norm_added_k.tp_weight(), *rope_txt,
-                              eps_txt)
-        q, k, v = (torch.cat(pair, dim=1) for pair in ((cq, q), (ck, k), (cv, v)))  # [B, St+Si, H_local, Dh]
+        # Per stream: RMSNorm with the stream's scales, then RoPE with the stream's rows of cos/sin, written with V
+        # straight into the joint [B, St+Si, H_local, Dh] Q, K and V (one kernel, no torch.cat on Triton).
+        q, k, v = qk_norm_rope_joint(
+            (cq, q), (ck, k), (cv, v), (self.norm_added_q.tp_weight(), self.norm_q.tp_weight()),
+            (self.norm_added_k.tp_weight(), self.norm_k.tp_weight()), cos, sin, (eps_txt, eps_img))
         out = self._attend(q, k, v, attention_mask)  # [B, St+Si, H_local*Dh]
         return out[:, txt_len:], out[:, :txt_len]
 
