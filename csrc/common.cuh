@@ -43,10 +43,36 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[VEC]) {
   *reinterpret_cast<Vec<T, VEC>*>(p) = r;
 }
 
+// store_vec to global memory, a 16-byte vector as ONE st.global.v4: under register pressure (the 6144-wide
+// layernorm) ptxas split the plain struct store into 4 x 32-bit STG when it could not place the four words in an
+// aligned register quad.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec_global(T* p, const float (&in)[VEC]) {
+  if constexpr (sizeof(Vec<T, VEC>) == 16) {
+    Vec<T, VEC> r;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) r.v[i] = from_float<T>(in[i]);
+    uint4 u;
+    memcpy(&u, &r, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+                 : "memory");
+  } else {
+    store_vec<T, VEC>(p, in);
+  }
+}
+
 // Sum over a group of `width` lanes (a power of two <= 32) that are contiguous within the warp.
 __device__ __forceinline__ float group_sum(float x, int width) {
   for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset, width);
   return x;
 }
+
+// n / d for 0 <= n < 2^31 without a division instruction sequence: q = umulhi(n, mul) >> shr, with (mul, shr)
+// computed once on the host (tpfuse.kernels.cuda_backend.fast_divisor; d == 1 is mul = 0). The round-up
+// multiplier mul = ceil(2^(31 + l) / d), l = ceil(log2 d), is exact for every n < 2^31.
+struct FastDiv {
+  uint32_t d, mul, shr;
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return mul == 0 ? n : __umulhi(n, mul) >> shr; }
+};
 
 }  // namespace tpfuse

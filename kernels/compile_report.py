@@ -667,6 +667,112 @@ def _inspect(compiled, result: KernelResult, arch: int) -> None:
             result.spill_store_bytes, result.spill_load_bytes = map(int, m.groups())
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The CUDA C++ (csrc) kernels: nvcc -> cubin -> the same facts, at the configurations cuda_backend launches
+# --------------------------------------------------------------------------------------------------------------
+
+_CSRC_TYPES = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f"}  # Itanium mangling
+
+
+def _csrc_launches(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple[str, str, str, dict, int]]:
+    """(kernel, mangled-name prefix, config label, launch config, DRAM bytes) the csrc launchers pick for a shape
+    (one sequence, 16-byte aligned rows: the vector kernels)."""
+    from . import cuda_backend as cb
+
+    heads, d, hidden = cfg.heads // tp, cfg.head_dim, cfg.hidden_size
+    size = torch.empty((), dtype=dtype).element_size()
+    vec = cb.vector_width(dtype, aligned=True)
+    t = _CSRC_TYPES[dtype]
+    out = []
+    qk = cb.qk_launch_config(tokens * heads, d, vec)
+    if qk["vector"]:
+        qk_bytes = 4 * tokens * heads * d * size + 2 * tokens * (d // 2) * 4 + 2 * d * size  # q, k in+out; angles
+        out.append(("csrc qk_norm_rope", f"_ZN6tpfuse23qk_norm_rope_vec_kernelI{t}Li{vec}ELi{qk['tpr']}ELi"
+                    f"{qk['vpl']}ELi{qk['rows']}ELb1EE", f"vec={vec} tpr={qk['tpr']} vpl={qk['vpl']} "
+                    f"rows/lane={qk['rows']} block={qk['block']}", qk, qk_bytes))
+    ln = cb.ln_launch_config(1, tokens, hidden, vec)
+    if ln["nv"]:
+        ln_bytes = 2 * tokens * hidden * size + 2 * hidden * size  # x in, y out, shift and scale
+        out.append(("csrc layernorm_modulate", f"_ZN6tpfuse17ln_mod_vec_kernelI{t}Li{vec}ELi{ln['nv']}ELi"
+                    f"{ln['wpr']}EE", f"vec={vec} nv={ln['nv']} wpr={ln['wpr']} rows/block={ln['rows']} "
+                    f"smem={(2 * hidden + 8) * 4}", ln, ln_bytes))
+    return out
+
+
+def _split_functions(text: str) -> dict[str, str]:
+    """``cuobjdump -sass`` of a multi-kernel cubin -> {mangled name: that function's SASS}."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: Sequence[tuple[int, int]]
+                 ) -> list[KernelResult]:
+    """Compile ``csrc/*.cu`` for ``arch`` and inspect the kernel instantiations the launchers use at these shapes;
+    empty when nvcc is missing (the Triton report stands alone)."""
+    from tpfuse.tp_layers.config import Flux2Config
+
+    from . import cuda_backend as cb
+
+    try:
+        nvcc = cb.nvcc_path()
+    except cb.CsrcError:
+        return []
+    results: dict[str, KernelResult] = {}
+    meta: dict[str, tuple[str, dict]] = {}
+    for preset in presets:
+        cfg = Flux2Config.preset(preset)
+        for n in tp:
+            if cfg.heads % n or cfg.mlp_hidden % n:
+                continue
+            for txt, img in tokens:
+                for kernel, symbol, label, launch, nbytes in _csrc_launches(cfg, n, txt + img):
+                    if symbol not in results:
+                        grid = launch["grid"] if isinstance(launch["grid"], tuple) else (launch["grid"],)
+                        results[symbol] = KernelResult(kernel, False, label, [], grid=list(grid), bytes=nbytes,
+                                                       num_warps=launch["block"] // 32)
+                        meta[symbol] = (label, launch)
+                    results[symbol].uses.append(f"{preset} tp{n} {txt}+{img}")
+    with tempfile.TemporaryDirectory() as tmp:
+        sass, usage, verbose = {}, "", ""
+        for source in cb.sources():
+            cubin = Path(tmp, source.stem + ".cubin")
+            proc = subprocess.run([nvcc, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                                   "-cubin", "-Xptxas", "-v", str(source), "-o", str(cubin)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                for r in results.values():
+                    r.error = f"nvcc failed on {source.name}: {proc.stderr.strip().splitlines()[-1:]}"
+                return list(results.values())
+            verbose += proc.stdout + proc.stderr
+            sass.update(_split_functions(subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
+                                                        capture_output=True, text=True, check=True).stdout))
+            usage += subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                                    check=True).stdout
+    spills = dict(re.findall(r"Compiling entry function '(\w+)'.*?(\d+ bytes stack frame, \d+ bytes spill "
+                             r"stores, \d+ bytes spill loads)", verbose, flags=re.S))
+    for symbol, result in results.items():
+        name = next((f for f in sass if f.startswith(symbol)), None)
+        if name is None:
+            result.error = f"no kernel {symbol}... in the csrc cubins"
+            continue
+        result.ok_compiled = True
+        try:
+            m = re.search(re.escape(name) + r":\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+            result.registers, result.stack_bytes, static_shared, result.local_bytes = map(int, m.groups())
+            hidden_smem = re.search(r"smem=(\d+)", meta[symbol][0])
+            result.shared_bytes = static_shared + (int(hidden_smem.group(1)) if hidden_smem else 0)
+            result.spill_store_bytes, result.spill_load_bytes = map(
+                int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", spills[name]).groups())
+            result.sass = analyze_sass(sass[name])
+            result.cta_limits = ctas_per_sm(result.registers, result.num_warps, result.shared_bytes)
+            result.ctas_per_sm = min(result.cta_limits.values())
+            result.instr_per_byte = instr_per_byte(result.sass.path_instructions, result.num_warps, result.grid,
+                                                   result.bytes)
+        except Exception as exc:  # noqa: BLE001 - reported as a failure of this kernel
+            result.error = _one_line(exc)
+    return sorted(results.values(), key=lambda r: (r.kernel, r.config))
+
+
 def compile_report(arch: int = 90, presets: Sequence[str] = DEFAULT_PRESETS, tp: Sequence[int] = DEFAULT_TP,
                    tokens: Sequence[tuple[int, int]] = DEFAULT_TOKENS, dump: str | Path | None = None
                    ) -> CompileReport:
@@ -717,7 +823,8 @@ def compile_report(arch: int = 90, presets: Sequence[str] = DEFAULT_PRESETS, tp:
             _inspect(compiled, result, arch)
         except Exception as exc:  # noqa: BLE001 - reported as a failure of this kernel, the others still run
             result.error = _one_line(exc)
-    report = CompileReport(arch, triton.__version__, [results[key] for key in order])
+    report = CompileReport(arch, triton.__version__, [results[key] for key in order]
+                           + _csrc_report(arch, presets, tp, tokens))
     if dump_dir is not None:
         (dump_dir / "index.json").write_text(json.dumps([k.to_json() for k in report.kernels], indent=2))
     return report

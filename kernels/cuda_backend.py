@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ._checks import check_int32_addressable
+
 __all__ = ["build", "load", "nvcc_command", "sources", "qk_launch_config", "ln_launch_config", "vector_width",
+           "fast_divisor",
            "DTYPE_CODES", "qk_norm_rope_cuda", "layernorm_modulate_cuda", "CsrcError"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common.cuh: DType
@@ -55,22 +58,59 @@ def _aligned(t: torch.Tensor, row_strides) -> bool:
     return t.data_ptr() % 16 == 0 and all((s * elt) % 16 == 0 for s in row_strides)
 
 
+def fast_divisor(d: int) -> tuple[int, int, int]:
+    """``(d, mul, shr)`` for csrc's ``FastDiv``: ``n // d == (n * mul) >> (32 + shr)`` for every ``0 <= n < 2^31``
+    (``mul = ceil(2^(31 + l) / d)``, ``l = ceil(log2 d)``; ``mul = 0`` means ``d == 1``)."""
+    if not 1 <= d < 2**31:
+        raise ValueError(f"fast_divisor: d={d} must be in [1, 2^31)")
+    if d == 1:
+        return 1, 0, 0
+    p = 31 + (d - 1).bit_length()
+    return d, -(-(1 << p) // d), p - 32
+
+
+# (lanes per row, vectors per lane) the vector kernel is instantiated for (csrc/qk_norm_rope.cu), preferred first:
+# two vectors per lane spend one shuffle level less per row (sm_90, D=128 bf16: 0.10 vs 0.11 warp instructions
+# per byte).
+QK_VECTOR_SHAPES = ((8, 2), (16, 2), (8, 1), (16, 1), (32, 1))
+QK_ROWS_PER_LANE = 4
+
+
 def qk_launch_config(n_rows: int, d: int, vec: int, block: int = 256) -> dict:
-    """``tpr`` lanes per (token, head) row — enough to cover the row in one vector per lane (a power of two up
-    to a warp) — ``block`` threads, and a grid covering ``2 * n_rows`` rows (Q then K)."""
-    per_row = -(-d // max(vec, 2))  # vectors, or pairs in the scalar path
+    """The vector kernel when a row is ``tpr`` lanes x ``vpl`` vectors of ``vec`` elements (a shape in
+    ``QK_VECTOR_SHAPES``): each lane takes the Q and K rows of ``QK_ROWS_PER_LANE`` consecutive (b, s, h) in turn.
+    Otherwise the scalar kernel: ``tpr`` lanes (a power of two up to a warp) walk a row a pair at a time, Q rows
+    then K rows."""
+    for tpr, vpl in QK_VECTOR_SHAPES if vec > 1 else ():
+        if tpr * vpl * vec == d:
+            grid = max(1, -(-n_rows // (QK_ROWS_PER_LANE * (block // tpr))))
+            return {"vector": 1, "vec": vec, "tpr": tpr, "vpl": vpl, "block": block, "grid": grid,
+                    "rows": QK_ROWS_PER_LANE}
     tpr = 1
-    while tpr < min(per_row, 32):
+    while tpr < min(d // 2, 32):
         tpr *= 2
-    grid = max(1, -(-2 * n_rows * tpr // block))
-    return {"vec": vec, "tpr": tpr, "block": block, "grid": grid}
+    return {"vector": 0, "vec": 1, "tpr": tpr, "vpl": 0, "block": block,
+            "grid": max(1, -(-2 * n_rows * tpr // block)), "rows": 1}
 
 
-def ln_launch_config(rows: int, d: int, vec: int) -> dict:
-    """One block per row, sized to cover the row in one vector per thread (a multiple of 32, at most 1024)."""
+LN_VECTOR_SHAPES = ((4, 1), (8, 1), (12, 1), (16, 1), (12, 2), (16, 2), (12, 4), (16, 4))  # (nv, wpr) instantiated
+LN_BLOCK = 256
+
+
+def ln_launch_config(batch: int, seq: int, d: int, vec: int) -> dict:
+    """The vector kernel when a row is ``wpr`` warps x 32 lanes x ``nv`` vectors of ``vec`` (FLUX.2: 3072 and 4096
+    in one warp, 6144 in two, bf16): ``LN_BLOCK / 32 / wpr`` rows of one batch entry per block. Otherwise the
+    generic kernel: one block per row, sized to cover the row in one vector per thread."""
+    if vec > 1 and d % vec == 0:
+        vectors = d // vec
+        for nv, wpr in LN_VECTOR_SHAPES:
+            if nv * wpr * 32 == vectors:
+                rows = LN_BLOCK // 32 // wpr
+                return {"nv": nv, "wpr": wpr, "vec": vec, "block": LN_BLOCK, "grid": (-(-seq // rows), batch),
+                        "rows": rows}
     per_row = -(-d // vec)  # vectors in a row
     block = min(1024, max(32, -(-per_row // 32) * 32))
-    return {"vec": vec, "block": block, "grid": rows}
+    return {"nv": 0, "wpr": 0, "vec": vec, "block": block, "grid": (seq, batch), "rows": 1}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,12 +183,12 @@ def build(arch: int | None = None, force: bool = False) -> Path:
 def load(arch: int | None = None) -> ctypes.CDLL:
     """Build (if needed) and load the library; argument types are declared for every launcher."""
     lib = ctypes.CDLL(str(build(arch)))
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.tpfuse_qk_norm_rope_fwd.argtypes = [i32, i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64,
-                                            ctypes.POINTER(i64), i64, f32, i32, i32, i32, i64, p]
+    p, i32, u32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_float
+    lib.tpfuse_qk_norm_rope_fwd.argtypes = [i32, i32, i32, p, p, p, p, p, p, p, i32, i32, ctypes.POINTER(i32),
+                                            ctypes.POINTER(u32), f32, i32, i32, i32, i32, p]
     lib.tpfuse_qk_norm_rope_fwd.restype = i32
-    lib.tpfuse_layernorm_modulate_fwd.argtypes = [i32, i32, p, p, p, p, i64, i64, i64, ctypes.POINTER(i64), f32,
-                                                  i32, p]
+    lib.tpfuse_layernorm_modulate_fwd.argtypes = [i32, i32, i32, i32, p, p, p, p, i32, i32, i32,
+                                                  ctypes.POINTER(i32), f32, i32, p]
     lib.tpfuse_layernorm_modulate_fwd.restype = i32
     return lib
 
@@ -162,8 +202,12 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _i64s(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
+def _i32s(values) -> ctypes.Array:
+    return (ctypes.c_int * len(values))(*values)
+
+
+def _u32s(values) -> ctypes.Array:
+    return (ctypes.c_uint * len(values))(*values)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -177,32 +221,30 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 @torch.library.custom_op("tpfuse::qk_norm_rope_cuda", mutates_args=())
 def qk_norm_rope_cuda(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                      cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float) -> tuple[torch.Tensor,
-                                                                                            torch.Tensor]:
-    """csrc forward of :func:`tpfuse.kernels.qk_norm_rope` (validated by the caller)."""
+                      angles: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """csrc forward of :func:`tpfuse.kernels.qk_norm_rope` (validated by the caller); ``angles``: the compact
+    ``[2, S, D/2]`` fp32 table of :func:`tpfuse.kernels._rope.angle_table`, or ``None``."""
     B, S, H, D = q.shape
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     qw, kw = q_weight.to(q.dtype).contiguous(), k_weight.to(q.dtype).contiguous()
     rows = [t.stride()[:3] for t in (q, k, qo, ko)]
     aligned = all(_aligned(t, r) for t, r in zip((q, k, qo, ko), rows)) and _aligned(qw, []) and _aligned(kw, [])
-    vec = vector_width(q.dtype, aligned)
-    cfg = qk_launch_config(B * S * H, D, vec)
-    has_rope = cos is not None
-    cos_f = cos.float().contiguous() if has_rope else None
-    sin_f = sin.float().contiguous() if has_rope else None
+    cfg = qk_launch_config(B * S * H, D, vector_width(q.dtype, aligned))
+    check_int32_addressable("qk_norm_rope (cuda)", {"q": q, "k": k, "qo": qo, "ko": ko, "angles": angles,
+                                                    "rows": torch.empty(2 * B * S * H, 32, device="meta")})
     if B * S * H == 0:
         return qo, ko
     with torch.cuda.device(q.device):
         code = load().tpfuse_qk_norm_rope_fwd(
-            DTYPE_CODES[q.dtype], cfg["vec"], _ptr(q), _ptr(k), _ptr(qw), _ptr(kw), _ptr(cos_f), _ptr(sin_f),
-            _ptr(qo), _ptr(ko), B, S, H, D, _i64s([s for r in rows for s in r]), cos_f.stride(0) if has_rope else 0,
-            float(eps), int(has_rope), cfg["tpr"], cfg["block"], cfg["grid"], _stream(q))
+            DTYPE_CODES[q.dtype], cfg["vector"], cfg["vpl"], _ptr(q), _ptr(k), _ptr(qw), _ptr(kw), _ptr(angles), _ptr(qo),
+            _ptr(ko), B * S * H, D, _i32s([s for r in rows for s in r]), _u32s([*fast_divisor(H), *fast_divisor(S)]),
+            float(eps), int(angles is not None), cfg["tpr"], cfg["block"], cfg["grid"], _stream(q))
     _check(code, "qk_norm_rope (cuda)")
     return qo, ko
 
 
 @qk_norm_rope_cuda.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps):
+def _(q, k, q_weight, k_weight, angles, eps):
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -214,15 +256,16 @@ def layernorm_modulate_cuda(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
     y = torch.empty((B, S, D), device=x.device, dtype=x.dtype)
     aligned = (_aligned(x, x.stride()[:2]) and _aligned(y, y.stride()[:2]) and _aligned(shift, shift.stride()[:1])
                and _aligned(scale, scale.stride()[:1]))
-    vec = vector_width(x.dtype, aligned)
-    cfg = ln_launch_config(B * S, D, vec)
+    cfg = ln_launch_config(B, S, D, vector_width(x.dtype, aligned))
+    check_int32_addressable("layernorm_modulate (cuda)", {"x": x, "y": y, "shift": shift, "scale": scale})
     smb = shift.stride(0) if shift.shape[0] == B and B > 1 else 0
     if B * S == 0:
         return y
     with torch.cuda.device(x.device):
         code = load().tpfuse_layernorm_modulate_fwd(
-            DTYPE_CODES[x.dtype], cfg["vec"], _ptr(x), _ptr(shift), _ptr(scale), _ptr(y), B, S, D,
-            _i64s([x.stride(0), x.stride(1), y.stride(0), y.stride(1), smb]), float(eps), cfg["block"], _stream(x))
+            DTYPE_CODES[x.dtype], cfg["nv"], cfg["wpr"], cfg["vec"], _ptr(x), _ptr(shift), _ptr(scale), _ptr(y), B,
+            S, D, _i32s([x.stride(0), x.stride(1), y.stride(0), y.stride(1), smb]), float(eps), cfg["block"],
+            _stream(x))
     _check(code, "layernorm_modulate (cuda)")
     return y
 

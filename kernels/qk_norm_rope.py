@@ -322,7 +322,7 @@ class _QKNormRope(torch.autograd.Function):
         if impl == "cuda":
             from .cuda_backend import qk_norm_rope_cuda
 
-            return qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, eps)
+            return qk_norm_rope_cuda(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), eps)
         return _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps)
 
     @staticmethod
@@ -404,8 +404,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     chosen = select_backend("qk_norm_rope", q.device, backend, cuda_kernel=True)
     if chosen == "torch":
         return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
-    if chosen == "cuda" and cos is not None and sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()  # the csrc kernel takes one row stride for both
     return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps, chosen)
 
 

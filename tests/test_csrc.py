@@ -27,7 +27,9 @@ def test_compiles_for_sm90_without_spills(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = proc.stderr
     functions = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", report)
-    assert len(functions) == 9  # 3 dtypes x 3 vector widths
+    per_dtype = {"qk_norm_rope.cu": 2 * len(cb.QK_VECTOR_SHAPES) + 1,  # vector kernels with/without RoPE, scalar
+                 "layernorm_modulate.cu": len(cb.LN_VECTOR_SHAPES) + 2}  # vector kernels, generic (vec and 1)
+    assert len(functions) == 3 * per_dtype[source]
     stats = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(stats) == len(functions) and all(s == ("0", "0", "0") for s in stats), report
 
@@ -72,39 +74,77 @@ def test_alignment_check_sees_offsets_and_strides():
     assert not cb._aligned(torch.zeros(4, 20, dtype=torch.bfloat16), (20,))  # 40-byte rows
 
 
-def _qk_elements(d, vec, tpr):
-    """The elements each lane of a row touches, as the kernel's two loops walk them."""
-    d_vec = (d // vec) * vec if vec >= 2 else 0
+def test_fast_divisor_is_exact():
+    import random
+
+    rng = random.Random(0)
+    for d in [1, 2, 3, 5, 7, 24, 48, 96, 1000, 4608, 65535, 2**20 + 7, 2**30 + 1, 2**31 - 1]:
+        d_, mul, shr = cb.fast_divisor(d)
+        assert d_ == d and 0 <= mul < 2**32
+        for n in [0, 1, d - 1, d, d + 1, 2**31 - 1, *(rng.randrange(2**31) for _ in range(2000))]:
+            q = n if mul == 0 else (n * mul >> 32) >> shr  # the kernel's umulhi(n, mul) >> shr
+            assert q == n // d, (d, n)
+    with pytest.raises(ValueError, match="d=0 must be in"):
+        cb.fast_divisor(0)
+
+
+def _qk_cover(cfg, n_rows, d):
+    """(row, element) pairs the launch touches for Q, as the kernels walk them."""
     seen = []
-    for lane in range(tpr):
-        seen += [x for start in range(lane * vec, d_vec, tpr * vec) for x in range(start, start + vec)]
-        seen += [x for start in range(d_vec + 2 * lane, d, 2 * tpr) for x in (start, start + 1)]
+    if cfg["vector"]:
+        groups = cfg["grid"] * cfg["block"] // cfg["tpr"]
+        for g in range(groups):
+            for i in range(cfg["rows"]):
+                r = g * cfg["rows"] + i
+                if r < n_rows:
+                    seen += [(r, (v * cfg["tpr"] + lane) * cfg["vec"] + j) for lane in range(cfg["tpr"])
+                             for v in range(cfg["vpl"]) for j in range(cfg["vec"])]
+    else:  # Q rows are the first n_rows of the 2 * n_rows row groups
+        for r in range(min(n_rows, cfg["grid"] * cfg["block"] // cfg["tpr"])):
+            seen += [(r, e) for lane in range(cfg["tpr"]) for s in range(2 * lane, d, 2 * cfg["tpr"])
+                     for e in (s, s + 1)]
     return sorted(seen)
 
 
-@pytest.mark.parametrize("dtype,d,aligned", [(torch.bfloat16, 128, True), (torch.bfloat16, 256, True),
-                                             (torch.float32, 128, True), (torch.float16, 20, True),
-                                             (torch.float16, 20, False), (torch.bfloat16, 64, True),
-                                             (torch.float32, 6, True), (torch.bfloat16, 128, False)])
-def test_qk_launch_covers_every_element_once(dtype, d, aligned):
+@pytest.mark.parametrize("dtype,d,aligned,vector", [(torch.bfloat16, 128, True, True),
+                                                    (torch.bfloat16, 256, True, True),
+                                                    (torch.float32, 128, True, True), (torch.float16, 20, True, False),
+                                                    (torch.float16, 20, False, False), (torch.bfloat16, 64, True, True),
+                                                    (torch.float32, 6, True, False),
+                                                    (torch.bfloat16, 128, False, False)])
+def test_qk_launch_covers_every_element_once(dtype, d, aligned, vector):
     vec = cb.vector_width(dtype, aligned)
-    cfg = cb.qk_launch_config(n_rows=1000, d=d, vec=vec)
+    n_rows = 1001  # not a multiple of the rows a block covers
+    cfg = cb.qk_launch_config(n_rows=n_rows, d=d, vec=vec)
+    assert bool(cfg["vector"]) == vector
     assert cfg["tpr"] & (cfg["tpr"] - 1) == 0 and cfg["tpr"] <= 32 and cfg["block"] % cfg["tpr"] == 0
-    assert cfg["grid"] * cfg["block"] >= 2 * 1000 * cfg["tpr"]  # Q rows then K rows
-    assert _qk_elements(d, vec, cfg["tpr"]) == list(range(d))
-    assert vec == 1 or all(e % 2 == 0 for e in range(0, (d // vec) * vec, vec))  # vectors start on a pair
+    if vector:
+        assert (cfg["tpr"], cfg["vpl"]) == next(s for s in cb.QK_VECTOR_SHAPES if s[0] * s[1] * vec == d)
+    else:
+        assert cfg["grid"] * cfg["block"] >= 2 * n_rows * cfg["tpr"]  # Q rows then K rows
+    assert _qk_cover(cfg, n_rows, d) == [(r, e) for r in range(n_rows) for e in range(d)]
 
 
-@pytest.mark.parametrize("dtype,d,aligned", [(torch.bfloat16, 3072, True), (torch.bfloat16, 6144, True),
-                                             (torch.float32, 40, True), (torch.bfloat16, 3001, True),
-                                             (torch.bfloat16, 3001, False)])
-def test_ln_launch_covers_the_row(dtype, d, aligned):
+@pytest.mark.parametrize("dtype,d,aligned,vector", [(torch.bfloat16, 3072, True, True),
+                                                    (torch.bfloat16, 6144, True, True),
+                                                    (torch.bfloat16, 4096, True, True),
+                                                    (torch.float32, 3072, True, True), (torch.float32, 40, True, False),
+                                                    (torch.bfloat16, 3001, True, False),
+                                                    (torch.bfloat16, 3072, False, False)])
+def test_ln_launch_covers_the_row(dtype, d, aligned, vector):
     vec = cb.vector_width(dtype, aligned)
-    cfg = cb.ln_launch_config(rows=7, d=d, vec=vec)
-    assert cfg["block"] % 32 == 0 and 32 <= cfg["block"] <= 1024 and cfg["grid"] == 7
-    d_vec = (d // vec) * vec
-    seen = sorted([x for t in range(cfg["block"]) for s in range(t * vec, d_vec, cfg["block"] * vec)
-                   for x in range(s, s + vec)] + list(range(d_vec, d)))
+    cfg = cb.ln_launch_config(batch=2, seq=7, d=d, vec=vec)
+    assert bool(cfg["nv"]) == vector
+    if vector:
+        assert (cfg["nv"], cfg["wpr"]) in cb.LN_VECTOR_SHAPES and cfg["block"] == cb.LN_BLOCK
+        assert cfg["grid"] == (-(-7 // cfg["rows"]), 2) and cfg["rows"] * cfg["wpr"] * 32 == cfg["block"]
+        seen = sorted(((j * cfg["wpr"] + w) * 32 + lane) * vec + i for j in range(cfg["nv"])
+                      for w in range(cfg["wpr"]) for lane in range(32) for i in range(vec))
+    else:
+        assert cfg["block"] % 32 == 0 and 32 <= cfg["block"] <= 1024 and cfg["grid"] == (7, 2)
+        d_vec = (d // vec) * vec
+        seen = sorted([x for t in range(cfg["block"]) for s in range(t * vec, d_vec, cfg["block"] * vec)
+                       for x in range(s, s + vec)] + list(range(d_vec, d)))
     assert seen == list(range(d))
 
 
@@ -133,7 +173,8 @@ def test_fake_implementations_trace_without_the_library():
 
     with FakeTensorMode():
         q = torch.empty(2, 5, 3, 8).transpose(1, 2).contiguous().transpose(1, 2)
-        qo, ko = torch.ops.tpfuse.qk_norm_rope_cuda(q, q, torch.empty(8), torch.empty(8), None, None, 1e-6)
+        qo, ko = torch.ops.tpfuse.qk_norm_rope_cuda(q, q, torch.empty(8), torch.empty(8), torch.empty(2, 5, 4),
+                                                    1e-6)
         y = torch.ops.tpfuse.layernorm_modulate_cuda(torch.empty(2, 5, 16), torch.empty(2, 16), torch.empty(2, 16),
                                                       1e-6)
     assert qo.shape == q.shape and qo.stride() == q.stride() and ko.shape == q.shape
@@ -147,7 +188,8 @@ def test_fake_implementations_trace_without_the_library():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D,layout", [(128, "bshd"), (128, "bhsd"), (20, "bshd"), (128, "offset")])
+@pytest.mark.parametrize("D,layout", [(128, "bshd"), (128, "bhsd"), (20, "bshd"), (128, "offset"), (64, "bshd"),
+                                      (256, "bshd")])
 def test_cuda_qk_norm_rope_matches_reference(dtype, D, layout):
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (2, 3, 77, D) if layout == "bhsd" else (2, 77, 3, D + (1 if layout == "offset" else 0))
@@ -168,7 +210,7 @@ def test_cuda_qk_norm_rope_matches_reference(dtype, D, layout):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [3072, 3001])
+@pytest.mark.parametrize("D", [3072, 3001, 4096, 6144])
 def test_cuda_layernorm_modulate_matches_reference(dtype, D):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (3 * torch.randn(2, 33, D, device="cuda", generator=g) + 1).to(dtype)
