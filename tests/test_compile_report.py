@@ -7,13 +7,14 @@ are tested on synthetic inputs; ``--dump`` on one preset."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tpfuse.kernels.compile_report import (SHARED_LIMIT, CompileReport, KernelResult, _compile_spec, _grid_shape,
+from tpfuse.kernels.compile_report import (MAX_INSTR_PER_BYTE, SHARED_LIMIT, CompileReport, KernelResult, _compile_spec, _grid_shape,
                                            _Launch, _launch_bytes, _Recorder, _tool, analyze_sass, ctas_per_sm,
                                            instr_per_byte, parse_sass)
 
@@ -47,6 +48,25 @@ def test_every_kernel_and_shape_is_covered(report):
     for preset in ("klein-4b", "klein-9b", "dev"):
         for tp in (1, 2, 4, 8):
             assert f"{preset} tp{tp} 512+4096" in uses
+
+
+def test_memory_bound_kernels_meet_the_issue_rate_target(report):
+    """Triton and csrc memory-bound kernels at every FLUX.2 shape: <= 0.10 warp instructions per DRAM byte, no
+    CALL, no 16-bit scalar global loads or stores. The csrc kernels are covered wherever nvcc is (CI has it)."""
+    _, data = report
+    names = {k["kernel"] for k in data["kernels"]}
+    assert {"qk_norm_rope.joint", "layernorm_modulate"} <= names
+    if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
+        assert {"csrc qk_norm_rope", "csrc layernorm_modulate"} <= names
+    for k in data["kernels"]:
+        if k["gemm"]:
+            continue
+        label = f"{k['kernel']} [{k['config']}]"
+        assert k["calls"] == 0 and k["ldg_16bit"] == 0 and k["stg_16bit"] == 0, label
+        # Known gap: the Triton backward (training only) is at 0.099-0.108; the report lists it as above target.
+        if k["kernel"] != "qk_norm_rope.bwd":
+            assert k["instr_per_byte"] <= MAX_INSTR_PER_BYTE, label
+    assert all("qk_norm_rope.bwd" in line for line in data["above_target"]), data["above_target"]
 
 
 def test_gemms_use_wgmma_fit_shared_memory_and_never_spill(report):
@@ -88,7 +108,8 @@ def test_dump_writes_cubins_and_an_index(tmp_path):
     assert (out / "index.json").exists(), proc.stdout + proc.stderr
     index = json.loads((out / "index.json").read_text())
     assert {k["kernel"] for k in index} >= {"fused_qkv_mlp_proj", "layernorm_modulate", "row_parallel_matmul"}
-    assert sorted(p.name for p in out.glob("*.cubin")) == sorted(k["cubin"] for k in index)
+    # One cubin per Triton compilation; the csrc kernels of one source share its cubin.
+    assert {p.name for p in out.glob("*.cubin")} == {k["cubin"] for k in index}
     for k in index:
         for key in ("kernel", "gemm", "config", "uses", "cubin", "num_warps", "shared_bytes", "grid", "bytes",
                     "instr_per_byte", "hgmma_shapes", "loop_instructions", "epilogue_instructions", "ctas_per_sm",
@@ -415,6 +436,19 @@ def test_each_sass_rule_fails(gemm, ctas, sass, message):
 ])
 def test_sass_rules_do_not_fire_below_their_limits(gemm, ctas, sass):
     assert _result(gemm, ctas, **sass).failures(SHARED_LIMIT[90]) == []
+
+
+def test_memory_bound_targets_are_listed_not_failed():
+    k = _result(gemm=False, ldg_16bit=3, calls=2)
+    k.instr_per_byte = 0.13
+    assert k.failures(SHARED_LIMIT[90]) == []
+    assert k.above_target() == ["k [cfg]: 0.130 warp instructions per DRAM byte > 0.1", "k [cfg]: 2 CALL (int64 "
+                                "division slow paths)", "k [cfg]: 3 16-bit scalar global loads"]
+    k.instr_per_byte, k.sass.calls, k.sass.ldg_16bit = MAX_INSTR_PER_BYTE, 0, 0
+    assert k.above_target() == []
+    gemm = _result()
+    gemm.instr_per_byte = None
+    assert gemm.above_target() == []  # GEMMs are judged by the GEMM rules
 
 
 def test_an_inspection_error_is_a_failure():
