@@ -10,7 +10,8 @@ For every FLUX.2 preset (klein-4B, klein-9B, dev), TP degree (local widths at 1,
   faster than eager, faster than ``torch.compile`` and than GEMM + epilogue.
 * ``row_parallel_matmul`` (single-stream ``to_out`` over ``[attn | mlp]`` with gate and residual): ours vs the
   eager reference (cat, GEMM, gate, residual) vs compiled vs the bare GEMM on a materialized cat.
-* ``qk_norm_rope`` and ``layernorm_modulate``: ours (Triton) vs the CUDA C++ backend (csrc) vs eager vs compiled;
+* ``qk_norm_rope`` (and ``qk_norm_rope_joint``, the double-stream launch that also places V) and
+  ``layernorm_modulate``: ours (Triton) vs the CUDA C++ backend (csrc) vs eager vs compiled;
   GB/s and % of the measured device-to-device copy bandwidth. Targets: Triton >= 85%, csrc >= 90% of copy
   bandwidth.
 
@@ -41,6 +42,8 @@ from tpfuse.kernels import (  # noqa: E402
     layernorm_modulate,
     layernorm_modulate_reference,
     qk_norm_rope,
+    qk_norm_rope_joint,
+    qk_norm_rope_joint_reference,
     qk_norm_rope_reference,
 )
 from tpfuse.kernels._dispatch import interpreting  # noqa: E402
@@ -117,8 +120,22 @@ def bench_shape(label, cfg, tp, tokens, device, dtype, peaks: Peaks, use_compile
         "eager": lambda: qk_norm_rope_reference(*qk_args),
         "compiled": _compiled(lambda: qk_norm_rope_reference(*qk_args), use_compile),
     }, device)
-    moved = 4 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size()
+    angles = cos.numel() * cos.element_size()  # the fewest angle bytes: one fp32 cos and sin per pair
+    moved = 4 * q.numel() * q.element_size() + angles
     rows.append(_row("qk_norm_rope", label, times, moved=moved, peaks=peaks))
+
+    # The double-stream joint launch: text and image Q/K normalized and rotated, V copied, into joint buffers ----
+    txt = min(512, tokens // 4)
+    segs = [[rand(1, n, heads, d) for n in (txt, tokens - txt)] for _ in range(3)]
+    joint_args = (*segs, (nw, nw), (nw, nw), cos, sin, cfg.eps)
+    times = _time_variants({
+        "ours": lambda: qk_norm_rope_joint(*joint_args),
+        "eager": lambda: qk_norm_rope_joint_reference(*joint_args[:-1], (cfg.eps, cfg.eps)),
+        "compiled": _compiled(lambda: qk_norm_rope_joint_reference(*joint_args[:-1], (cfg.eps, cfg.eps)),
+                              use_compile),
+    }, device)
+    rows.append(_row("qk_norm_rope_joint", label, times, moved=6 * q.numel() * q.element_size() + angles,
+                     peaks=peaks))
 
     # LayerNorm + modulation (replicated: full hidden width at any TP) ------------------------------------------
     shift, scale = rand(1, hidden), rand(1, hidden, scale=0.1)
@@ -180,6 +197,7 @@ TARGETS = {
         (">gemm+epi", "speedup_vs_gemm_epilogue", lambda v: v > 1),
     ],
     "qk_norm_rope": [(">=85% copy", "pct_peak", lambda v: v >= 85), ("csrc>=90%", "cuda_pct_peak", lambda v: v >= 90)],
+    "qk_norm_rope_joint": [(">=85% copy", "pct_peak", lambda v: v >= 85)],
     "layernorm_modulate": [(">=85% copy", "pct_peak", lambda v: v >= 85),
                            ("csrc>=90%", "cuda_pct_peak", lambda v: v >= 90)],
 }
