@@ -698,6 +698,20 @@ def _inspect(compiled, result: KernelResult, arch: int) -> None:
             result.spill_store_bytes, result.spill_load_bytes = map(int, m.groups())
 
 
+def _shapes(presets: Sequence[str], tp: Sequence[int], tokens: Sequence[tuple[int, int]]):
+    """(label, config, TP degree, text tokens, image tokens) for every preset x TP that divides its heads and MLP
+    x token pair."""
+    from tpfuse.tp_layers.config import Flux2Config
+
+    for preset in presets:
+        cfg = Flux2Config.preset(preset)
+        for n in tp:
+            if cfg.heads % n or cfg.mlp_hidden % n:
+                continue
+            for txt, img in tokens:
+                yield f"{preset} tp{n} {txt}+{img}", cfg, n, txt, img
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The CUDA C++ (csrc) kernels: nvcc -> cubin -> the same facts, at the configurations cuda_backend launches
 # --------------------------------------------------------------------------------------------------------------
@@ -741,8 +755,6 @@ def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: S
     """Compile ``csrc/*.cu`` for ``arch`` and inspect the kernel instantiations the launchers use at these shapes
     (with ``dump_dir``, each source's cubin goes there as ``csrc_<name>.cubin``); empty when nvcc is missing (the
     Triton report stands alone)."""
-    from tpfuse.tp_layers.config import Flux2Config
-
     from . import cuda_backend as cb
 
     try:
@@ -751,19 +763,14 @@ def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: S
         return []
     results: dict[str, KernelResult] = {}
     meta: dict[str, tuple[str, dict]] = {}
-    for preset in presets:
-        cfg = Flux2Config.preset(preset)
-        for n in tp:
-            if cfg.heads % n or cfg.mlp_hidden % n:
-                continue
-            for txt, img in tokens:
-                for kernel, symbol, label, launch, nbytes in _csrc_launches(cfg, n, txt + img):
-                    if symbol not in results:
-                        grid = launch["grid"] if isinstance(launch["grid"], tuple) else (launch["grid"],)
-                        results[symbol] = KernelResult(kernel, False, label, [], grid=list(grid), bytes=nbytes,
-                                                       num_warps=launch["block"] // 32)
-                        meta[symbol] = (label, launch)
-                    results[symbol].uses.append(f"{preset} tp{n} {txt}+{img}")
+    for use, cfg, n, txt, img in _shapes(presets, tp, tokens):
+        for kernel, symbol, label, launch, nbytes in _csrc_launches(cfg, n, txt + img):
+            if symbol not in results:
+                grid = launch["grid"] if isinstance(launch["grid"], tuple) else (launch["grid"],)
+                results[symbol] = KernelResult(kernel, False, label, [], grid=list(grid), bytes=nbytes,
+                                               num_warps=launch["block"] // 32)
+                meta[symbol] = (label, launch)
+            results[symbol].uses.append(use)
     with tempfile.TemporaryDirectory() as tmp:
         sass, usage, verbose, cubin_of = {}, "", "", {}
         for source in cb.sources():
@@ -820,26 +827,19 @@ def compile_report(arch: int = 90, presets: Sequence[str] = DEFAULT_PRESETS, tp:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tpfuse.tp_layers.config import Flux2Config
-
     target = GPUTarget("cuda", arch, 32)
     results: dict[str, KernelResult] = {}
     specs = {}
-    for preset in presets:
-        cfg = Flux2Config.preset(preset)
-        for n in tp:
-            if cfg.heads % n or cfg.mlp_hidden % n:
-                continue
-            for txt, img in tokens:
-                for name, gemm, launch in _launches_for(cfg, n, txt + img, txt):
-                    fn, sig, constexprs, attrs, options = _compile_spec(launch)
-                    key = json.dumps([name, sig, {k: str(v) for k, v in constexprs.items()},
-                                      sorted(str(a) for a in attrs), options], sort_keys=True)
-                    if key not in results:
-                        results[key] = KernelResult(name, gemm, _config_label(fn, sig, constexprs, attrs, options), [],
-                                                    grid=_grid_shape(launch), bytes=_launch_bytes(launch))
-                        specs[key] = (fn, sig, constexprs, attrs, options)
-                    results[key].uses.append(f"{preset} tp{n} {txt}+{img}")
+    for use, cfg, n, txt, img in _shapes(presets, tp, tokens):
+        for name, gemm, launch in _launches_for(cfg, n, txt + img, txt):
+            fn, sig, constexprs, attrs, options = _compile_spec(launch)
+            key = json.dumps([name, sig, {k: str(v) for k, v in constexprs.items()},
+                              sorted(str(a) for a in attrs), options], sort_keys=True)
+            if key not in results:
+                results[key] = KernelResult(name, gemm, _config_label(fn, sig, constexprs, attrs, options), [],
+                                            grid=_grid_shape(launch), bytes=_launch_bytes(launch))
+                specs[key] = (fn, sig, constexprs, attrs, options)
+            results[key].uses.append(use)
     order = sorted(results, key=lambda key: (results[key].kernel, results[key].config))
     dump_dir = Path(dump) if dump is not None else None
     if dump_dir is not None:
