@@ -13,8 +13,9 @@ the check.
 
 Tables are cached per ``(cos, sin)`` tensor pair and version, so the 20+ blocks of one forward, which all get the
 same rotary-embedding tensors, build it once. The cache is bypassed while a CUDA graph is being captured or
-``torch.compile`` traces, where the table must be part of the recorded work: a cached table would not follow new
-angles copied into the graph's static input on replay.
+``torch.compile`` traces, where the table must be part of the recorded work (a cached table would not follow new
+angles copied into the graph's static input on replay), and for inference-mode tensors, which carry no version
+counter.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def _capturing(device: torch.device) -> bool:
 def angle_table(op: str, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``[2, S, D/2]`` fp32 contiguous: ``[0]`` each pair's cosine, ``[1]`` its sine (from ``[S, D]`` inputs)."""
     key = (id(cos), id(sin))
-    versions = (cos._version, sin._version)
-    cacheable = not _capturing(cos.device)
+    # Inference-mode tensors have no version counter (and change in place unseen): never cached.
+    cacheable = not _capturing(cos.device) and not (cos.is_inference() or sin.is_inference())
+    versions = (cos._version, sin._version) if cacheable else None
     if cacheable:
         hit = _cache.get(key)
         if hit is not None and hit[0]() is cos and hit[1]() is sin and hit[2] == versions:

@@ -23,10 +23,18 @@ def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 def _ensure_allocator() -> None:
-    from triton.runtime import _allocation
+    """Keep a user's allocator. triton keeps the current one in a private ``_allocation._allocator``: a ContextVar
+    in 3.6-3.9, a plain object in some releases; where neither reads, set ours (a torch allocation works anyway)."""
+    try:
+        from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):  # keep a user's allocator
-        triton.set_allocator(_torch_allocator)
+        current = _allocation._allocator
+        current = current.get() if hasattr(current, "get") else current
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_torch_allocator)
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:

@@ -616,14 +616,16 @@ def _launches_for(cfg, tp: int, tokens: int, txt: int = 512,
 
     with _recording(qk_mod, ["_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"]) as rec:
         q, k, gq, gk = (torch.empty(1, tokens, heads, d, **meta) for _ in range(4))
-        qk_mod._fwd_triton(q, k, q_norm, k_norm, cos, sin, cfg.eps)
-        qk_mod._bwd_triton(q, k, q_norm, k_norm, cos, sin, gq, gk, cfg.eps)
+        qk_mod._fwd_triton(q, k, q_norm, k_norm, cos, sin, cfg.eps)  # inference
+        rstd = qk_mod._fwd_triton(q, k, q_norm, k_norm, cos, sin, cfg.eps, save_rstd=True)[2]  # training
+        qk_mod._bwd_triton(q, k, q_norm, k_norm, cos, sin, gq, gk, cfg.eps, rstd)
         # The double-stream block: text and image Q/K/V of projection layout [B, S, H, D] into joint buffers.
         segs = [tuple(torch.empty(1, n, heads, d, **meta) for _ in range(3)) + (q_norm, k_norm)
                 for n in (txt, tokens - txt)]
         joint = tuple(torch.empty(1, tokens, heads, d, **meta) for _ in range(3))
         qk_mod._fwd_launch(segs, qk_mod._angles("compile_report", cos, sin), joint, (cfg.eps, cfg.eps))
-    out += [("qk_norm_rope." + name, False, launch) for name, launch in zip(("fwd", "bwd", "joint"), rec)]
+    out += [("qk_norm_rope." + name, False, launch)
+            for name, launch in zip(("fwd", "fwd+rstd", "bwd", "joint"), rec)]
 
     with _recording(ln_mod, ["_ln_mod_fwd_kernel"]) as rec:
         shift, scale = torch.empty(1, hidden, **meta), torch.empty(1, hidden, **meta)

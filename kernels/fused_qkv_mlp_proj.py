@@ -220,7 +220,9 @@ def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_
         x2 = x2.contiguous()
     qkv = torch.empty((3, B, heads, S, head_dim), device=x.device, dtype=x.dtype)  # Q, K, V head-major
     mlp = torch.empty((B, S, mlp_hidden), device=x.device, dtype=x.dtype)
-    q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()  # [Dh] scales, read in place
+    # [Dh] scales read in place, in one dtype (the epilogue picks Q's or K's with one pointer select)
+    dtype = torch.promote_types(q_weight.dtype, k_weight.dtype)
+    q_weight, k_weight = q_weight.to(dtype).contiguous(), k_weight.to(dtype).contiguous()
     cfg = proj_config(S, K, head_dim, x.dtype)
     grid = (B * triton.cdiv(S, cfg["BLOCK_M"]) * (3 * heads + triton.cdiv(mlp_hidden, head_dim // 2)),)
     has_rope = cos is not None

@@ -2,17 +2,23 @@
 
 ``q``, ``k``: ``[B, S, H, D]`` with any strides whose last dim is contiguous (so a ``[B, H, S, D]`` buffer
 transposed to ``[B, S, H, D]`` works without a copy); ``cos``, ``sin``: ``[S, D]`` as diffusers'
-``Flux2PosEmbed`` returns them (each angle repeated for the two elements of a pair).
+``Flux2PosEmbed`` returns them (each angle repeated for the two elements of a pair); the kernels read the compact
+``[2, S, D/2]`` table of :func:`tpfuse.kernels._rope.angle_table` (one angle per pair, built on the device).
 
 RoPE on pair ``(x[2i], x[2i+1])``: ``out[2i] = x[2i] cos - x[2i+1] sin``, ``out[2i+1] = x[2i+1] cos + x[2i] sin``.
-The kernel gets each element's partner by loading the row a second time at ``d ^ 1`` (the second load hits L1),
-which keeps every value in its natural lane: no register shuffles, no reshape/split (those spilled at 128-wide
-tiles when this was tried inside the GEMM epilogue).
+A program owns BLOCK_S tokens x BLOCK_H heads (a power of two dividing H), so its indices need no per-row
+division; it loads each row once and takes the partner from registers (``reshape`` to ``[R, D/2, 2]`` +
+``split``: a thread holds whole pairs). An earlier version reloaded the row at ``d ^ 1`` and divided row indices
+in int64: 0.19-0.21 warp instructions per DRAM byte with 6 ``CALL``s; this one is 0.08-0.09 (``tpfuse
+compile-report``).
+
+:func:`qk_norm_rope_joint` runs two token segments (the double-stream block's text and image) into one joint output
+for Q, K and V in one launch.
 
 Forward and backward are Triton kernels. Backward: with ``n = x * rstd * w`` and ``g = dy`` rotated back,
-``dn[j] = g[j] cos[j] + sgn(j) g[j^1] sin[j^1]`` (``sgn`` = +1 for even ``j``, -1 for odd),
-``dx = rstd * (dn w) - x * rstd^3 * mean(dn w x)``, ``dw = sum_rows dn * x * rstd`` (per-program partial sums
-reduced in torch).
+``dn = R(-angle) g``, ``dx = rstd * (dn w) - x * rstd^3 * mean(dn w x)``, ``dw = sum_rows dn * x * rstd``
+(per-program partial sums reduced in torch); ``rstd`` is saved by a forward that will be differentiated (8 bytes
+per (token, head)), recomputed after a csrc forward.
 """
 
 from __future__ import annotations
@@ -36,15 +42,17 @@ __all__ = ["qk_norm_rope", "qk_norm_rope_joint", "qk_norm_rope_reference", "qk_n
 ROWS_PER_PROGRAM = 32
 
 
-def qk_rope_config(d: int, heads: int, with_v: bool = False) -> dict:
+def qk_rope_config(d: int, heads: int, with_v: bool = False, backward: bool = False) -> dict:
     """Tile: BLOCK_S tokens x BLOCK_H heads x the whole (power-of-two padded) head dim. 2 warps, so each thread
     holds 64 elements of each of Q and K and the per-warp setup is spread over twice the bytes of 4 warps
     (sm_90, klein-4B: 0.08-0.09 warp instructions per byte forward against 0.09-0.10); with V riding along (the
     joint double-stream launch) 4 warps, where 2 spill."""
     block_d = triton.next_power_of_2(d)
     rows = max(1, ROWS_PER_PROGRAM * 128 // block_d)
+    # The backward holds twice the tensors: 4-head blocks spilled there (4 bytes, klein-4B TP 2), 2-head ones do not.
+    max_h = 2 if backward else rows
     block_h = 1
-    while block_h * 2 <= rows and heads % (block_h * 2) == 0:
+    while block_h * 2 <= max_h and heads % (block_h * 2) == 0:
         block_h *= 2
     return {"BLOCK_D": block_d, "BLOCK_H": block_h, "BLOCK_S": max(1, rows // block_h),
             "num_warps": 4 if with_v else 2}
@@ -96,22 +104,24 @@ def _norm_rope_fwd(x_ptr, w, o_ptr, in_rows, out_rows, d, mask, dmask, cs, sn, D
         e, o = _pairs(n, R, BLOCK_D)  # the RoPE partner comes from registers, not a second load
         n = _interleave(e * cs - o * sn, o * cs + e * sn, R, BLOCK_D)
     tl.store(o_ptr + out_rows[:, None] + d[None, :], n.to(o_ptr.dtype.element_ty), mask=mask)
+    return rstd
 
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     q0_ptr, k0_ptr, v0_ptr, q1_ptr, k1_ptr, v1_ptr, qw0_ptr, kw0_ptr, qw1_ptr, kw1_ptr, ang_ptr,
-    qo_ptr, ko_ptr, vo_ptr,
-    S0, S1, H, D: tl.constexpr,
+    qo_ptr, ko_ptr, vo_ptr, rstd_ptr,
+    B, S0, S1, H, D: tl.constexpr,
     sq0b, sq0s, sq0h, sk0b, sk0s, sk0h, sv0b, sv0s, sv0h,
     sq1b, sq1s, sq1h, sk1b, sk1s, sk1h, sv1b, sv1s, sv1h,
     sqob, sqos, sqoh, skob, skos, skoh, svob, svos, svoh,
     eps0, eps1,
-    HAS_ROPE: tl.constexpr, HAS_V: tl.constexpr, TWO_SEGMENTS: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_V: tl.constexpr, TWO_SEGMENTS: tl.constexpr, SAVE_RSTD: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Segment 0 then segment 1 (e.g. text then image tokens) of Q and K (and V, copied) into one output of
-    S0 + S1 tokens; each segment has its own inputs, RMSNorm scales and eps. int32 offsets (the launcher checks
+    S0 + S1 tokens; each segment has its own inputs, RMSNorm scales and eps. With SAVE_RSTD, each row's
+    1/rms goes to ``rstd`` ``[2, B, S0 + S1, H]`` fp32 (Q, K) for the backward. int32 offsets (the launcher checks
     every tensor's extent)."""
     R: tl.constexpr = BLOCK_S * BLOCK_H
     b, seg1, s0, h0 = _tile(tl.program_id(0), S0, S1, H, BLOCK_S, BLOCK_H)
@@ -137,10 +147,14 @@ def _qk_norm_rope_fwd_kernel(
     k_in = tl.where(seg1, b * sk1b, b * sk0b) + s * tl.where(seg1, sk1s, sk0s) + h * tl.where(seg1, sk1h, sk0h)
     eps = tl.where(seg1, eps1, eps0)
     qw, kw = _scales(tl.where(seg1, qw1_ptr, qw0_ptr), tl.where(seg1, kw1_ptr, kw0_ptr), d, dmask)
-    _norm_rope_fwd(tl.where(seg1, q1_ptr, q0_ptr), qw, qo_ptr, q_in,
-                   b * sqob + s_out * sqos + h * sqoh, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
-    _norm_rope_fwd(tl.where(seg1, k1_ptr, k0_ptr), kw, ko_ptr, k_in,
-                   b * skob + s_out * skos + h * skoh, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+    rq = _norm_rope_fwd(tl.where(seg1, q1_ptr, q0_ptr), qw, qo_ptr, q_in,
+                        b * sqob + s_out * sqos + h * sqoh, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+    rk = _norm_rope_fwd(tl.where(seg1, k1_ptr, k0_ptr), kw, ko_ptr, k_in,
+                        b * skob + s_out * skos + h * skoh, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+    if SAVE_RSTD:  # 8 bytes per (token, head) against the 1 KB of Q and K rows moved
+        r_off = (b * (S0 + S1) + s_out) * H + h
+        tl.store(rstd_ptr + r_off, rq, mask=rmask)
+        tl.store(rstd_ptr + B * (S0 + S1) * H + r_off, rk, mask=rmask)
     if HAS_V:  # V of both segments lands in the same joint output, in the same pass
         v_in = tl.where(seg1, b * sv1b, b * sv0b) + s * tl.where(seg1, sv1s, sv0s) + h * tl.where(seg1, sv1h, sv0h)
         v = tl.load(tl.where(seg1, v1_ptr, v0_ptr) + v_in[:, None] + d[None, :], mask=mask)
@@ -148,15 +162,20 @@ def _qk_norm_rope_fwd_kernel(
 
 
 @triton.jit
-def _norm_rope_bwd(x_ptr, w, g_ptr, dx_ptr, x_rows, g_rows, dx_rows, d, mask, dmask, cs, sn, D, eps,
-                   R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Writes dx; returns this program's partial dw [BLOCK_D]."""
+def _norm_rope_bwd(x_ptr, w, g_ptr, dx_ptr, x_rows, g_rows, dx_rows, d, mask, dmask, cs, sn, D, eps, rstd_ptr,
+                   rstd_rows, rmask, R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   SAVED_RSTD: tl.constexpr):
+    """Writes dx; returns this program's partial dw [BLOCK_D]. The forward's saved 1/rms spares the sum of squares
+    (0.099-0.108 warp instructions per byte recomputing it)."""
     x = tl.load(x_ptr + x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_ROPE:  # rotate the gradient back by -angle: dn
         ge, go = _pairs(g, R, BLOCK_D)
         g = _interleave(ge * cs + go * sn, go * cs - ge * sn, R, BLOCK_D)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    if SAVED_RSTD:
+        rstd = tl.load(rstd_ptr + rstd_rows, mask=rmask, other=0.0)
+    else:  # a csrc forward saves none
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     t = g * x  # shared by both reductions: sum_d(t w) for dx, sum_rows(t rstd) for dw
     dot = tl.sum(t * w[None, :], axis=1) / D
     dx = rstd[:, None] * (g * w[None, :]) - x * (rstd * rstd * rstd * dot)[:, None]
@@ -166,13 +185,15 @@ def _norm_rope_bwd(x_ptr, w, g_ptr, dx_ptr, x_rows, g_rows, dx_rows, d, mask, dm
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
-    q_ptr, k_ptr, qw_ptr, kw_ptr, ang_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, dqw_ptr, dkw_ptr,
-    S, H, D: tl.constexpr, ANG_ROW0, ANG_ROWS,
+    q_ptr, k_ptr, qw_ptr, kw_ptr, ang_ptr, rstd_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, dqw_ptr, dkw_ptr,
+    B, S, H, D: tl.constexpr, ANG_ROW0, ANG_ROWS,
     sqb, sqs, sqh, skb, sks, skh, sgqb, sgqs, sgqh, sgkb, sgks, sgkh,
     eps,
-    HAS_ROPE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ROPE: tl.constexpr, SAVED_RSTD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """One segment; its angles are rows ANG_ROW0.. of a [2, ANG_ROWS, D/2] table. dq, dk: contiguous
+    """One segment: its tokens are rows ANG_ROW0.. of the forward's output of ANG_ROWS tokens, of the
+    [2, ANG_ROWS, D/2] angle table and of the saved [2, B, ANG_ROWS, H] 1/rms. dq, dk: contiguous
     [B, S, H, D]; dqw, dkw: a [D] partial sum per program (reduced in torch)."""
     R: tl.constexpr = BLOCK_S * BLOCK_H
     pid = tl.program_id(0)
@@ -194,11 +215,14 @@ def _qk_norm_rope_bwd_kernel(
         sn = tl.load(ang_ptr + ANG_ROWS * (D // 2) + a_off, mask=a_mask, other=0.0)
     out_rows = ((b * S + s) * H + h) * D
     qw, kw = _scales(qw_ptr, kw_ptr, d, dmask)
+    r_rows = (b * ANG_ROWS + ANG_ROW0 + s) * H + h
     dw = _norm_rope_bwd(q_ptr, qw, gq_ptr, dq_ptr, b * sqb + s * sqs + h * sqh, b * sgqb + s * sgqs + h * sgqh,
-                        out_rows, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+                        out_rows, d, mask, dmask, cs, sn, D, eps, rstd_ptr, r_rows, rmask, R, BLOCK_D, HAS_ROPE,
+                        SAVED_RSTD)
     tl.store(dqw_ptr + pid * D + d, dw, mask=dmask)
     dw = _norm_rope_bwd(k_ptr, kw, gk_ptr, dk_ptr, b * skb + s * sks + h * skh, b * sgkb + s * sgks + h * sgkh,
-                        out_rows, d, mask, dmask, cs, sn, D, eps, R, BLOCK_D, HAS_ROPE)
+                        out_rows, d, mask, dmask, cs, sn, D, eps, rstd_ptr, B * ANG_ROWS * H + r_rows, rmask, R,
+                        BLOCK_D, HAS_ROPE, SAVED_RSTD)
     tl.store(dkw_ptr + pid * D + d, dw, mask=dmask)
 
 
@@ -236,20 +260,30 @@ def _strides3(t):  # [B, S, H, D] -> (b, s, h) strides; the last dim is contiguo
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _aligned(w: torch.Tensor) -> torch.Tensor:
-    """The kernels read the [D] scales as 16-byte aligned vectors (``tl.multiple_of``): copy a misaligned view."""
-    w = _last_contiguous(w)
-    return w if w.data_ptr() % 16 == 0 else w.clone()
+def _scales_as_one(*weights: torch.Tensor) -> list[torch.Tensor]:
+    """The [D] scales in one dtype (the kernels pick Q's or K's, or a segment's, with one pointer select, which
+    needs one element type) and 16-byte aligned (read as aligned vectors, ``tl.multiple_of``): a copy only where
+    one is needed."""
+    dtype = weights[0].dtype
+    for w in weights[1:]:
+        dtype = torch.promote_types(dtype, w.dtype)
+    out = []
+    for w in weights:
+        w = _last_contiguous(w.to(dtype))
+        out.append(w if w.data_ptr() % 16 == 0 else w.clone())
+    return out
 
 
 def _angles(op, cos, sin):
     return angle_table(op, cos, sin) if cos is not None else None  # [2, S, D/2] fp32
 
 
-def _fwd_launch(segs, angles, outs, eps):
+def _fwd_launch(segs, angles, outs, eps, rstd=None):
     """``segs``: one or two ``(q, k, v or None, q_weight, k_weight)``, each ``[B, S_i, H, D]``, written to token
-    rows ``[0, S_0)`` and ``[S_0, S_0 + S_1)`` of ``outs = (qo, ko, vo or None)``; ``angles`` covers those rows."""
-    segs = [(q, k, v, _aligned(qw), _aligned(kw)) for q, k, v, qw, kw in segs]
+    rows ``[0, S_0)`` and ``[S_0, S_0 + S_1)`` of ``outs = (qo, ko, vo or None)``; ``angles`` covers those rows;
+    ``rstd`` (``[2, B, S_0 + S_1, H]`` fp32, for a backward) receives each row's 1/rms."""
+    scales = iter(_scales_as_one(*(w for sg in segs for w in sg[3:5])))
+    segs = [(q, k, v, next(scales), next(scales)) for q, k, v, _, _ in segs]
     q0 = segs[0][0]
     B, S0, H, D = q0.shape
     seg1 = segs[1] if len(segs) > 1 else segs[0]
@@ -257,55 +291,67 @@ def _fwd_launch(segs, angles, outs, eps):
     qo, ko, vo = outs
     has_v = vo is not None
     named = {f"{n}{i}": t for i, sg in enumerate(segs) for n, t in zip("qkv", sg[:3]) if t is not None}
-    check_int32_addressable("qk_norm_rope", {**named, "qo": qo, "ko": ko, "vo": vo, "angles": angles})
+    check_int32_addressable("qk_norm_rope", {**named, "qo": qo, "ko": ko, "vo": vo, "angles": angles, "rstd": rstd})
     cfg = qk_rope_config(D, H, has_v)
     grid = (B * (triton.cdiv(S0, cfg["BLOCK_S"]) + triton.cdiv(S1, cfg["BLOCK_S"])) * (H // cfg["BLOCK_H"]),)
     v0, v1 = (segs[0][2], seg1[2]) if has_v else (q0, q0)
     vs = (*_strides3(v0), *_strides3(v1), *_strides3(vo)) if has_v else (0,) * 9
     _qk_norm_rope_fwd_kernel[grid](
         q0, segs[0][1], v0, seg1[0], seg1[1], v1, segs[0][3], segs[0][4], seg1[3], seg1[4],
-        angles if angles is not None else q0, qo, ko, vo if has_v else qo,
-        S0, S1, H, D,
+        angles if angles is not None else q0, qo, ko, vo if has_v else qo, rstd if rstd is not None else qo,
+        B, S0, S1, H, D,
         *_strides3(q0), *_strides3(segs[0][1]), *vs[0:3], *_strides3(seg1[0]), *_strides3(seg1[1]), *vs[3:6],
         *_strides3(qo), *_strides3(ko), *vs[6:9],
         eps[0], eps[-1],
-        HAS_ROPE=angles is not None, HAS_V=has_v, TWO_SEGMENTS=len(segs) > 1, BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
+        HAS_ROPE=angles is not None, HAS_V=has_v, TWO_SEGMENTS=len(segs) > 1, SAVE_RSTD=rstd is not None,
+        BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return outs
 
 
-def _bwd_launch(q, k, q_weight, k_weight, angles, ang_row0, gq, gk, eps):
-    """Gradients of one segment whose angles are rows ``ang_row0..`` of ``angles``."""
+def _bwd_launch(q, k, q_weight, k_weight, angles, row0, rows, rstd, gq, gk, eps):
+    """Gradients of one segment whose tokens are rows ``row0..`` of a forward output of ``rows`` tokens (its rows of
+    ``angles`` and of the saved ``rstd``; ``rstd=None`` recomputes 1/rms)."""
     B, S, H, D = q.shape
-    cfg = qk_rope_config(D, H)
+    cfg = qk_rope_config(D, H, backward=True)
     grid = (B * triton.cdiv(S, cfg["BLOCK_S"]) * (H // cfg["BLOCK_H"]),)
     dq = torch.empty((B, S, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, S, H, D), device=k.device, dtype=k.dtype)
     dqw = torch.empty((grid[0], D), device=q.device, dtype=torch.float32)
     dkw = torch.empty((grid[0], D), device=q.device, dtype=torch.float32)
     gq, gk = _last_contiguous(gq), _last_contiguous(gk)
-    q_weight, k_weight = _aligned(q_weight), _aligned(k_weight)
-    check_int32_addressable("qk_norm_rope", {"q": q, "k": k, "gq": gq, "gk": gk, "dq": dq, "angles": angles})
+    q_weight, k_weight = _scales_as_one(q_weight, k_weight)
+    check_int32_addressable("qk_norm_rope", {"q": q, "k": k, "gq": gq, "gk": gk, "dq": dq, "angles": angles,
+                                             "rstd": rstd})
     has_rope = angles is not None
     _qk_norm_rope_bwd_kernel[grid](
-        q, k, q_weight, k_weight, angles if has_rope else q, gq, gk, dq, dk, dqw, dkw,
-        S, H, D, ang_row0, angles.shape[1] if has_rope else 0,
+        q, k, q_weight, k_weight, angles if has_rope else q, rstd if rstd is not None else q, gq, gk, dq, dk, dqw,
+        dkw, B, S, H, D, row0, rows,
         *_strides3(q), *_strides3(k), *_strides3(gq), *_strides3(gk), eps,
-        HAS_ROPE=has_rope, BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+        HAS_ROPE=has_rope, SAVED_RSTD=rstd is not None, BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return dq, dk, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)
 
 
-def _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps):
-    """One segment, outputs in the inputs' layout."""
+def _rstd_buffer(B, S, H, device, save: bool):
+    return torch.empty((2, B, S, H), device=device, dtype=torch.float32) if save else None
+
+
+def _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps, save_rstd: bool = False):
+    """One segment: ``(qo, ko, rstd)``, outputs in the inputs' layout, ``rstd`` the ``[2, B, S, H]`` 1/rms with
+    ``save_rstd`` (else ``None``)."""
+    B, S, H, _ = q.shape
     outs = (torch.empty_like(q), torch.empty_like(k), None)
-    return _fwd_launch([(q, k, None, q_weight, k_weight)], _angles("qk_norm_rope", cos, sin), outs, (eps,))[:2]
+    rstd = _rstd_buffer(B, S, H, q.device, save_rstd)
+    _fwd_launch([(q, k, None, q_weight, k_weight)], _angles("qk_norm_rope", cos, sin), outs, (eps,), rstd)
+    return (*outs[:2], rstd)
 
 
-def _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, eps):
-    return _bwd_launch(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), 0, gq, gk, eps)
+def _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, eps, rstd=None):
+    return _bwd_launch(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), 0, q.shape[1], rstd, gq, gk,
+                       eps)
 
 
 def _last_contiguous(t):
@@ -313,24 +359,27 @@ def _last_contiguous(t):
 
 
 class _QKNormRope(torch.autograd.Function):
-    """Forward: the Triton kernel, or the csrc one (``impl="cuda"``); backward: the Triton kernel."""
+    """Forward: the Triton kernel (saving 1/rms when a gradient will be needed), or the csrc one
+    (``impl="cuda"``); backward: the Triton kernel."""
 
     @staticmethod
     def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps, impl="triton"):
-        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
         ctx.eps = eps
         if impl == "cuda":
             from .cuda_backend import qk_norm_rope_cuda
 
+            ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, None)
             return qk_norm_rope_cuda(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), eps)
-        return _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps)
+        qo, ko, rstd = _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps, save_rstd=any(ctx.needs_input_grad[:4]))
+        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, rstd)
+        return qo, ko
 
     @staticmethod
     def backward(ctx, gq, gk):
-        q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        q, k, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
         gq = torch.zeros_like(q) if gq is None else gq
         gk = torch.zeros_like(k) if gk is None else gk
-        dq, dk, dqw, dkw = _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, ctx.eps)
+        dq, dk, dqw, dkw = _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, ctx.eps, rstd)
         return dq, dk, dqw, dkw, None, None, None, None
 
 
@@ -344,21 +393,24 @@ class _JointQKNormRope(torch.autograd.Function):
         S = S0 + q1.shape[1]
         angles = _angles("qk_norm_rope", cos, sin)
         outs = tuple(torch.empty((B, S, H, D), device=q0.device, dtype=q0.dtype) for _ in range(3))
-        _fwd_launch([(q0, k0, v0, qw0, kw0), (q1, k1, v1, qw1, kw1)], angles, outs, (eps0, eps1))
-        ctx.save_for_backward(angles, q0, k0, qw0, kw0, q1, k1, qw1, kw1)
+        needs = ctx.needs_input_grad
+        rstd = _rstd_buffer(B, S, H, q0.device, any(needs[4:6] + needs[7:11] + needs[12:14]))
+        _fwd_launch([(q0, k0, v0, qw0, kw0), (q1, k1, v1, qw1, kw1)], angles, outs, (eps0, eps1), rstd)
+        ctx.save_for_backward(angles, rstd, q0, k0, qw0, kw0, q1, k1, qw1, kw1)
         ctx.eps = (eps0, eps1)
         return outs
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        angles, q0, k0, qw0, kw0, q1, k1, qw1, kw1 = ctx.saved_tensors
+        angles, rstd, q0, k0, qw0, kw0, q1, k1, qw1, kw1 = ctx.saved_tensors
         S0 = q0.shape[1]
+        S = S0 + q1.shape[1]
         grads = []
         for (q, k, qw, kw), rows, eps in (((q0, k0, qw0, kw0), slice(0, S0), ctx.eps[0]),
-                                          ((q1, k1, qw1, kw1), slice(S0, None), ctx.eps[1])):
+                                          ((q1, k1, qw1, kw1), slice(S0, S), ctx.eps[1])):
             gqs = torch.zeros_like(q) if gq is None else gq[:, rows]
             gks = torch.zeros_like(k) if gk is None else gk[:, rows]
-            dq, dk, dqw, dkw = _bwd_launch(q, k, qw, kw, angles, rows.start, gqs, gks, eps)
+            dq, dk, dqw, dkw = _bwd_launch(q, k, qw, kw, angles, rows.start, S, rstd, gqs, gks, eps)
             grads.append((dq, dk, None if gv is None else gv[:, rows], dqw, dkw))
         return (None, None, None, None, *grads[0], *grads[1])
 
@@ -429,8 +481,9 @@ def qk_norm_rope_joint(qs, ks, vs, q_weights, k_weights, cos, sin, eps, backend:
         q_weights, k_weights: each segment's ``[D]`` RMSNorm scales; eps: each segment's eps (a float for both).
         cos, sin: ``[S_0 + S_1, D]`` for the joint sequence, or ``None``.
 
-    On the Triton backend one kernel writes every segment's rows in place: no ``torch.cat`` of Q, K or V.
-    Returns contiguous ``(q, k, v)``.
+    On the Triton backend one kernel writes every segment's rows in place: no ``torch.cat`` of Q, K or V. There is
+    no csrc version: ``TPFUSE_BACKEND=cuda`` runs Triton here (``backend="cuda"`` raises). Returns contiguous
+    ``(q, k, v)``.
     """
     qs, ks, vs, q_weights, k_weights = (list(t) for t in (qs, ks, vs, q_weights, k_weights))
     eps = [eps, eps] if isinstance(eps, (int, float)) else list(eps)
@@ -449,6 +502,11 @@ def qk_norm_rope_joint(qs, ks, vs, q_weights, k_weights, cos, sin, eps, backend:
         if vs[i].shape != qs[i].shape or vs[i].dtype != qs[i].dtype or vs[i].stride(-1) != 1:
             raise ValueError(f"qk_norm_rope_joint: vs[{i}] must match qs[{i}] ({tuple(qs[i].shape)}, {qs[i].dtype}, "
                              f"contiguous last dim), got {tuple(vs[i].shape)}, {vs[i].dtype}, strides {vs[i].stride()}")
+    device = qs[0].device
+    for name, ts in (("qs", qs), ("ks", ks), ("vs", vs), ("q_weights", q_weights), ("k_weights", k_weights)):
+        for i, t in enumerate(ts):
+            if t.device != device:
+                raise ValueError(f"qk_norm_rope_joint: {name}[{i}] is on {t.device}, qs[0] is on {device}")
     B, _, H, D = qs[0].shape
     if qs[1].shape[0] != B or qs[1].shape[2:] != (H, D) or qs[1].dtype != qs[0].dtype:
         raise ValueError(f"qk_norm_rope_joint: segments differ beyond their token counts: {tuple(qs[0].shape)} "

@@ -153,6 +153,48 @@ def test_bad_input_qk_norm_rope_joint():
         qk_norm_rope_joint([q0, q2], [q0, q2], [q0, q2], [w, w], [w, w], None, None, 1e-6)
     with pytest.raises(ValueError, match="eps must be positive, got 0"):
         qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1], [w, w], [w, w], None, None, (1e-6, 0))
+    with pytest.raises(ValueError, match="vs\\[1\\] is on meta, qs\\[0\\] is on cpu"):
+        qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1.to("meta")], [w, w], [w, w], None, None, 1e-6)
+
+
+def test_qk_norm_rope_backward_with_and_without_the_saved_rstd():
+    """The backward reads the forward's 1/rms; after a csrc forward (none saved) it recomputes it: same result."""
+    mod = __import__("importlib").import_module("tpfuse.kernels.qk_norm_rope")  # the module, not the op
+    q, k = _rand(2, 19, 3, 32, seed=1), _rand(2, 19, 3, 32, seed=2, scale=3.0)
+    qw, kw = 1 + 0.1 * _rand(32, seed=3), 1 + 0.1 * _rand(32, seed=4)
+    cos, sin = _angles(19, 32, seed=5)
+    gq, gk = _rand(2, 19, 3, 32, seed=6), _rand(2, 19, 3, 32, seed=7)
+    qo, ko, rstd = mod._fwd_triton(q, k, qw, kw, cos, sin, 1e-6, save_rstd=True)
+    assert rstd.shape == (2, 2, 19, 3)
+    torch.testing.assert_close(rstd[0], torch.rsqrt(q.pow(2).mean(-1) + 1e-6))
+    saved = mod._bwd_triton(q, k, qw, kw, cos, sin, gq, gk, 1e-6, rstd)
+    recomputed = mod._bwd_triton(q, k, qw, kw, cos, sin, gq, gk, 1e-6)
+    for a, b in zip(saved, recomputed):
+        torch.testing.assert_close(a, b)
+
+
+def test_rope_ops_under_inference_mode_and_mixed_scale_dtypes():
+    """Inference-mode cos/sin carry no version counter (the angle cache skips them); Q's and K's scales (and the
+    segments') may have different dtypes (the kernels select one pointer of one element type)."""
+    from tpfuse.kernels import qk_norm_rope_joint, qk_norm_rope_joint_reference
+
+    q, k = _rand(1, 6, 2, 32, seed=1), _rand(1, 6, 2, 32, seed=2)
+    qw, kw = 1 + 0.1 * _rand(32, seed=3), (1 + 0.1 * _rand(32, seed=4)).double()
+    cos, sin = _angles(6, 32, seed=5)
+    ref = qk_norm_rope_reference(q, k, qw, kw, cos, sin, 1e-6)
+    with torch.inference_mode():
+        cos_i, sin_i = cos.clone(), sin.clone()
+        out = qk_norm_rope(q, k, qw, kw, cos_i, sin_i, 1e-6, backend="triton")
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r)
+        x, w = _rand(1, 6, 16, seed=6), _rand(3 * 32 + 2 * 8, 16, seed=7)
+        torch.testing.assert_close(fused_qkv_mlp_proj(x, w, qw, kw, cos_i, sin_i, 1, 32, 8, backend="triton"),
+                                   fused_qkv_mlp_proj_reference(x, w, qw, kw, cos, sin, 1, 32, 8))
+        args = ([q[:, :2], q[:, 2:]], [k[:, :2], k[:, 2:]], [q[:, :2], q[:, 2:]], [qw, kw.half()], [kw, qw], cos_i,
+                sin_i, 1e-6)
+        for o, r in zip(qk_norm_rope_joint(*args, backend="triton"), qk_norm_rope_joint_reference(*args[:-1],
+                                                                                                  (1e-6, 1e-6))):
+            torch.testing.assert_close(o, r)
 
 
 def test_qk_norm_rope_without_rotation_is_rms_norm():
