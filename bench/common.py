@@ -90,20 +90,13 @@ def device_info(device: str) -> dict:
 def model_shapes(presets, tps, token_pairs, dry_run: bool):
     """``(label, cfg, tp, tokens)`` for every preset, TP degree and (text, image) token count that shards."""
     from tpfuse.tp_layers import Flux2Config
+    from tpfuse.tp_layers.config import preset_shapes
 
     if dry_run:
         cfg = Flux2Config(num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8),
                           name="dry-run")
         return [("dry-run tp2 5+11", cfg, 2, 16)]
-    out = []
-    for name in presets:
-        cfg = Flux2Config.preset(name)
-        for tp in tps:
-            if cfg.heads % tp or cfg.mlp_hidden % tp:
-                continue
-            for txt, img in token_pairs:
-                out.append((f"{name} tp{tp} {txt}+{img}", cfg, tp, txt + img))
-    return out
+    return [(label, cfg, tp, txt + img) for label, cfg, tp, txt, img in preset_shapes(presets, tps, token_pairs)]
 
 
 def write_results(name: str, payload: dict, table: str, out: str | None) -> Path:

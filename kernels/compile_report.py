@@ -701,17 +701,9 @@ def _inspect(compiled, result: KernelResult, arch: int) -> None:
 
 
 def _shapes(presets: Sequence[str], tp: Sequence[int], tokens: Sequence[tuple[int, int]]):
-    """(label, config, TP degree, text tokens, image tokens) for every preset x TP that divides its heads and MLP
-    x token pair."""
-    from tpfuse.tp_layers.config import Flux2Config
+    from tpfuse.tp_layers.config import preset_shapes
 
-    for preset in presets:
-        cfg = Flux2Config.preset(preset)
-        for n in tp:
-            if cfg.heads % n or cfg.mlp_hidden % n:
-                continue
-            for txt, img in tokens:
-                yield f"{preset} tp{n} {txt}+{img}", cfg, n, txt, img
+    return preset_shapes(presets, tp, tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["Flux2Config", "PRESETS"]
+__all__ = ["Flux2Config", "PRESETS", "preset_shapes"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,15 @@ PRESETS: dict[str, Flux2Config] = {
         guidance_embeds=False,
     ),
 }
+
+
+def preset_shapes(presets, tps, token_pairs):
+    """``(label, config, tp, text tokens, image tokens)`` for every preset x TP degree that divides its heads and
+    MLP width x (text, image) token pair: the sweep the compile report and the benchmarks share."""
+    for name in presets:
+        cfg = Flux2Config.preset(name)
+        for tp in tps:
+            if cfg.heads % tp or cfg.mlp_hidden % tp:
+                continue
+            for txt, img in token_pairs:
+                yield f"{name} tp{tp} {txt}+{img}", cfg, tp, txt, img
