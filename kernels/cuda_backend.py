@@ -230,8 +230,10 @@ def qk_norm_rope_cuda(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, 
     rows = [t.stride()[:3] for t in (q, k, qo, ko)]
     aligned = all(_aligned(t, r) for t, r in zip((q, k, qo, ko), rows)) and _aligned(qw, []) and _aligned(kw, [])
     cfg = qk_launch_config(B * S * H, D, vector_width(q.dtype, aligned))
-    check_int32_addressable("qk_norm_rope (cuda)", {"q": q, "k": k, "qo": qo, "ko": ko, "angles": angles,
-                                                    "rows": torch.empty(2 * B * S * H, 32, device="meta")})
+    check_int32_addressable("qk_norm_rope (cuda)", {"q": q, "k": k, "qo": qo, "ko": ko, "angles": angles})
+    if cfg["grid"] * cfg["block"] >= 2**31:  # the kernels' global thread index is an int
+        raise ValueError(f"qk_norm_rope (cuda): {B * S * H} (token, head) rows need {cfg['grid']} x {cfg['block']} "
+                         "threads, over 2^31 - 1: split the batch")
     if B * S * H == 0:
         return qo, ko
     with torch.cuda.device(q.device):

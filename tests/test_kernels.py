@@ -5,6 +5,8 @@ Tolerances: single fused ops in fp32 are compared with ``torch.testing.assert_cl
 tolerance of :mod:`tpfuse.tp_layers.numerics`.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -159,7 +161,7 @@ def test_bad_input_qk_norm_rope_joint():
 
 def test_qk_norm_rope_backward_with_and_without_the_saved_rstd():
     """The backward reads the forward's 1/rms; after a csrc forward (none saved) it recomputes it: same result."""
-    mod = __import__("importlib").import_module("tpfuse.kernels.qk_norm_rope")  # the module, not the op
+    mod = importlib.import_module("tpfuse.kernels.qk_norm_rope")  # the module (the package re-exports the op)
     q, k = _rand(2, 19, 3, 32, seed=1), _rand(2, 19, 3, 32, seed=2, scale=3.0)
     qw, kw = 1 + 0.1 * _rand(32, seed=3), 1 + 0.1 * _rand(32, seed=4)
     cos, sin = _angles(19, 32, seed=5)
