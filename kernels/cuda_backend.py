@@ -275,3 +275,9 @@ def layernorm_modulate_cuda(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
 @layernorm_modulate_cuda.register_fake
 def _(x, shift, scale, eps):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+# Autocast: these norm ops compute in fp32 whatever the autocast dtype (as F.layer_norm/F.rms_norm do under CUDA
+# autocast), so a caller that reaches them directly under autocast gets fp32 inputs and outputs.
+for _op in ("tpfuse::qk_norm_rope_cuda", "tpfuse::layernorm_modulate_cuda"):
+    torch.library.register_autocast(_op, "cuda", torch.float32)

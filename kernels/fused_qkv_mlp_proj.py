@@ -49,6 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autocast import autocast_dtype, autocast_off
 from ._checks import check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
@@ -57,7 +58,7 @@ from ._tma import tma_ready
 from ._triton import tl, triton
 from .qk_norm_rope import qk_norm_rope_reference
 
-__all__ = ["fused_qkv_mlp_proj", "fused_qkv_mlp_proj_reference", "proj_config", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "fused_qkv_mlp_proj", "fused_qkv_mlp_proj_reference", "proj_config"]
 
 # The tile is one head wide: a power of two (tl.arange), at least 32 (the MLP tile's two halves feed 16-wide
 # pieces of the wgmma), at most 256 (one n256 wgmma; the accumulator still fits in registers at BLOCK_M=64).
@@ -309,6 +310,11 @@ def fused_qkv_mlp_proj(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Te
         ``q, k, v``: ``[B, heads, S, head_dim]`` (ready for ``scaled_dot_product_attention``);
         ``mlp``: ``[B, S, mlp_hidden]`` = ``silu(gate) * up``.
     """
+    cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if cast is not None:  # autocast: the GEMM in the autocast dtype, as F.linear (see kernels/_autocast.py)
+        with autocast_off(x.device):
+            return fused_qkv_mlp_proj(x.to(cast), weight.to(cast), q_weight, k_weight, cos, sin, heads, head_dim,
+                                      mlp_hidden, eps, backend)
     _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps)
     chosen = select_backend("fused_qkv_mlp_proj", x.device, backend)
     if chosen == "triton" and head_dim not in SUPPORTED_HEAD_DIMS:

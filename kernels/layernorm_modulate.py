@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autocast import _like, autocast_dtype, autocast_off
 from ._checks import check_int32_addressable, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
@@ -209,6 +210,9 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
         backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (csrc forward); default: triton for CUDA tensors,
             torch on CPU (``TPFUSE_BACKEND`` overrides the default).
     """
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None:  # see kernels/_autocast.py
+        with autocast_off(x.device):
+            return layernorm_modulate(x, _like(shift, x), _like(scale, x), eps, backend)
     _validate(x, shift, scale, eps)
     chosen = select_backend("layernorm_modulate", x.device, backend, cuda_kernel=True)
     if chosen == "torch":

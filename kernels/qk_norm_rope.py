@@ -26,14 +26,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autocast import _like, autocast_dtype, autocast_off
 from ._checks import check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._rope import angle_table
 from ._triton import tl, triton
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_joint", "qk_norm_rope_reference", "qk_norm_rope_joint_reference",
-           "rope_reference", "qk_rope_config"]
+__all__ = [
+    "qk_norm_rope",
+    "qk_norm_rope_joint",
+    "qk_norm_rope_joint_reference",
+    "qk_norm_rope_reference",
+    "qk_rope_config",
+    "rope_reference",
+]
 
 
 # Rows (one token's one head) per program: ~32 rows of a 128-wide head (8 KB of bf16 per tensor) amortize the
@@ -452,6 +459,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (csrc forward); default: triton for CUDA tensors,
             torch on CPU.
     """
+    if isinstance(q, torch.Tensor) and autocast_dtype(q.device) is not None:  # see kernels/_autocast.py
+        with autocast_off(q.device):
+            return qk_norm_rope(q, _like(k, q), q_weight, k_weight, cos, sin, eps, backend)
     _validate(q, k, q_weight, k_weight, cos, sin, eps)
     chosen = select_backend("qk_norm_rope", q.device, backend, cuda_kernel=True)
     if chosen == "torch":
@@ -486,6 +496,11 @@ def qk_norm_rope_joint(qs, ks, vs, q_weights, k_weights, cos, sin, eps, backend:
     ``(q, k, v)``.
     """
     qs, ks, vs, q_weights, k_weights = (list(t) for t in (qs, ks, vs, q_weights, k_weights))
+    ref = qs[0] if qs and isinstance(qs[0], torch.Tensor) else None
+    if ref is not None and autocast_dtype(ref.device) is not None:  # see kernels/_autocast.py
+        with autocast_off(ref.device):
+            return qk_norm_rope_joint([_like(t, ref) for t in qs], [_like(t, ref) for t in ks],
+                                      [_like(t, ref) for t in vs], q_weights, k_weights, cos, sin, eps, backend)
     eps = [eps, eps] if isinstance(eps, (int, float)) else list(eps)
     if not all(len(t) == 2 for t in (qs, ks, vs, q_weights, k_weights, eps)):
         raise ValueError("qk_norm_rope_joint: pass two segments of qs, ks, vs, q_weights, k_weights (and eps)")

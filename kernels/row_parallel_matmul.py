@@ -35,13 +35,20 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._autocast import _like, autocast_dtype, autocast_off
 from ._checks import check_int32_addressable
 from ._dispatch import select_backend
 from ._tma import tma_ready
 from ._triton import tl, triton
 
-__all__ = ["row_parallel_matmul", "row_parallel_matmul_reference", "row_parallel_matmul_forward",
-           "row_parallel_matmul_backward", "rpm_config", "MAX_PARTS"]
+__all__ = [
+    "MAX_PARTS",
+    "row_parallel_matmul",
+    "row_parallel_matmul_backward",
+    "row_parallel_matmul_forward",
+    "row_parallel_matmul_reference",
+    "rpm_config",
+]
 
 # The single-stream out-projection has two inputs ([attn | mlp]); every other row-parallel layer has one.
 MAX_PARTS = 2
@@ -346,6 +353,11 @@ def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gat
 
     Differentiable on both backends (triton: the kernel forward, a torch backward).
     """
+    cast = autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
+    if cast is not None and not isinstance(parts, torch.Tensor):  # GEMM in the autocast dtype (kernels/_autocast.py)
+        with autocast_off(weight.device):
+            return row_parallel_matmul([_like(p, dtype=cast) for p in parts], weight.to(cast), _like(gate, dtype=cast),
+                                       _like(residual, dtype=cast), add_residual, backend)
     parts = _validate(parts, weight, gate, residual, add_residual)
     if select_backend("row_parallel_matmul", weight.device, backend) == "torch":
         return row_parallel_matmul_reference(parts, weight, gate, residual, add_residual)

@@ -83,14 +83,13 @@ def test_input_dtype_device_shape(kind, tp):
     with pytest.raises(ValueError, match=r"hidden_states must be \[B, S, 64\], got shape \(1, 5, 32\)"):
         call(hidden_states=tensors["hidden_states"][..., :32])
     mod_name = "temb_mod" if kind == "single" else "temb_mod_img"
-    with pytest.raises(ValueError, match=rf"{mod_name} must be \[B, \d+\] or \[B, 1, \d+\], got shape \(1, 10\)"):
+    with pytest.raises(ValueError, match=rf"{mod_name} must be \[B, \d+\], \[B, 1, \d+\] or per token \[B, \d+, \d+\], "
+                                         r"got shape \(1, 10\)"):
         call(**{mod_name: torch.zeros(1, 10)})
     with pytest.raises(TypeError, match=f"{mod_name} has dtype torch.float16"):
         call(**{mod_name: tensors[mod_name].half()})
     with pytest.raises(ValueError, match=r"unsupported joint_attention_kwargs \['scale'\]"):
         call(joint_attention_kwargs={"scale": 1.0})
-    with pytest.raises(NotImplementedError, match="kv_cache_mode='extract'"):
-        call(joint_attention_kwargs={"kv_cache_mode": "extract"})
     call(joint_attention_kwargs={"kv_cache": None, "kv_cache_mode": None})  # what the model passes by default
 
 

@@ -234,10 +234,6 @@ def test_refuses_what_it_cannot_shard():
     m.single_transformer_blocks[0].attn._hf_hook = object()  # what accelerate's cpu offload attaches
     with pytest.raises(ValueError, match=r"offloaded or dispatched \(hooks on \['single_transformer_blocks.0.attn'"):
         parallelize(m)
-    m = _model()
-    m.peft_config = {"default": object()}
-    with pytest.raises(ValueError, match="LoRA \\(peft\\) adapters"):
-        parallelize(m)
     m = parallelize(_model())
     with pytest.raises(ValueError, match="already parallelized"):
         parallelize(m)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+from tpfuse.kernels._autocast import autocast_dtype
 
 
 def check_like(x, ref: torch.Tensor, subject: str, owner: str) -> None:
-    """Raise unless ``x`` is a tensor on ``ref``'s device (``meta`` weights accept any) with ``ref``'s dtype.
+    """Raise unless ``x`` is a tensor on ``ref``'s device (``meta`` weights accept any) with ``ref``'s dtype (any
+    floating dtype under autocast, which decides the compute dtype itself).
 
     ``owner`` reads as a subject with its verb, e.g. ``"the weight is"``, ``"the block's weights are"``.
     """
@@ -14,5 +16,5 @@ def check_like(x, ref: torch.Tensor, subject: str, owner: str) -> None:
         raise TypeError(f"{subject} must be a torch.Tensor, got {type(x).__name__}")
     if ref.device.type != "meta" and x.device != ref.device:
         raise ValueError(f"{subject} is on {x.device} but {owner} on {ref.device}")
-    if x.dtype != ref.dtype:
+    if x.dtype != ref.dtype and not (autocast_dtype(x.device) is not None and x.is_floating_point()):
         raise TypeError(f"{subject} has dtype {x.dtype} but {owner} {ref.dtype}")

@@ -7,39 +7,45 @@ inside ``Flux2Transformer2DModel``.
 The block math is written once. The attention and feed-forward modules expose small hooks (projection, per-head
 norm, attention over local heads) that the tensor-parallel versions in :mod:`.tp_flux2` override; the block
 ``forward`` (norm, modulation, gated residual) is shared because every op in it is replicated on every rank.
+
+Attention runs through a *processor*, as in diffusers (``attn.processor``, ``set_processor``; the attention kernel is
+diffusers' ``dispatch_attention_fn`` when diffusers is installed, so ``set_attention_backend`` applies). The
+default processors return the attention outputs *before* the out-projection as :class:`Projection` objects, so
+that a block can fold the gate and the residual into that projection; any other processor, or a hooked attention
+module (caching hooks, offloading), is called as a module and returns projected outputs, as in diffusers.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from tpfuse.kernels.qk_norm_rope import rope_reference
 
 from ._checks import check_like
 from .config import Flux2Config
 
 __all__ = [
-    "SingleStreamBlock",
     "DoubleStreamBlock",
-    "SingleStreamAttention",
-    "JointAttention",
     "FeedForward",
-    "rope_cos_sin",
+    "JointAttention",
+    "SingleStreamAttention",
+    "SingleStreamBlock",
     "apply_rope",
-    "split_modulation",
-    "modulate",
-    "swiglu",
     "attention",
+    "modulate",
+    "rope_cos_sin",
+    "split_modulation",
+    "swiglu",
 ]
 
-# Keys of ``joint_attention_kwargs`` that only matter for diffusers' reference-image KV cache; harmless when
-# ``kv_cache_mode`` is None (the model forwards them as ``None``/0 in that case).
-_KV_CACHE_KEYS = {"kv_cache", "kv_cache_mode", "num_txt_tokens", "num_ref_tokens"}
+logger = logging.getLogger("tpfuse.tp_layers")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -96,42 +102,201 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA on ``[B, S, H, D]`` inputs, returning ``[B, S, H*D]`` (diffusers' native attention backend)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+@functools.cache
+def _dispatch_attention_fn():
+    """diffusers' ``dispatch_attention_fn`` (attention backends), or ``None`` without diffusers."""
+    try:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+    except ImportError:
+        return None
+    return dispatch_attention_fn
 
 
-def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA on ``[B, H, S, D]`` inputs (no transposes), returning ``[B, S, H*D]``."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend=None, parallel_config=None) -> torch.Tensor:
+    """Attention on ``[B, S, H, D]`` inputs, returning ``[B, S, H*D]``: diffusers' ``dispatch_attention_fn`` (the
+    ``backend`` a processor was given, else the active one; ``attention_backend(...)`` chooses it), SDPA without
+    diffusers."""
+    dispatch = _dispatch_attention_fn()
+    if dispatch is None:
+        if backend is not None:
+            raise RuntimeError(f"attention backend {backend!r} needs diffusers installed")
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2)
+    else:
+        out = dispatch(q, k, v, attn_mask=mask, backend=backend, parallel_config=parallel_config)
+    return out.flatten(2, 3).to(q.dtype)
 
 
-def _check_stream(x: torch.Tensor, ref: torch.Tensor, dim: int, name: str) -> None:
-    check_like(x, ref, name, "the block's weights are")
+def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                          backend=None, parallel_config=None) -> torch.Tensor:
+    """:func:`attention` on ``[B, H, S, D]`` inputs: passed as ``[B, S, H, D]`` views, which the native backend
+    permutes back, so SDPA reads them without a copy."""
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend, parallel_config)
+
+
+def _check_like(x, ref: torch.Tensor | None, name: str) -> None:
+    if ref is not None:
+        check_like(x, ref, name, "the block's weights are")
+    elif not isinstance(x, torch.Tensor):  # weights managed by hooks: their dtype/device is decided per call
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_stream(x: torch.Tensor, ref: torch.Tensor | None, dim: int, name: str) -> None:
+    _check_like(x, ref, name)
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must be [B, S, {dim}], got shape {tuple(x.shape)}")
 
 
-def _check_mod(mod: torch.Tensor, ref: torch.Tensor, width: int, name: str) -> None:
-    check_like(mod, ref, name, "the block's weights are")
-    if mod.shape[-1] != width or mod.dim() not in (2, 3):
-        raise ValueError(f"{name} must be [B, {width}] or [B, 1, {width}], got shape {tuple(mod.shape)}")
+def _check_mod(mod: torch.Tensor, ref: torch.Tensor | None, width: int, name: str, seq: int) -> None:
+    _check_like(mod, ref, name)
+    if mod.shape[-1] != width or mod.dim() not in (2, 3) or (mod.dim() == 3 and mod.shape[1] not in (1, seq)):
+        raise ValueError(f"{name} must be [B, {width}], [B, 1, {width}] or per token [B, {seq}, {width}], got shape "
+                         f"{tuple(mod.shape)}")
 
 
-def _attention_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """The subset of diffusers' ``joint_attention_kwargs`` these blocks honour; refuse what they would ignore."""
-    kwargs = dict(kwargs or {})
-    if kwargs.get("kv_cache_mode") is not None:
-        raise NotImplementedError(
-            f"kv_cache_mode={kwargs['kv_cache_mode']!r} (reference-image KV caching) is not supported by tpfuse blocks"
-        )
-    unknown = sorted(set(kwargs) - _KV_CACHE_KEYS - {"attention_mask"})
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's ``forward``: a diffusers/accelerate hook (they replace
+    ``forward`` on the instance: caching, offloading, layerwise casting) or a torch forward (pre-)hook. Fused paths
+    that read a module's weights without calling it are only taken when this is False."""
+    return "forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+
+
+class Projection:
+    """An out-projection not applied yet: ``proj(cat(parts))``. Blocks fold their gate and residual into it."""
+
+    __slots__ = ("parts", "proj")
+
+    def __init__(self, proj: nn.Module, parts: Sequence[torch.Tensor]):
+        self.proj, self.parts = proj, list(parts)
+
+    def materialize(self) -> torch.Tensor:
+        fused = getattr(self.proj, "forward_fused", None)
+        if fused is not None and not hooked(self.proj):
+            return fused(self.parts)  # a row-parallel layer reads the parts without a cat
+        return self.proj(self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1))
+
+
+def _materialize(out):
+    return out.materialize() if isinstance(out, Projection) else out
+
+
+@functools.cache
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _filter_kwargs(processor, fn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' rule for ``joint_attention_kwargs``: what the processor does not take is dropped with a warning,
+    except by tpfuse's own processors, which refuse it (they would otherwise compute something else silently)."""
+    accepted = _parameters(getattr(fn, "__func__", fn))
+    unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
-        raise ValueError(f"unsupported joint_attention_kwargs {unknown}; supported: ['attention_mask']")
-    return {"attention_mask": kwargs.get("attention_mask")}
+        if isinstance(processor, _TPFuseProcessor):
+            inputs = {"self", "attn", "hidden_states", "encoder_hidden_states", "image_rotary_emb"}
+            raise ValueError(f"unsupported joint_attention_kwargs {unknown} for {type(processor).__name__}; "
+                             f"supported: {sorted(accepted - inputs)}")
+        logger.warning("joint_attention_kwargs %s are not expected by %s and will be ignored.", unknown,
+                       type(processor).__name__)
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention processors (diffusers' interface)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _diffusers_kv_processor(name: str):
+    try:
+        from diffusers.models.transformers import transformer_flux2
+    except ImportError as exc:
+        raise RuntimeError("kv_cache_mode (reference-image KV caching) needs diffusers installed") from exc
+    return getattr(transformer_flux2, name)()
+
+
+class _TPFuseProcessor:
+    """Base of tpfuse's default processors. ``parts`` returns the out-projection's inputs as :class:`Projection`
+    objects (the block folds gate and residual into it); ``__call__`` applies them, as a diffusers processor does.
+
+    With ``kv_cache_mode`` set (``Flux2KleinKVPipeline``), the call goes to diffusers' KV processor of the same
+    kind, which works per local head (each rank caches its own heads' reference K/V).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+    _kv_processor: str
+
+    def _kv(self, attn, *args, **kwargs):
+        proc = _diffusers_kv_processor(self._kv_processor)
+        proc._attention_backend, proc._parallel_config = self._attention_backend, self._parallel_config
+        return proc(attn, *args, **kwargs)
+
+
+class JointAttnProcessor(_TPFuseProcessor):
+    """Default processor of the double-stream attention (dense and tensor-parallel: ``attn._parts`` decides)."""
+
+    _kv_processor = "Flux2KVAttnProcessor"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
+        if kv_cache_mode is not None:
+            return self._kv(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                            kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens)
+        img, txt = self.parts(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return img.materialize(), txt.materialize()
+
+    def parts(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+              kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
+        if kv_cache_mode is not None:
+            return self.__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                 kv_cache, kv_cache_mode, num_ref_tokens)
+        img, txt = attn._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                               backend=self._attention_backend, parallel_config=self._parallel_config)
+        return Projection(attn.to_out[0], [img]), Projection(attn.to_add_out, [txt])
+
+
+class SingleAttnProcessor(_TPFuseProcessor):
+    """Default processor of the single-stream (parallel) attention."""
+
+    _kv_processor = "Flux2KVParallelSelfAttnProcessor"
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
+                 kv_cache_mode=None, num_txt_tokens=0, num_ref_tokens=0):
+        if kv_cache_mode is not None:
+            return self._kv(attn, hidden_states, attention_mask, image_rotary_emb, kv_cache=kv_cache,
+                            kv_cache_mode=kv_cache_mode, num_txt_tokens=num_txt_tokens, num_ref_tokens=num_ref_tokens)
+        return self.parts(attn, hidden_states, attention_mask, image_rotary_emb).materialize()
+
+    def parts(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
+              kv_cache_mode=None, num_txt_tokens=0, num_ref_tokens=0):
+        if kv_cache_mode is not None:
+            return self.__call__(attn, hidden_states, attention_mask, image_rotary_emb, kv_cache, kv_cache_mode,
+                                 num_txt_tokens, num_ref_tokens)
+        parts = attn._parts(hidden_states, attention_mask, image_rotary_emb, backend=self._attention_backend,
+                            parallel_config=self._parallel_config)
+        return Projection(attn.to_out, parts)
+
+
+class _ProcessorMixin:
+    """diffusers' attention-module interface: ``processor``, ``set_processor``/``get_processor``, ``forward``
+    through the processor (diffusers' ``AttentionModuleMixin`` adds ``set_attention_backend`` where the module is
+    also a diffusers class)."""
+
+    _default_processor_cls: type
+    fused_projections = False  # diffusers' processors read it; QKV fusion is not offered (see _supports_qkv_fusion)
+    _supports_qkv_fusion = False
+
+    def set_processor(self, processor) -> None:
+        if isinstance(getattr(self, "processor", None), nn.Module) and not isinstance(processor, nn.Module):
+            self._modules.pop("processor")
+        self.processor = processor
+
+    def get_processor(self, return_deprecated_lora: bool = False):
+        return None if return_deprecated_lora else self.processor
+
+    def _call_processor(self, args, kwargs):
+        kwargs = _filter_kwargs(self.processor, self.processor.__call__, kwargs)
+        return self.processor(self, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,16 +312,20 @@ class _HeadsMixin:
         """Per-head RMSNorm over ``head_dim`` (shard-safe: a head never spans ranks)."""
         return norm(x)
 
-    def _attend(self, q, k, v, mask):
-        return attention(q, k, v, mask)
+    def _attend(self, q, k, v, mask, backend=None, parallel_config=None):
+        return attention(q, k, v, mask, backend, parallel_config)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (-1, self.head_dim))  # [B, S, H(_local), D]
 
 
-class SingleStreamAttention(_HeadsMixin, nn.Module):
+class SingleStreamAttention(_ProcessorMixin, _HeadsMixin, nn.Module):
     """Parameters of diffusers' ``Flux2ParallelSelfAttention``: one fused in-projection ``[Q|K|V|gate|up]``,
     QK RMSNorm, one fused out-projection over ``cat(attn, mlp)``."""
+
+    _default_processor_cls = SingleAttnProcessor
+    mlp_mult_factor = 2  # what diffusers' processors read: [gate | up]
+    mlp_act_fn = staticmethod(lambda x: swiglu(x))
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float, eps: float, bias: bool = False,
                  device=None, dtype=None):
@@ -169,6 +338,7 @@ class SingleStreamAttention(_HeadsMixin, nn.Module):
         self.norm_q = nn.RMSNorm(head_dim, eps=eps, **factory)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps, **factory)
         self.to_out = nn.Linear(self.inner_dim + self.mlp_hidden_dim, dim, bias=bias, **factory)
+        self.processor = self._default_processor_cls()
 
     @property
     def col_blocks(self) -> list[int]:
@@ -180,10 +350,11 @@ class SingleStreamAttention(_HeadsMixin, nn.Module):
         """Packed layout of ``to_out``'s input features."""
         return [self.inner_dim, self.mlp_hidden_dim]
 
-    def forward(self, hidden_states, attention_mask=None, image_rotary_emb=None):
-        return self.to_out(torch.cat(self._parts(hidden_states, attention_mask, image_rotary_emb), dim=-1))
+    def forward(self, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
+        return self._call_processor((hidden_states, attention_mask, image_rotary_emb), kwargs)
 
-    def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None) -> list[torch.Tensor]:
+    def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None, backend=None,
+               parallel_config=None) -> list[torch.Tensor]:
         """The two inputs of ``to_out``: ``[attention [B, S, H*D], silu(gate) * up [B, S, M]]``."""
         proj = self.to_qkv_mlp_proj(hidden_states)  # [B, S, (3*inner + 2*mlp)(/N)]
         q_w = self.to_qkv_mlp_proj.weight.shape[0] * self.inner_dim // sum(self.col_blocks)  # local Q width
@@ -194,13 +365,15 @@ class SingleStreamAttention(_HeadsMixin, nn.Module):
         if image_rotary_emb is not None:
             q = apply_rope(q, *image_rotary_emb)
             k = apply_rope(k, *image_rotary_emb)
-        attn = self._attend(q, k, v, attention_mask)  # [B, S, H*D]
+        attn = self._attend(q, k, v, attention_mask, backend, parallel_config)  # [B, S, H*D]
         return [attn, swiglu(mlp)]
 
 
-class JointAttention(_HeadsMixin, nn.Module):
+class JointAttention(_ProcessorMixin, _HeadsMixin, nn.Module):
     """Parameters of diffusers' ``Flux2Attention`` with ``added_kv_proj_dim``: separate Q/K/V per stream, joint
     attention over ``cat(text, image)``, separate out-projections."""
+
+    _default_processor_cls = JointAttnProcessor
 
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float, bias: bool = False, device=None,
                  dtype=None):
@@ -208,6 +381,7 @@ class JointAttention(_HeadsMixin, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.heads, self.head_dim = heads, head_dim
         self.inner_dim = heads * head_dim
+        self.added_kv_proj_dim = dim
         self.to_q = nn.Linear(dim, self.inner_dim, bias=bias, **factory)
         self.to_k = nn.Linear(dim, self.inner_dim, bias=bias, **factory)
         self.to_v = nn.Linear(dim, self.inner_dim, bias=bias, **factory)
@@ -220,15 +394,18 @@ class JointAttention(_HeadsMixin, nn.Module):
         self.add_k_proj = nn.Linear(dim, self.inner_dim, bias=bias, **factory)
         self.add_v_proj = nn.Linear(dim, self.inner_dim, bias=bias, **factory)
         self.to_add_out = nn.Linear(self.inner_dim, dim, bias=bias, **factory)
+        self.processor = self._default_processor_cls()
 
     def _qkv(self, x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
         return [lin(x) for lin in linears]
 
-    def forward(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        out, context_out = self._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return self.to_out[1](self.to_out[0](out)), self.to_add_out(context_out)
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                **kwargs):
+        """``(image, text)`` attention outputs after their out-projections, through ``self.processor``."""
+        return self._call_processor((hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb), kwargs)
 
-    def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None, backend=None,
+               parallel_config=None):
         """Attention outputs before the out-projections: ``(image [B, Si, H*D], text [B, St, H*D])``."""
         q, k, v = (self._heads(t) for t in self._qkv(hidden_states, (self.to_q, self.to_k, self.to_v)))
         cq, ck, cv = (self._heads(t) for t in
@@ -239,7 +416,7 @@ class JointAttention(_HeadsMixin, nn.Module):
         if image_rotary_emb is not None:
             q = apply_rope(q, *image_rotary_emb)
             k = apply_rope(k, *image_rotary_emb)
-        out = self._attend(q, k, v, attention_mask)  # [B, St+Si, H*D]
+        out = self._attend(q, k, v, attention_mask, backend, parallel_config)  # [B, St+Si, H*D]
         txt_len = encoder_hidden_states.shape[1]
         return out[:, txt_len:], out[:, :txt_len]
 
@@ -267,6 +444,13 @@ class FeedForward(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _weight_of(linear: nn.Module) -> torch.Tensor | None:
+    """A linear's weight, through a peft LoRA wrapper: the dtype/device reference of a block's inputs; ``None``
+    when hooks manage it (layerwise casting stores it in another dtype, offloading on another device)."""
+    base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+    return None if hooked(base) or hooked(linear) else base.weight
+
+
 def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
@@ -274,16 +458,35 @@ def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
 class _BlockHooks:
     """The places where a tensor-parallel block fuses what the dense block does with eager ops."""
 
+    def _pre_forward(self) -> None:
+        """Checks a block subclass runs before its forward (tensor-parallel blocks: adapters)."""
+
     def _norm_modulate(self, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
                        scale: torch.Tensor) -> torch.Tensor:
         """``(1 + scale) * norm(x) + shift`` (replicated on every rank; TP blocks fuse it into one kernel)."""
         return modulate(norm(x), shift, scale)
 
+    def _gated_residual(self, residual: torch.Tensor, gate: torch.Tensor, out) -> torch.Tensor:
+        """``residual + gate * out`` for a tensor or a :class:`Projection` (TP blocks fold gate and residual into
+        the projection's all-reduce)."""
+        return residual + gate * _materialize(out)
+
     @staticmethod
-    def _gated_residual(residual: torch.Tensor, gate: torch.Tensor, out_proj: nn.Module,
-                        parts: list[torch.Tensor]) -> torch.Tensor:
-        """``residual + gate * out_proj(cat(parts))`` (TP blocks fold gate and residual into the all-reduce)."""
-        return residual + gate * out_proj(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+    def _attention(attn: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any]):
+        """The attention module's outputs: :class:`Projection` objects from a tpfuse processor's ``parts`` (the
+        out-projection left to the block), else what calling the module returns (its processor, its hooks)."""
+        proc = getattr(attn, "processor", None)
+        parts = getattr(proc, "parts", None)
+        if parts is not None and not hooked(attn):
+            return parts(attn, **inputs, **_filter_kwargs(proc, parts, kwargs))
+        return attn(**inputs, **kwargs)
+
+    @staticmethod
+    def _feed_forward(ff: nn.Module, x: torch.Tensor):
+        """``ff(x)``, its out-projection left to the block as a :class:`Projection` when ``ff`` is not hooked."""
+        if hooked(ff) or not hasattr(ff, "hidden"):
+            return ff(x)
+        return Projection(ff.linear_out, [ff.hidden(x)])
 
 
 class SingleStreamBlock(_BlockHooks, nn.Module):
@@ -307,19 +510,20 @@ class SingleStreamBlock(_BlockHooks, nn.Module):
         split_hidden_states: bool = False,
         text_seq_len: int | None = None,
     ):
-        ref = self.attn.to_out.weight
+        self._pre_forward()
+        ref = _weight_of(self.attn.to_out)
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
-        _check_mod(temb_mod, ref, 3 * self.dim, "temb_mod")
         if encoder_hidden_states is not None:
             _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
             text_seq_len = encoder_hidden_states.shape[1]
             hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, St+Si, D]
-        kwargs = _attention_kwargs(joint_attention_kwargs)
+        _check_mod(temb_mod, ref, 3 * self.dim, "temb_mod", hidden_states.shape[1])
+        kwargs = dict(joint_attention_kwargs or {})
 
         (shift, scale, gate), = split_modulation(temb_mod, 1)
         x = self._norm_modulate(self.norm, hidden_states, shift, scale)
-        parts = self.attn._parts(x, image_rotary_emb=image_rotary_emb, **kwargs)
-        hidden_states = self._gated_residual(hidden_states, gate, self.attn.to_out, parts)
+        out = self._attention(self.attn, {"hidden_states": x, "image_rotary_emb": image_rotary_emb}, kwargs)
+        hidden_states = self._gated_residual(hidden_states, gate, out)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         if split_hidden_states:
@@ -353,12 +557,13 @@ class DoubleStreamBlock(_BlockHooks, nn.Module):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
     ):
-        ref = self.attn.to_add_out.weight
+        self._pre_forward()
+        ref = _weight_of(self.attn.to_add_out)
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
         _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
-        _check_mod(temb_mod_img, ref, 6 * self.dim, "temb_mod_img")
-        _check_mod(temb_mod_txt, ref, 6 * self.dim, "temb_mod_txt")
-        kwargs = _attention_kwargs(joint_attention_kwargs)
+        _check_mod(temb_mod_img, ref, 6 * self.dim, "temb_mod_img", hidden_states.shape[1])
+        _check_mod(temb_mod_txt, ref, 6 * self.dim, "temb_mod_txt", encoder_hidden_states.shape[1])
+        kwargs = dict(joint_attention_kwargs or {})
 
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(temb_mod_img, 2)
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = split_modulation(
@@ -366,17 +571,17 @@ class DoubleStreamBlock(_BlockHooks, nn.Module):
 
         x = self._norm_modulate(self.norm1, hidden_states, shift_msa, scale_msa)
         c = self._norm_modulate(self.norm1_context, encoder_hidden_states, c_shift_msa, c_scale_msa)
-        attn_img, attn_txt = self.attn._parts(x, c, image_rotary_emb=image_rotary_emb, **kwargs)
+        attn_img, attn_txt = self._attention(
+            self.attn, {"hidden_states": x, "encoder_hidden_states": c, "image_rotary_emb": image_rotary_emb}, kwargs)
 
-        hidden_states = self._gated_residual(hidden_states, gate_msa, self.attn.to_out[0], [attn_img])
+        hidden_states = self._gated_residual(hidden_states, gate_msa, attn_img)
         x = self._norm_modulate(self.norm2, hidden_states, shift_mlp, scale_mlp)
-        hidden_states = self._gated_residual(hidden_states, gate_mlp, self.ff.linear_out, [self.ff.hidden(x)])
+        hidden_states = self._gated_residual(hidden_states, gate_mlp, self._feed_forward(self.ff, x))
 
-        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_msa, self.attn.to_add_out,
-                                                     [attn_txt])
+        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_msa, attn_txt)
         c = self._norm_modulate(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp)
-        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context.linear_out,
-                                                     [self.ff_context.hidden(c)])
+        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_mlp,
+                                                     self._feed_forward(self.ff_context, c))
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states

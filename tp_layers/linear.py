@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
 from tpfuse.kernels import select_backend
+from tpfuse.kernels._autocast import _like, autocast_dtype, autocast_off
 from tpfuse.kernels.row_parallel_matmul import (
     row_parallel_matmul_backward,
     row_parallel_matmul_forward,
@@ -38,8 +38,14 @@ from .comm import (
 )
 from .sharding import check_blocks, local_blocks, shard_tensor
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_input", "column_parallel_linear", "choose_chunks",
-           "chunk_bounds"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "check_input",
+    "choose_chunks",
+    "chunk_bounds",
+    "column_parallel_linear",
+]
 
 logger = logging.getLogger("tpfuse.tp_layers")
 
@@ -126,6 +132,10 @@ def column_parallel_linear(x: torch.Tensor, layers: Sequence[ColumnParallelLinea
     if get_world_size(group) == 1:
         return [F.linear(x, layer.weight, layer.bias) for layer in layers]
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    cast = autocast_dtype(x.device)
+    if cast is not None:  # as F.linear under autocast: input, weight and bias in the autocast dtype
+        with autocast_off(x.device):
+            return list(_ColumnParallelMatmul.apply(x.to(cast), group, *[_like(p, dtype=cast) for p in params]))
     return list(_ColumnParallelMatmul.apply(x, group, *params))
 
 
@@ -181,20 +191,26 @@ class _RowParallelOverlapped(torch.autograd.Function):
         return (dweight, dgate, dres, None, None, None, *dparts)
 
 
-class _ParallelLinear(nn.Module):
-    """Shared construction and sharding; subclasses say which weight dim is split."""
+class _ParallelLinear(nn.Linear):
+    """Shared construction and sharding; subclasses say which weight dim is split.
+
+    An ``nn.Linear`` whose ``weight`` is this rank's shard, so that what recognises linears by type (peft's LoRA,
+    diffusers' layerwise casting and group offloading) sees these layers. As for any ``nn.Linear``,
+    ``in_features``/``out_features`` are the dims of the (local) weight; ``input_size``/``output_size`` are the
+    dense layer's (the names Megatron-Core and vLLM use).
+    """
 
     _shard_dim: int  # dim of the [out, in] weight that is split across ranks
     _bias_sharded: bool
 
     def __init__(self, in_features, out_features, bias, group, device, dtype, blocks):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the dense weight
         self.group = resolve_group(group)
         self.world_size = get_world_size(self.group)
         self.rank = get_rank(self.group)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        split = self.out_features if self._shard_dim == 0 else self.in_features
+        self.input_size = int(in_features)
+        self.output_size = int(out_features)
+        split = self.output_size if self._shard_dim == 0 else self.input_size
         what = "out_features" if self._shard_dim == 0 else "in_features"
         if split % self.world_size != 0 and blocks is None:
             raise ValueError(f"{type(self).__name__}: {what}={split} is not divisible by the world size "
@@ -203,11 +219,12 @@ class _ParallelLinear(nn.Module):
         self.blocks = check_blocks(blocks, split, self.world_size, what=f"{type(self).__name__}.{what}")
         self.local_blocks = local_blocks(self.blocks, self.world_size)
         local = split // self.world_size
-        shape = (local, self.in_features) if self._shard_dim == 0 else (self.out_features, local)
+        shape = (local, self.input_size) if self._shard_dim == 0 else (self.output_size, local)
+        self.out_features, self.in_features = shape  # nn.Linear's meaning: the weight this rank holds
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(shape, **factory))
         if bias:
-            self.bias = nn.Parameter(torch.empty(local if self._bias_sharded else self.out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(local if self._bias_sharded else self.output_size, **factory))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -220,7 +237,7 @@ class _ParallelLinear(nn.Module):
         """
         if self.weight.device.type == "meta":
             return
-        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        bound = 1.0 / math.sqrt(self.input_size) if self.input_size > 0 else 0.0
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
             if self.bias is not None:
@@ -268,7 +285,7 @@ class _ParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         packed = f", blocks={self.blocks}" if len(self.blocks) > 1 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        return (f"input_size={self.input_size}, output_size={self.output_size}, bias={self.bias is not None}, "
                 f"world_size={self.world_size}, rank={self.rank}, local_weight={tuple(self.weight.shape)}{packed}")
 
 
@@ -288,10 +305,10 @@ class ColumnParallelLinear(_ParallelLinear):
                  group=None, device=None, dtype=None, blocks: Sequence[int] | None = None):
         self.gather_output = gather_output
         super().__init__(in_features, out_features, bias, group, device, dtype, blocks)
-        self.out_features_per_partition = self.weight.shape[0]
+        self.out_features_per_partition = self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.weight, self.in_features, type(self).__name__)
+        check_input(x, self.weight, self.input_size, type(self).__name__)
         y = column_parallel_linear(x, [self], self.group)[0]  # [..., out/N]
         if self.gather_output:
             y = gather_from_tp_region(y, self.group, self.blocks)  # [..., out]
@@ -332,7 +349,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            check_input(x, self.weight, self.in_features, type(self).__name__)
+            check_input(x, self.weight, self.input_size, type(self).__name__)
             x = scatter_to_tp_region(x, self.group, self.blocks)
         return self.forward_fused([x])
 
@@ -352,8 +369,8 @@ class RowParallelLinear(_ParallelLinear):
         parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
         name = type(self).__name__
         group_size = get_world_size(self.group)
-        if self.weight.shape[1] * group_size != self.in_features:
-            raise ValueError(f"{name}: the weight shard has {self.weight.shape[1]} of {self.in_features} input "
+        if self.weight.shape[1] * group_size != self.input_size:
+            raise ValueError(f"{name}: the weight shard has {self.weight.shape[1]} of {self.input_size} input "
                              f"features, which does not match a group of size {group_size}")
         widths = [p.shape[-1] if isinstance(p, torch.Tensor) and p.dim() else None for p in parts]
         if not parts or None in widths or sum(widths) != self.in_features_per_partition:
@@ -384,6 +401,18 @@ class RowParallelLinear(_ParallelLinear):
         self.last_chunks = len(chunks)
         logger.debug("%s: %d rows x %d features in %d chunk(s)", name, rows, self.out_features, len(chunks))
         backend = select_backend("row_parallel_matmul", self.weight.device)
+        cast = autocast_dtype(self.weight.device)
+        if cast is not None:
+            # Autocast: the GEMM (and its all-reduce) in the autocast dtype, as F.linear; bias, gate and residual
+            # then in torch with autocast's type promotion, as the dense block applies them.
+            with autocast_off(self.weight.device):
+                y = _RowParallelOverlapped.apply(self.weight.to(cast), None, None, self.group, chunks, backend,
+                                                 *[p.to(cast) for p in x3])
+            bias = None if self.bias is None else self.bias.to(cast)
+            y = y if bias is None else y + bias
+            y = y if gate is None else y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
+            y = y if residual is None else residual + y
+            return y.reshape(*lead, self.out_features)
         fused_gate, fused_res = (gate, residual) if self.bias is None else (None, None)
         y = _RowParallelOverlapped.apply(self.weight, fused_gate, fused_res, self.group, chunks, backend, *x3)
         if self.bias is not None:  # after the reduce, once; then gate and residual in torch

@@ -18,9 +18,10 @@ from torch import nn
 from .checkpoint import LoadReport, load_sharded, resolve_source
 from .comm import get_world_size, resolve_group
 from .config import Flux2Config
+from .lora import install_lora_loaders, is_lora_layer
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
-__all__ = ["parallelize", "from_pretrained", "check_parallelizable", "load_config"]
+__all__ = ["check_parallelizable", "from_pretrained", "load_config", "parallelize"]
 
 _MODEL_CLASS = "Flux2Transformer2DModel"
 
@@ -40,10 +41,12 @@ def check_parallelizable(model: nn.Module, world_size: int) -> None:
     if odd:
         raise ValueError(f"parallelize: quantized or wrapped parameters cannot be sharded: {odd[:5]}"
                          + (" ..." if len(odd) > 5 else ""))
-    if getattr(model, "peft_config", None) or any(hasattr(m, "lora_A") or type(m).__module__.startswith("peft.")
-                                                   for m in model.modules()):
-        raise ValueError("parallelize: the model has LoRA (peft) adapters; fuse them into the weights first "
-                         "(fuse_lora() then unload_lora_weights())")
+    other_tuners = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")
+                           and not is_lora_layer(m) and not isinstance(m, nn.ModuleDict)
+                           and type(m).__module__ != "peft.tuners.lora.layer"})
+    if other_tuners:
+        raise ValueError(f"parallelize: peft adapters other than LoRA ({other_tuners}) cannot be sharded; fuse them "
+                         "into the weights first (fuse_lora() then unload_lora_weights())")
     hooked = [n or type(m).__name__ for n, m in model.named_modules()
               if getattr(m, "_hf_hook", None) is not None or getattr(m, "_diffusers_hook", None) is not None]
     device_map = getattr(model, "hf_device_map", None)
@@ -71,6 +74,11 @@ def parallelize(model: nn.Module, group=None) -> nn.Module:
             blocks[i] = cls.from_dense(blocks[i], group)  # the dense block is dropped here
     model.tp_world_size = world_size
     model.tp_group = group
+    # Regional compilation (compile_repeated_blocks) finds blocks by class name.
+    repeated = list(getattr(model, "_repeated_blocks", None) or [])
+    model._repeated_blocks = repeated + [c.__name__ for c in (TPDoubleStreamBlock, TPSingleStreamBlock)
+                                         if c.__name__ not in repeated]
+    install_lora_loaders(model)  # LoRA files for the dense model are sharded per rank on load
     return model
 
 
@@ -106,7 +114,7 @@ def _infer_config(path: Path) -> dict:
         t_channels = shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1]
     except KeyError as exc:
         raise ValueError(f"cannot infer a FLUX.2 config from {path}: no {exc.args[0]}") from None
-    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
+    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})
     return Flux2Config(
         num_attention_heads=hidden // head_dim, attention_head_dim=head_dim, num_layers=count("transformer_blocks."),
         num_single_layers=count("single_transformer_blocks."), mlp_ratio=mlp2 / 2 / hidden,

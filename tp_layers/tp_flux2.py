@@ -16,6 +16,10 @@ The per-head RMSNorm weights are replicated, but each rank only sees its own hea
 partial sums: :class:`HeadRMSNorm` routes the weight through ``copy_to_tp_region`` so its gradient is all-reduced.
 
 The blocks subclass the dense ones and reuse their ``forward``: sharding lives in the modules, not in the math.
+Built from diffusers' blocks, they are also instances of diffusers' classes (``Flux2TransformerBlock``,
+``Flux2Attention``, ...; see :func:`diffusers_flavour`), registered where diffusers' hooks look blocks up, and their
+attention modules keep diffusers' processor interface: diffusers' own FLUX.2 processors (also the KV-cache ones)
+work on the local heads unchanged, because they only read shapes and call the projections.
 Where the dense block runs several eager ops, the TP block calls one fused op from :mod:`tpfuse.kernels`
 (Triton on CUDA tensors, the op's torch reference on CPU):
 
@@ -28,10 +32,11 @@ Where the dense block runs several eager ops, the TP block calls one fused op fr
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope_joint
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
@@ -41,13 +46,21 @@ from .flux2 import (
     DoubleStreamBlock,
     FeedForward,
     JointAttention,
+    Projection,
     SingleStreamAttention,
     SingleStreamBlock,
     attention_heads_major,
+    hooked,
 )
-from .linear import ColumnParallelLinear, RowParallelLinear, check_input, column_parallel_linear
+from .linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    check_input,
+    column_parallel_linear,
+)
+from .lora import check_adapters, shard_linear
 
-__all__ = ["TPSingleStreamBlock", "TPDoubleStreamBlock", "HeadRMSNorm"]
+__all__ = ["HeadRMSNorm", "TPDoubleStreamBlock", "TPSingleStreamBlock", "diffusers_flavour"]
 
 # Dense block classes accepted by from_dense, by (module prefix, class name): ours and diffusers'. Matched by
 # name so that diffusers stays an optional dependency.
@@ -70,10 +83,37 @@ def _check_block(block: nn.Module, types: set[tuple[str, str]], weights: list[st
     if kind not in types or isinstance(block, (TPSingleStreamBlock, TPDoubleStreamBlock)):
         names = sorted(f"{m}.{n}" for m, n in types)
         raise TypeError(f"{what}.from_dense expects one of {names}, got {kind[0]}.{kind[1]}")
-    present = dict(block.named_parameters())
+    present = {n.replace(".base_layer.", "."): p for n, p in block.named_parameters()}  # through LoRA wrappers
     missing = [w for w in weights if present.get(w) is None]
     if missing:
         raise ValueError(f"{what}.from_dense: the block is missing weights {missing}")
+
+
+_FLAVOURS: dict[tuple[type, type], type] = {}
+
+
+def diffusers_flavour(tp_cls: type, dense_cls: type) -> type:
+    """``tp_cls``, also deriving from the diffusers class it replaces (``Flux2TransformerBlock``,
+    ``Flux2Attention``, ...), so that ``isinstance`` checks, ``AttentionModuleMixin`` (``set_attention_backend``)
+    and diffusers' block registry (caching hooks) see a FLUX.2 module. tpfuse's own method resolution comes first:
+    ``forward`` is the tensor-parallel one. Blocks are registered with the dense class's hook metadata."""
+    if not dense_cls.__module__.startswith("diffusers."):
+        return tp_cls
+    flavour = _FLAVOURS.get((tp_cls, dense_cls))
+    if flavour is None:
+        namespace = {"__module__": tp_cls.__module__, "__qualname__": tp_cls.__qualname__, "__doc__": tp_cls.__doc__}
+        flavour = type(tp_cls.__name__, (tp_cls, dense_cls), namespace)
+        try:
+            from diffusers.hooks._helpers import TransformerBlockRegistry
+
+            meta = TransformerBlockRegistry.get(dense_cls)
+        except (ImportError, ValueError):  # an older diffusers, or a class its hooks do not know
+            meta = None
+        if meta is not None:
+            TransformerBlockRegistry.register(flavour, dataclasses.replace(meta, _cls=None,
+                                                                           _cached_parameter_indices=None))
+        _FLAVOURS[(tp_cls, dense_cls)] = flavour
+    return flavour
 
 
 def _check_divisible(world_size: int, **sizes: int) -> None:
@@ -127,8 +167,14 @@ class _TPHeadsMixin:
             mask = mask[:, start:start + self.local_heads]  # a per-head mask: keep this rank's heads
         return mask
 
-    def _attend(self, q, k, v, mask):
-        return super()._attend(q, k, v, self._local_mask(mask))
+    def _attend(self, q, k, v, mask, backend=None, parallel_config=None):
+        return super()._attend(q, k, v, self._local_mask(mask), backend, parallel_config)
+
+
+# diffusers' default FLUX.2 processors (and ours): replaced by tpfuse's fused default on parallelize. Any other
+# processor (diffusers' KV processors, a user's) is kept: diffusers' FLUX.2 processors are tensor-parallel-agnostic.
+_DEFAULT_PROCESSORS = {"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor", "JointAttnProcessor",
+                       "SingleAttnProcessor"}
 
 
 def _init_heads(module, dense, group, world_size: int) -> None:
@@ -138,29 +184,40 @@ def _init_heads(module, dense, group, world_size: int) -> None:
     module.local_heads = dense.heads // world_size
     module.norm_q = HeadRMSNorm.from_dense(dense.norm_q, group)
     module.norm_k = HeadRMSNorm.from_dense(dense.norm_k, group)
+    proc = getattr(dense, "processor", None)
+    if proc is None or type(proc).__name__ in _DEFAULT_PROCESSORS:
+        new = module._default_processor_cls()
+        new._attention_backend = getattr(proc, "_attention_backend", None)
+        new._parallel_config = getattr(proc, "_parallel_config", None)
+        proc = new
+    module.processor = proc
+
+
+def _plain(*linears) -> bool:
+    """Tensor-parallel linears that fused code may read directly: not wrapped (LoRA) and not hooked."""
+    return all(isinstance(lin, (ColumnParallelLinear, RowParallelLinear)) and not hooked(lin) for lin in linears)
 
 
 class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
     @classmethod
     def from_dense(cls, dense, group=None) -> TPSingleStreamAttention:
         world_size = get_world_size(group)
-        self = cls.__new__(cls)
+        self = diffusers_flavour(cls, type(dense)).__new__(diffusers_flavour(cls, type(dense)))
         _init_heads(self, dense, group, world_size)
         self.mlp_hidden_dim = dense.mlp_hidden_dim
-        self.to_qkv_mlp_proj = ColumnParallelLinear.from_dense(dense.to_qkv_mlp_proj, group, blocks=self.col_blocks)
-        self.to_out = RowParallelLinear.from_dense(dense.to_out, group, blocks=self.row_blocks)
+        self.to_qkv_mlp_proj = shard_linear(ColumnParallelLinear, dense.to_qkv_mlp_proj, group, self.col_blocks)
+        self.to_out = shard_linear(RowParallelLinear, dense.to_out, group, self.row_blocks)
         return self
 
-    def forward(self, hidden_states, attention_mask=None, image_rotary_emb=None):
-        return self.to_out.forward_fused(self._parts(hidden_states, attention_mask, image_rotary_emb))
-
-    def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None):
+    def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None, backend=None, parallel_config=None):
         proj = self.to_qkv_mlp_proj
         eps = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
         kernel_fits = (self.head_dim in SUPPORTED_HEAD_DIMS or
                        resolve_backend("fused_qkv_mlp_proj", hidden_states.device) != "triton")
-        if proj.bias is not None or eps is None or not kernel_fits:
-            return super()._parts(hidden_states, attention_mask, image_rotary_emb)  # unfused, same math
+        if (not _plain(proj) or hooked(self.norm_q) or hooked(self.norm_k) or proj.bias is not None or eps is None
+                or not kernel_fits):
+            # unfused, same math, every module called (LoRA, hooks)
+            return super()._parts(hidden_states, attention_mask, image_rotary_emb, backend, parallel_config)
         check_input(hidden_states, proj.weight, proj.in_features, type(self).__name__)
         x = copy_to_tp_region(hidden_states, self.group)  # [B, S, D]; backward: all-reduce of dx
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -168,7 +225,8 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
             x, proj.weight, self.norm_q.tp_weight(), self.norm_k.tp_weight(), cos, sin,
             self.local_heads, self.head_dim, proj.local_blocks[3], eps,
         )
-        attn = attention_heads_major(q, k, v, self._local_mask(attention_mask))  # [B, S, H_local*Dh]
+        attn = attention_heads_major(q, k, v, self._local_mask(attention_mask), backend,
+                                     parallel_config)  # [B, S, H_local*Dh]
         return [attn, mlp]  # to_out reads both without a cat
 
 
@@ -176,21 +234,25 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
     @classmethod
     def from_dense(cls, dense, group=None) -> TPJointAttention:
         world_size = get_world_size(group)
-        self = cls.__new__(cls)
+        self = diffusers_flavour(cls, type(dense)).__new__(diffusers_flavour(cls, type(dense)))
         _init_heads(self, dense, group, world_size)
         self.norm_added_q = HeadRMSNorm.from_dense(dense.norm_added_q, group)
         self.norm_added_k = HeadRMSNorm.from_dense(dense.norm_added_k, group)
+        self.added_kv_proj_dim = dense.added_kv_proj_dim
         for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            setattr(self, name, ColumnParallelLinear.from_dense(getattr(dense, name), group))
-        self.to_out = nn.ModuleList([RowParallelLinear.from_dense(dense.to_out[0], group), nn.Dropout(0.0)])
-        self.to_add_out = RowParallelLinear.from_dense(dense.to_add_out, group)
+            setattr(self, name, shard_linear(ColumnParallelLinear, getattr(dense, name), group))
+        self.to_out = nn.ModuleList([shard_linear(RowParallelLinear, dense.to_out[0], group), nn.Dropout(0.0)])
+        self.to_add_out = shard_linear(RowParallelLinear, dense.to_add_out, group)
         return self
 
-    def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None, backend=None,
+               parallel_config=None):
         eps_img = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
         eps_txt = _shared_eps(self.norm_added_q, self.norm_added_k, hidden_states.dtype)
-        if eps_img is None or eps_txt is None:
-            return super()._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        norms = (self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k)
+        if eps_img is None or eps_txt is None or any(hooked(n) for n in norms):
+            return super()._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, backend,
+                                  parallel_config)
         txt_len = encoder_hidden_states.shape[1]
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
         q, k, v = (self._heads(t) for t in self._qkv(hidden_states, (self.to_q, self.to_k, self.to_v)))
@@ -201,13 +263,15 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
         q, k, v = qk_norm_rope_joint(
             (cq, q), (ck, k), (cv, v), (self.norm_added_q.tp_weight(), self.norm_q.tp_weight()),
             (self.norm_added_k.tp_weight(), self.norm_k.tp_weight()), cos, sin, (eps_txt, eps_img))
-        out = self._attend(q, k, v, attention_mask)  # [B, St+Si, H_local*Dh]
+        out = self._attend(q, k, v, attention_mask, backend, parallel_config)  # [B, St+Si, H_local*Dh]
         return out[:, txt_len:], out[:, :txt_len]
 
     def _qkv(self, x, linears):
+        if not _plain(*linears):
+            return [lin(x) for lin in linears]  # LoRA or hooks: each module called
         # Q, K and V read the same input: the backward all-reduces their summed input gradient once per stream
         # (instead of three times), overlapped with the three weight-gradient GEMMs.
-        check_input(x, linears[0].weight, linears[0].in_features, type(self).__name__)
+        check_input(x, linears[0].weight, linears[0].input_size, type(self).__name__)
         return column_parallel_linear(x, linears, self.group)  # [B, S, inner/N] each
 
 
@@ -215,24 +279,39 @@ def _tp_feed_forward(dense, group) -> FeedForward:
     ff = FeedForward.__new__(FeedForward)
     nn.Module.__init__(ff)
     ff.mlp_hidden_dim = dense.linear_in.out_features // 2
-    ff.linear_in = ColumnParallelLinear.from_dense(dense.linear_in, group, blocks=[ff.mlp_hidden_dim] * 2)
-    ff.linear_out = RowParallelLinear.from_dense(dense.linear_out, group)
+    ff.linear_in = shard_linear(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
+    ff.linear_out = shard_linear(RowParallelLinear, dense.linear_out, group)
     return ff
 
 
+def _per_batch(mod: torch.Tensor) -> bool:
+    """A modulation the fused kernels take: one row per batch entry ([B, D] or [B, 1, D]), not one per token."""
+    return mod.dim() == 2 or mod.shape[1] == 1
+
+
 class _FusedBlockMixin:
+    _linear_names: tuple[str, ...]
+
     def _norm_modulate(self, norm, x, shift, scale):
+        if not (_per_batch(shift) and _per_batch(scale)) or hooked(norm):
+            return super()._norm_modulate(norm, x, shift, scale)  # per-token modulation (KV extract mode)
         return layernorm_modulate(x, shift, scale, norm.eps)
 
-    @staticmethod
-    def _gated_residual(residual, gate, out_proj, parts):
-        # gate applied before the (chunked, overlapped) all-reduce and residual added by rank 0: the reduced sum
-        # is already residual + gate * out.
-        return out_proj.forward_fused(parts, gate, residual)
+    def _gated_residual(self, residual, gate, out):
+        if isinstance(out, Projection) and _plain(out.proj) and _per_batch(gate):
+            # gate applied before the (chunked, overlapped) all-reduce and residual added by rank 0: the reduced
+            # sum is already residual + gate * out.
+            return out.proj.forward_fused(out.parts, gate, residual)
+        return super()._gated_residual(residual, gate, out)
+
+    def _pre_forward(self):
+        check_adapters(self.get_submodule(n) for n in self._linear_names)
 
 
 class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
     """Tensor-parallel single-stream block; same ``forward`` and parameter names as the dense block."""
+
+    _linear_names = ("attn.to_qkv_mlp_proj", "attn.to_out")
 
     @classmethod
     def from_dense(cls, block: nn.Module, group=None) -> TPSingleStreamBlock:
@@ -240,7 +319,7 @@ class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
         _check_block(block, _SINGLE_TYPES, _SINGLE_WEIGHTS, cls.__name__)
         world_size = get_world_size(group)
         _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
-        self = cls.__new__(cls)
+        self = diffusers_flavour(cls, type(block)).__new__(diffusers_flavour(cls, type(block)))
         nn.Module.__init__(self)
         self.dim = block.attn.to_out.out_features
         self.norm = nn.LayerNorm(self.dim, elementwise_affine=False, eps=block.norm.eps)
@@ -251,6 +330,10 @@ class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
 class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
     """Tensor-parallel double-stream block; same ``forward`` and parameter names as the dense block."""
 
+    _linear_names = tuple(f"attn.{n}" for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                                                 "to_out.0", "to_add_out")) + tuple(
+        f"{ff}.{lin}" for ff in ("ff", "ff_context") for lin in ("linear_in", "linear_out"))
+
     @classmethod
     def from_dense(cls, block: nn.Module, group=None) -> TPDoubleStreamBlock:
         """This rank's shard of a dense block (ours or diffusers' ``Flux2TransformerBlock``)."""
@@ -258,7 +341,7 @@ class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
         world_size = get_world_size(group)
         mlp_hidden = block.ff.linear_in.out_features // 2
         _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=mlp_hidden)
-        self = cls.__new__(cls)
+        self = diffusers_flavour(cls, type(block)).__new__(diffusers_flavour(cls, type(block)))
         nn.Module.__init__(self)
         self.dim = block.attn.to_add_out.out_features
         self.mlp_hidden_dim = mlp_hidden
