@@ -233,6 +233,26 @@ def _lora_case():
     for p in pipes:
         p.unload_lora_weights()
     res["pipeline_unload"] = _rel(_fwd(tp), base)
+
+    # adapters injected with peft directly need adapt_lora(); DoRA is refused on 2+ ranks
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tpfuse.tp_layers import adapt_lora
+
+    raw = copy.deepcopy(tp)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False), raw)
+    try:
+        _fwd(raw)
+        res["raw_peft"] = None
+    except RuntimeError as exc:
+        res["raw_peft"] = str(exc)
+    adapt_lora(raw)
+    _fwd(raw)
+    try:
+        copy.deepcopy(tp).add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+        res["dora"] = None
+    except NotImplementedError as exc:
+        res["dora"] = str(exc)
     return res
 
 
@@ -248,6 +268,11 @@ def test_lora(world_size):
                 "pipeline", "pipeline_unload"):
         assert r[key] <= F32, (key, r[key])
     assert r["unload"][0] <= F32 and r["unload"][1] == "ColumnParallelLinear"
+    if world_size == 1:  # nothing spans ranks: no collectives needed, every peft variant allowed
+        assert r["raw_peft"] is None and r["dora"] is None
+    else:
+        assert "without its collectives" in r["raw_peft"]
+        assert "DoRA adapters on tensor-parallel layers are not supported" in r["dora"]
     for other in results[1:]:
         assert torch.equal(other["out"], r["out"])
 
@@ -273,6 +298,21 @@ def _memory_case(tmp):
         d, t = _fwd(dense), _fwd(tp)
     res["autocast"] = (_rel(t, d), _rel(d, ref), str(t.dtype), str(d.dtype))
     res["out"] = t
+    # backward under autocast: fp32 weight gradients through the bf16 GEMMs (this rank's shards vs dense)
+    from tpfuse.tp_layers import shard_tensor
+
+    for m in (dense, tp):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(**_inputs(0)).sample
+        (out.float() ** 2).sum().backward()
+    rank, world = torch.distributed.get_rank(), tp.tp_world_size
+    pairs = [(tp.transformer_blocks[0].attn.to_q.weight.grad,
+              shard_tensor(dense.transformer_blocks[0].attn.to_q.weight.grad, 0, rank, world)),
+             (tp.single_transformer_blocks[0].attn.to_out.weight.grad,
+              shard_tensor(dense.single_transformer_blocks[0].attn.to_out.weight.grad, 1, rank, world,
+                           tp.single_transformer_blocks[0].attn.to_out.blocks))]
+    res["autocast_grads"] = (max(_rel(a, b) for a, b in pairs), [str(a.dtype) for a, _ in pairs])
+    dense.zero_grad(), tp.zero_grad()
 
     cast = [copy.deepcopy(m) for m in (dense, tp)]
     for m in cast:
@@ -300,6 +340,8 @@ def test_autocast_layerwise_casting_group_offloading(world_size, tmp_path):
     # Both run their GEMMs in bf16 from the same bf16 inputs; they differ by where bf16 rounds (partial sums before
     # the all-reduce, the fused epilogue's fp32 math), a few units of bf16's u = 2^-8 relative.
     assert rel <= 4 * 2**-8, rel
+    grad_rel, grad_dtypes = r["autocast_grads"]
+    assert grad_rel <= 4 * 2**-8 and grad_dtypes == ["torch.float32"] * 2, r["autocast_grads"]
     lw_rel, frac_dense, frac_tp, _ = r["layerwise"]
     assert frac_dense > 0.99 and frac_tp == pytest.approx(frac_dense, abs=1e-3)
     assert lw_rel <= F32

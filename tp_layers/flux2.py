@@ -171,9 +171,9 @@ class Projection:
         self.proj, self.parts = proj, list(parts)
 
     def materialize(self) -> torch.Tensor:
-        fused = getattr(self.proj, "forward_fused", None)
-        if fused is not None and not hooked(self.proj):
-            return fused(self.parts)  # a row-parallel layer reads the parts without a cat
+        # The class's own method only: a wrapper (peft) forwarding attribute lookups must not be bypassed.
+        if hasattr(type(self.proj), "forward_fused") and not hooked(self.proj):
+            return self.proj.forward_fused(self.parts)  # a row-parallel layer reads the parts without a cat
         return self.proj(self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1))
 
 

@@ -4,8 +4,9 @@
 their local weight's, so peft wraps them like any linear and sizes the adapter to the shard:
 
 column-parallel  ``W_r = W[rows of r]``: ``lora_A`` ``[rank, in]`` replicated, ``lora_B`` ``[rows of r, rank]``
-                 (the same packed blocks as the weight). ``lora_B`` reads ``copy_to_tp_region(lora_A(x))``, so the gradient of
-                 that ``[tokens, rank]`` intermediate (a partial sum over the rank's output rows) is all-reduced:
+                 (the same packed blocks as the weight). ``lora_B`` reads ``copy_to_tp_region(lora_A(x))``, so the
+                 gradient of that ``[tokens, rank]`` intermediate (a partial sum over the rank's output rows) is
+                 all-reduced:
                  ``x`` and the replicated ``lora_A`` get the full gradient, equal on every rank.
 row-parallel     ``W_r = W[:, columns of r]``: ``lora_A`` ``[rank, columns of r]``, ``lora_B`` ``[out, rank]``
                  replicated. ``lora_A``'s output is a partial sum: it is all-reduced (``[tokens, rank]``, a tiny
@@ -74,7 +75,9 @@ def _tp_base(module: nn.Module) -> _ParallelLinear | None:
     return module if isinstance(module, _ParallelLinear) else None
 
 
-def _refuse_variants(layer: nn.Module, name: str) -> None:
+def _refuse_variants(layer: nn.Module, name: str, world_size: int) -> None:
+    if world_size == 1:  # nothing spans ranks: every peft variant computes what it computes on the dense layer
+        return
     dora = getattr(layer, "use_dora", {}) or {}
     magnitude = getattr(layer, "lora_magnitude_vector", None)
     if any(dora.values()) or (magnitude is not None and len(magnitude)):
@@ -100,7 +103,7 @@ def adapt_lora(model: nn.Module) -> int:
         base = _tp_base(module) if is_lora_layer(module) else None
         if base is None:
             continue
-        _refuse_variants(module, name)
+        _refuse_variants(module, name, base.world_size)
         for adapter in module.lora_A:
             if isinstance(base, ColumnParallelLinear):
                 _convert(module.lora_B[adapter], LoRAOutputShard, base.group)
@@ -177,7 +180,7 @@ def shard_linear(cls: type[_ParallelLinear], dense: nn.Module, group, blocks=Non
     if not is_lora_layer(dense):
         return cls.from_dense(dense, group, blocks, **kwargs)
     base = cls.from_dense(dense.get_base_layer(), group, blocks, **kwargs)
-    _refuse_variants(dense, type(dense).__name__)
+    _refuse_variants(dense, type(dense).__name__, base.world_size)
     with torch.no_grad():
         for adapter in list(dense.lora_A):
             a, b = dense.lora_A[adapter], dense.lora_B[adapter]
