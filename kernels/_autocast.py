@@ -4,8 +4,9 @@ A fused op is one node to autocast, so it gets one policy, applied in its launch
 which the op runs with autocast off (its kernels and references then see exactly the dtypes chosen here):
 
 * GEMM ops (``fused_qkv_mlp_proj``, ``row_parallel_matmul``): the activation and the weight are cast to the
-  autocast dtype, as for ``F.linear`` (norm scales, gates and residuals are left as they are: their math is fp32
-  in the kernels, and dense code applies them outside the linear).
+  autocast dtype, as for ``F.linear``. Norm scales are left as they are (fp32 math in the epilogue);
+  ``row_parallel_matmul``'s gate and residual are applied after the GEMM in torch, with type promotion, as dense
+  code applies them outside the linear (an fp32 residual stream stays fp32).
 * Norm ops (``layernorm_modulate``, ``qk_norm_rope``): the auxiliary inputs are cast to the activation's dtype
   and the math stays fp32 inside, as ``F.layer_norm``/``F.rms_norm`` on CPU autocast (on CUDA autocast
   they return fp32; the fused op returns the activation's dtype, one rounding further, which the next op's cast

@@ -354,10 +354,13 @@ def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gat
     Differentiable on both backends (triton: the kernel forward, a torch backward).
     """
     cast = autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
-    if cast is not None and not isinstance(parts, torch.Tensor):  # GEMM in the autocast dtype (kernels/_autocast.py)
+    if cast is not None and not isinstance(parts, torch.Tensor):
+        # Autocast: the GEMM in the autocast dtype; gate and residual then applied in torch with type promotion,
+        # as eager code applies them outside the linear (kernels/_autocast.py).
         with autocast_off(weight.device):
-            return row_parallel_matmul([_like(p, dtype=cast) for p in parts], weight.to(cast), _like(gate, dtype=cast),
-                                       _like(residual, dtype=cast), add_residual, backend)
+            y = row_parallel_matmul([_like(p, dtype=cast) for p in parts], weight.to(cast), backend=backend)
+        y = y if gate is None else y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
+        return residual + y if add_residual else y
     parts = _validate(parts, weight, gate, residual, add_residual)
     if select_backend("row_parallel_matmul", weight.device, backend) == "torch":
         return row_parallel_matmul_reference(parts, weight, gate, residual, add_residual)

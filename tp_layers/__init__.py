@@ -20,7 +20,7 @@ from .config import PRESETS, Flux2Config
 from .flux2 import DoubleStreamBlock, SingleStreamBlock, apply_rope, rope_cos_sin
 from .launch import RankError, run_ranks
 from .linear import ColumnParallelLinear, RowParallelLinear
-from .lora import adapt_lora, shard_lora_state_dict
+from .lora import adapt_lora, lora_state_dict, shard_lora_state_dict
 from .sharding import check_blocks, local_blocks, shard_ranges, shard_tensor, unshard_tensors
 from .model import from_pretrained, parallelize
 from .tp_flux2 import HeadRMSNorm, TPDoubleStreamBlock, TPSingleStreamBlock
@@ -57,5 +57,6 @@ __all__ = [
     "from_pretrained",
     "LoadReport",
     "adapt_lora",
+    "lora_state_dict",
     "shard_lora_state_dict",
 ]

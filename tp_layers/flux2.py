@@ -157,9 +157,15 @@ def _check_mod(mod: torch.Tensor, ref: torch.Tensor | None, width: int, name: st
 
 def hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's ``forward``: a diffusers/accelerate hook (they replace
-    ``forward`` on the instance: caching, offloading, layerwise casting) or a torch forward (pre-)hook. Fused paths
-    that read a module's weights without calling it are only taken when this is False."""
-    return "forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+    ``forward`` on the instance: caching, offloading, layerwise casting), a torch forward or backward hook on it, or
+    a global module hook. Fused paths that read a module's weights without calling it are only taken when this is
+    False."""
+    from torch.nn.modules import module as torch_module
+
+    return ("forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+            or bool(module._backward_hooks) or bool(module._backward_pre_hooks)
+            or bool(torch_module._global_forward_hooks) or bool(torch_module._global_forward_pre_hooks)
+            or bool(torch_module._global_backward_hooks) or bool(torch_module._global_backward_pre_hooks))
 
 
 class Projection:
@@ -275,6 +281,9 @@ class SingleAttnProcessor(_TPFuseProcessor):
         parts = attn._parts(hidden_states, attention_mask, image_rotary_emb, backend=self._attention_backend,
                             parallel_config=self._parallel_config)
         return Projection(attn.to_out, parts)
+
+
+_OWN_CALLS = (JointAttnProcessor.__call__, SingleAttnProcessor.__call__)
 
 
 class _ProcessorMixin:
@@ -476,9 +485,9 @@ class _BlockHooks:
         """The attention module's outputs: :class:`Projection` objects from a tpfuse processor's ``parts`` (the
         out-projection left to the block), else what calling the module returns (its processor, its hooks)."""
         proc = getattr(attn, "processor", None)
-        parts = getattr(proc, "parts", None)
-        if parts is not None and not hooked(attn):
-            return parts(attn, **inputs, **_filter_kwargs(proc, parts, kwargs))
+        # parts() only for a processor whose __call__ is tpfuse's own: a subclass overriding __call__ is called.
+        if isinstance(proc, _TPFuseProcessor) and type(proc).__call__ in _OWN_CALLS and not hooked(attn):
+            return proc.parts(attn, **inputs, **_filter_kwargs(proc, proc.parts, kwargs))
         return attn(**inputs, **kwargs)
 
     @staticmethod

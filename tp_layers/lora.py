@@ -21,7 +21,6 @@ peft directly).
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -35,7 +34,6 @@ from .sharding import shard_tensor
 __all__ = [
     "adapt_lora",
     "check_adapters",
-    "install_lora_loaders",
     "is_lora_layer",
     "shard_linear",
     "shard_lora_state_dict",
@@ -96,8 +94,39 @@ def _convert(module: nn.Linear, cls: type, group) -> None:
     module.tp_group = group
 
 
+class RankSyncedDropout(nn.Dropout):
+    """Dropout whose mask is the same on every rank of the group: a column-parallel layer's LoRA input is
+    replicated, and per-rank masks would give the replicated ``lora_A`` different gradients on each rank (its
+    copies would drift apart). The mask comes from a generator seeded with a seed shared at :func:`adapt_lora` plus
+    a call counter (every rank calls the layer equally often), so no communication is needed per call."""
+
+    tp_seed = 0
+    tp_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(self.tp_seed + self.tp_calls)
+        self.tp_calls += 1
+        keep = torch.rand(x.shape, generator=gen, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
+def _broadcast_(tensor: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        dist.broadcast(tensor.data, src=src, group=group)
+
+
 def adapt_lora(model: nn.Module) -> int:
-    """Give every LoRA adapter on a tensor-parallel linear its collectives; returns how many layers it touched."""
+    """Give every LoRA adapter on a tensor-parallel linear its collectives; returns how many layers it touched.
+
+    A collective on 2+ ranks (every rank calls it): the replicated adapter matrices (a column layer's ``lora_A``,
+    a row layer's ``lora_B``) are broadcast from the group's first rank, so that a randomly initialised adapter is
+    the same everywhere, and a column layer's LoRA dropout gets a rank-synchronised mask."""
     count = 0
     for name, module in model.named_modules():
         base = _tp_base(module) if is_lora_layer(module) else None
@@ -105,10 +134,21 @@ def adapt_lora(model: nn.Module) -> int:
             continue
         _refuse_variants(module, name, base.world_size)
         for adapter in module.lora_A:
-            if isinstance(base, ColumnParallelLinear):
+            column = isinstance(base, ColumnParallelLinear)
+            if column:
                 _convert(module.lora_B[adapter], LoRAOutputShard, base.group)
-            elif isinstance(base, RowParallelLinear):
+            else:
                 _convert(module.lora_A[adapter], LoRAInputShard, base.group)
+            if base.world_size == 1:
+                continue
+            for p in (module.lora_A[adapter] if column else module.lora_B[adapter]).parameters():
+                _broadcast_(p, base.group)
+            drop = module.lora_dropout[adapter] if hasattr(module, "lora_dropout") else None
+            if column and isinstance(drop, nn.Dropout) and not isinstance(drop, RankSyncedDropout):
+                seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+                _broadcast_(seed, base.group)
+                drop.__class__ = RankSyncedDropout
+                drop.tp_seed, drop.tp_calls = int(seed), 0
         count += 1
     return count
 
@@ -117,11 +157,15 @@ def check_adapters(linears) -> None:
     """Raise if a LoRA adapter on one of these tensor-parallel linears lacks its collectives (peft injected it
     after ``parallelize`` without :func:`adapt_lora`): on 2+ ranks it would compute a wrong result silently."""
     for lin in linears:
-        if not is_lora_layer(lin):
+        if not hasattr(lin, "get_base_layer"):  # not wrapped by a peft tuner
             continue
         base = lin.get_base_layer()
         if not isinstance(base, _ParallelLinear) or base.world_size == 1:
             continue
+        if not is_lora_layer(lin):
+            raise NotImplementedError(f"a {type(lin).__module__}.{type(lin).__name__} adapter sits on a "
+                                      "tensor-parallel layer: only LoRA adapters are sharded (each rank would add "
+                                      "an unreduced partial update)")
         mats = lin.lora_B if isinstance(base, ColumnParallelLinear) else lin.lora_A
         want = LoRAOutputShard if isinstance(base, ColumnParallelLinear) else LoRAInputShard
         if any(not isinstance(m, want) for m in mats.values()):
@@ -135,12 +179,12 @@ def _shard_matrix(t: torch.Tensor, base: _ParallelLinear, dim: int, key: str) ->
     dense = base.output_size if dim == 0 else base.input_size
     local = base.out_features if dim == 0 else base.in_features
     size = t.shape[dim] if t.dim() > dim else None
-    if size == dense and dense != local:
-        return shard_tensor(t, dim, base.rank, base.world_size, base.blocks)
-    if size == local:
-        return t
+    if size == dense:
+        return t if dense == local else shard_tensor(t, dim, base.rank, base.world_size, base.blocks)
+    hint = (" (it looks like one rank's shard: save adapters of a parallelized model with save_lora_adapter or "
+            "tpfuse.tp_layers.lora_state_dict, which gather them)" if size == local else "")
     raise ValueError(f"LoRA tensor {key!r} has shape {tuple(t.shape)}: dim {dim} should be the dense layer's "
-                     f"{dense} (or this rank's {local})")
+                     f"{dense}{hint}")
 
 
 def _lora_target(model: nn.Module, key: str, prefix: str | None) -> tuple[str, _ParallelLinear | None]:
@@ -202,17 +246,22 @@ def shard_linear(cls: type[_ParallelLinear], dense: nn.Module, group, blocks=Non
 
 
 # --------------------------------------------------------------------------------------------------------------
-# diffusers' loaders on a parallelized model
+# diffusers' adapter entry points on a parallelized model (called by tp_layers.model.TPModelMixin)
 # --------------------------------------------------------------------------------------------------------------
 
 _FETCH_KEYS = ("weight_name", "use_safetensors", "local_files_only", "cache_dir", "force_download", "proxies",
                "token", "revision", "subfolder")
+# peft initialisations computed from the weight (SVD, quantization error, ...): on a shard they would give each
+# rank an adapter that is not a slice of the dense model's.
+_WEIGHT_DERIVED_INITS = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal")
 
 
-def _load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
-                       **kwargs: Any):
-    """diffusers' ``load_lora_adapter`` with the (dense) state dict sharded for this rank first."""
-    source = pretrained_model_name_or_path_or_dict
+def _world(model: nn.Module) -> int:
+    return max((m.world_size for m in model.modules() if isinstance(m, _ParallelLinear)), default=1)
+
+
+def load_lora_adapter(model, base_method, source, prefix="transformer", hotswap=False, **kwargs: Any):
+    """diffusers' ``load_lora_adapter`` (``base_method``) with the dense state dict sharded for this rank first."""
     if not isinstance(source, dict):
         from diffusers.loaders.lora_base import _fetch_state_dict
 
@@ -222,22 +271,96 @@ def _load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="tran
                                                                       "framework": "pytorch"},
             allow_pickle=False, metadata=kwargs.pop("metadata", None), **fetch)
         kwargs["metadata"] = metadata
-    source = shard_lora_state_dict(self, source, prefix)
-    result = type(self).load_lora_adapter(self, source, prefix=prefix, hotswap=hotswap, **kwargs)
-    adapt_lora(self)
+    if _world(model) > 1 and any(".lokr_" in k for k in source):
+        raise NotImplementedError("LoKr adapters cannot be sharded over tensor-parallel ranks; fuse them into a dense "
+                                  "model before parallelize")
+    source = shard_lora_state_dict(model, source, prefix)
+    result = base_method(source, prefix=prefix, hotswap=hotswap, **kwargs)
+    adapt_lora(model)
     return result
 
 
-def _add_adapter(self, *args, **kwargs):
-    result = type(self).add_adapter(self, *args, **kwargs)
-    adapt_lora(self)
-    return result
+def check_new_adapter(model: nn.Module, config) -> None:
+    """Refuse, before peft builds it, an adapter that cannot be sharded (2+ ranks)."""
+    if _world(model) == 1:
+        return
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_WEIGHT_DERIVED_INITS):
+        raise NotImplementedError(f"init_lora_weights={init!r} is computed from the weight: on tensor-parallel "
+                                  "shards it would not be a slice of the dense adapter; initialise on the dense model "
+                                  "and parallelize it, or load the adapter from a file")
+    if type(config).__name__ != "LoraConfig":
+        raise NotImplementedError(f"{type(config).__name__} adapters on tensor-parallel layers are not supported "
+                                  "(only LoRA is sharded)")
 
 
-def install_lora_loaders(model: nn.Module) -> None:
-    """Route the model's adapter entry points (diffusers' ``load_lora_adapter``, which the pipelines'
-    ``load_lora_weights`` calls, and ``add_adapter``) through the sharding above."""
-    if hasattr(type(model), "load_lora_adapter"):
-        model.load_lora_adapter = types.MethodType(_load_lora_adapter, model)
-    if hasattr(type(model), "add_adapter"):
-        model.add_adapter = types.MethodType(_add_adapter, model)
+def init_new_adapter(model: nn.Module, adapter_name: str, config) -> None:
+    """A freshly initialised adapter as the dense model would draw it: a row-parallel layer's ``lora_A`` slice with
+    the dense fan-in (peft's default Kaiming bound 1/sqrt(fan_in) used the local one)."""
+    for module in model.modules():
+        base = _tp_base(module) if is_lora_layer(module) else None
+        if isinstance(base, RowParallelLinear) and adapter_name in module.lora_A and base.world_size > 1:
+            if getattr(config, "init_lora_weights", True) is True:  # peft's default: Kaiming-uniform A
+                with torch.no_grad():
+                    module.lora_A[adapter_name].weight.mul_((base.in_features / base.input_size) ** 0.5)
+
+
+def unshard_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense-model LoRA state dict from every rank's (a collective: every rank calls it with the same keys)."""
+    import torch.distributed as dist
+
+    from .sharding import unshard_tensors
+
+    out = {}
+    for key, value in state_dict.items():
+        side, base = _lora_target(model, key, None)
+        dim = 0 if (side == "B" and isinstance(base, ColumnParallelLinear)) else \
+            1 if (side == "A" and isinstance(base, RowParallelLinear) and key.endswith("weight")) else None
+        if dim is None or base.world_size == 1 or value.dim() <= dim:
+            out[key] = value
+            continue
+        shards = [torch.empty_like(value) for _ in range(base.world_size)]
+        dist.all_gather(shards, value.contiguous(), group=base.group)
+        out[key] = unshard_tensors(shards, dim, base.blocks)
+    return out
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The dense-model state dict of an adapter of a parallelized model (peft keys; a collective): what
+    ``save_lora_adapter`` writes, and what a pipeline's ``save_lora_weights(transformer_lora_layers=...)`` needs."""
+    from peft.utils import get_peft_model_state_dict
+
+    return unshard_lora_state_dict(model, get_peft_model_state_dict(model, adapter_name=adapter_name))
+
+
+def save_lora_adapter(model, save_directory, adapter_name="default", upcast_before_saving=False,
+                      safe_serialization=True, weight_name=None) -> None:
+    """diffusers' ``save_lora_adapter`` for a parallelized model: the shards are gathered (every rank calls it) and
+    rank 0 writes the dense adapter, in diffusers' format, so it loads into a dense model or any world size."""
+    import json
+    import os
+
+    import safetensors.torch
+    import torch.distributed as dist
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_SAFE
+
+    if adapter_name is None:
+        adapter_name = next(iter(getattr(model, "peft_config", {}) or {"default": None}))
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"Adapter name {adapter_name} not found in the model.")
+    state = lora_state_dict(model, adapter_name)
+    if upcast_before_saving:
+        state = {k: v.float() for k, v in state.items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    os.makedirs(save_directory, exist_ok=True)
+    path = os.path.join(save_directory, weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else
+                                                        LORA_WEIGHT_NAME))
+    if safe_serialization:
+        config = {k: list(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
+        metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+    else:
+        torch.save(state, path)

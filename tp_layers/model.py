@@ -18,7 +18,9 @@ from torch import nn
 from .checkpoint import LoadReport, load_sharded, resolve_source
 from .comm import get_world_size, resolve_group
 from .config import Flux2Config
-from .lora import install_lora_loaders, is_lora_layer
+from . import lora
+from ._flavour import flavour, resolve
+from .lora import is_lora_layer
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = ["check_parallelizable", "from_pretrained", "load_config", "parallelize"]
@@ -62,6 +64,44 @@ def check_parallelizable(model: nn.Module, world_size: int) -> None:
         raise ValueError(f"parallelize: num_attention_heads={heads} is not divisible by the world size {world_size}")
 
 
+class TPModelMixin:
+    """What a parallelized diffusers model adds to its class (``parallelize`` swaps the instance's class for
+    ``class Flux2Transformer2DModel(TPModelMixin, Flux2Transformer2DModel)``; ``__name__`` and the config are
+    unchanged): adapters are sharded on load and gathered on save, and regional compilation finds the TP blocks."""
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
+                          **kwargs):
+        """diffusers' ``load_lora_adapter``, with a LoRA made for the dense model sharded for this rank first."""
+        return lora.load_lora_adapter(self, super().load_lora_adapter, pretrained_model_name_or_path_or_dict,
+                                      prefix, hotswap, **kwargs)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """diffusers' ``add_adapter`` (a fresh adapter, e.g. for training), initialised as on the dense model and
+        identical on every rank where it is replicated."""
+        lora.check_new_adapter(self, adapter_config)
+        super().add_adapter(adapter_config, adapter_name)
+        lora.init_new_adapter(self, adapter_name, adapter_config)
+        lora.adapt_lora(self)
+
+    def save_lora_adapter(self, save_directory, adapter_name: str = "default", upcast_before_saving: bool = False,
+                          safe_serialization: bool = True, weight_name: str | None = None) -> None:
+        """diffusers' ``save_lora_adapter``: every rank calls it; rank 0 writes the gathered, dense adapter."""
+        lora.save_lora_adapter(self, save_directory, adapter_name, upcast_before_saving, safe_serialization,
+                               weight_name)
+
+
+def _model_flavour(model_cls: type) -> type:
+    repeated = list(getattr(model_cls, "_repeated_blocks", None) or [])
+    # Regional compilation (compile_repeated_blocks) finds blocks by class name.
+    repeated += [c.__name__ for c in (TPDoubleStreamBlock, TPSingleStreamBlock) if c.__name__ not in repeated]
+    return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated},
+                   name=model_cls.__name__)
+
+
+def __getattr__(name: str):  # pickle finds the model flavours by their __qualname__
+    return resolve(name, {TPModelMixin.__name__: TPModelMixin}, lambda _mixin, cls: _model_flavour(cls))
+
+
 def parallelize(model: nn.Module, group=None) -> nn.Module:
     """Shard a diffusers ``Flux2Transformer2DModel`` over ``group`` (a ProcessGroup or 1-D DeviceMesh; default:
     the world) in place and return it."""
@@ -74,11 +114,7 @@ def parallelize(model: nn.Module, group=None) -> nn.Module:
             blocks[i] = cls.from_dense(blocks[i], group)  # the dense block is dropped here
     model.tp_world_size = world_size
     model.tp_group = group
-    # Regional compilation (compile_repeated_blocks) finds blocks by class name.
-    repeated = list(getattr(model, "_repeated_blocks", None) or [])
-    model._repeated_blocks = repeated + [c.__name__ for c in (TPDoubleStreamBlock, TPSingleStreamBlock)
-                                         if c.__name__ not in repeated]
-    install_lora_loaders(model)  # LoRA files for the dense model are sharded per rank on load
+    model.__class__ = _model_flavour(type(model))  # adapters sharded on load, gathered on save; _repeated_blocks
     return model
 
 

@@ -41,6 +41,7 @@ from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope_
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
+from ._flavour import flavour, resolve
 from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
 from .flux2 import (
     DoubleStreamBlock,
@@ -89,7 +90,15 @@ def _check_block(block: nn.Module, types: set[tuple[str, str]], weights: list[st
         raise ValueError(f"{what}.from_dense: the block is missing weights {missing}")
 
 
-_FLAVOURS: dict[tuple[type, type], type] = {}
+def _register_block(flavour: type, dense_cls: type) -> None:
+    """diffusers' hooks look blocks up by exact class: register the flavour with the dense class's metadata."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        meta = TransformerBlockRegistry.get(dense_cls)
+    except (ImportError, ValueError):  # an older diffusers, or a class its hooks do not know
+        return
+    TransformerBlockRegistry.register(flavour, dataclasses.replace(meta, _cls=None, _cached_parameter_indices=None))
 
 
 def diffusers_flavour(tp_cls: type, dense_cls: type) -> type:
@@ -99,21 +108,13 @@ def diffusers_flavour(tp_cls: type, dense_cls: type) -> type:
     ``forward`` is the tensor-parallel one. Blocks are registered with the dense class's hook metadata."""
     if not dense_cls.__module__.startswith("diffusers."):
         return tp_cls
-    flavour = _FLAVOURS.get((tp_cls, dense_cls))
-    if flavour is None:
-        namespace = {"__module__": tp_cls.__module__, "__qualname__": tp_cls.__qualname__, "__doc__": tp_cls.__doc__}
-        flavour = type(tp_cls.__name__, (tp_cls, dense_cls), namespace)
-        try:
-            from diffusers.hooks._helpers import TransformerBlockRegistry
+    return flavour(tp_cls, dense_cls, __name__, on_create=_register_block)
 
-            meta = TransformerBlockRegistry.get(dense_cls)
-        except (ImportError, ValueError):  # an older diffusers, or a class its hooks do not know
-            meta = None
-        if meta is not None:
-            TransformerBlockRegistry.register(flavour, dataclasses.replace(meta, _cls=None,
-                                                                           _cached_parameter_indices=None))
-        _FLAVOURS[(tp_cls, dense_cls)] = flavour
-    return flavour
+
+def __getattr__(name: str):  # pickle finds the flavours by their __qualname__
+    bases = {c.__name__: c for c in (TPSingleStreamBlock, TPDoubleStreamBlock, TPSingleStreamAttention,
+                                     TPJointAttention)}
+    return resolve(name, bases, diffusers_flavour)
 
 
 def _check_divisible(world_size: int, **sizes: int) -> None:
