@@ -327,8 +327,8 @@ def test_lora(world_size, tmp_path):
     assert r["load"][1] > 1e-2  # the adapter changes the output
     assert r["load"][0] <= F32
     assert r["sharded"] == (r["sharded"][1] // world_size, r["sharded"][1])
-    for key in ("save_reload", "set_adapters", "grads", "fuse", "unfuse", "hotswap", "delete", "parallelize_with_adapters",
-                "pipeline", "pipeline_unload"):
+    for key in ("save_reload", "set_adapters", "grads", "fuse", "unfuse", "hotswap", "delete",
+                "parallelize_with_adapters", "pipeline", "pipeline_unload"):
         assert r[key] <= F32, (key, r[key])
     assert r["unload"][0] <= F32 and r["unload"][1] == "ColumnParallelLinear"
     if world_size == 1:  # nothing spans ranks: no collectives needed, every peft variant allowed
