@@ -113,12 +113,17 @@ class RankSyncedDropout(nn.Dropout):
         return x * keep / (1.0 - self.p)
 
 
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` the collectives accept: 1-byte floats (fp8 storage under layerwise casting) as bytes."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _broadcast_(tensor: torch.Tensor, group) -> None:
     import torch.distributed as dist
 
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
-        dist.broadcast(tensor.data, src=src, group=group)
+        dist.broadcast(_wire(tensor.data), src=src, group=group)
 
 
 def adapt_lora(model: nn.Module) -> int:
@@ -320,7 +325,7 @@ def unshard_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
             out[key] = value
             continue
         shards = [torch.empty_like(value) for _ in range(base.world_size)]
-        dist.all_gather(shards, value.contiguous(), group=base.group)
+        dist.all_gather([_wire(s) for s in shards], _wire(value.contiguous()), group=base.group)
         out[key] = unshard_tensors(shards, dim, base.blocks)
     return out
 
@@ -336,7 +341,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
 def save_lora_adapter(model, save_directory, adapter_name="default", upcast_before_saving=False,
                       safe_serialization=True, weight_name=None) -> None:
     """diffusers' ``save_lora_adapter`` for a parallelized model: the shards are gathered (every rank calls it) and
-    rank 0 writes the dense adapter, in diffusers' format, so it loads into a dense model or any world size."""
+    every rank writes the same dense adapter, in diffusers' format, so it loads into a dense model or any world size
+    (written to a temporary name and renamed: ranks sharing a directory replace the file atomically, ranks with
+    their own directories each get a copy)."""
     import json
     import os
 
@@ -351,16 +358,16 @@ def save_lora_adapter(model, save_directory, adapter_name="default", upcast_befo
     state = lora_state_dict(model, adapter_name)
     if upcast_before_saving:
         state = {k: v.float() for k, v in state.items()}
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else
                                                         LORA_WEIGHT_NAME))
+    tmp = f"{path}.tmp{dist.get_rank() if dist.is_initialized() else 0}"
     if safe_serialization:
         config = {k: list(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
         metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
     else:
-        torch.save(state, path)
+        torch.save(state, tmp)
+    os.replace(tmp, path)
