@@ -12,7 +12,7 @@ import torch
 
 from tpfuse.tp_layers import Flux2Config, parallelize, run_ranks
 from tpfuse.tp_layers.numerics import rel_error, tolerance
-from tpfuse.tp_layers.verify import position_ids
+from tpfuse.tp_layers.verify import position_ids, random_diffusers_model
 
 pytest.importorskip("diffusers")
 TINY = Flux2Config.preset("tiny")
@@ -22,15 +22,7 @@ WORLD_SIZES = [1, 2]
 
 
 def _dense(seed=0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    model = diffusers.Flux2Transformer2DModel(**TINY.to_diffusers_kwargs()).eval()
-    with torch.no_grad():  # non-trivial norm scales (they default to 1)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_diffusers_model(TINY, seed)
 
 
 def _pair(seed=0):

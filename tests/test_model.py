@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from tpfuse.tp_layers import Flux2Config, from_pretrained, load_sharded, parallelize, run_ranks
 from tpfuse.tp_layers.numerics import rel_error, tolerance
-from tpfuse.tp_layers.verify import position_ids
+from tpfuse.tp_layers.verify import position_ids, random_diffusers_model
 
 pytest.importorskip("diffusers")
 TINY = Flux2Config.preset("tiny")
@@ -17,18 +17,7 @@ TOL = tolerance(torch.float32)
 
 
 def _model(meta=False, seed=0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    if meta:
-        with torch.device("meta"):
-            return diffusers.Flux2Transformer2DModel(**TINY.to_diffusers_kwargs())
-    model = diffusers.Flux2Transformer2DModel(**TINY.to_diffusers_kwargs()).eval()
-    with torch.no_grad():  # non-trivial norm scales (they default to 1)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_diffusers_model(TINY, seed, meta)  # non-trivial norm scales (they default to 1)
 
 
 def _inputs():

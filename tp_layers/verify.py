@@ -24,8 +24,8 @@ from .numerics import max_abs_error, rel_error, tolerance
 from .sharding import shard_tensor
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
-__all__ = ["verify", "VerifyResult", "BlockResult", "random_dense_block", "block_inputs", "position_ids",
-           "format_report", "DTYPES"]
+__all__ = ["verify", "VerifyResult", "BlockResult", "random_dense_block", "random_diffusers_model", "block_inputs",
+           "position_ids", "format_report", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK_KINDS = ("double", "single")
@@ -43,6 +43,13 @@ def position_ids(txt_tokens: int, img_tokens: int) -> torch.Tensor:
     return torch.cat([txt, img])
 
 
+def _perturb_norms(module: nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+
+
 def random_dense_block(cfg: Flux2Config, kind: str, seed: int, dtype=torch.float32, device="cpu") -> nn.Module:
     """A dense block with seeded weights: ``nn.Linear``'s default init, QK-norm weights ``1 + 0.1 N(0, 1)`` (so
     that their gradients are not trivially symmetric)."""
@@ -50,11 +57,22 @@ def random_dense_block(cfg: Flux2Config, kind: str, seed: int, dtype=torch.float
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         block = cls(cfg)
-        with torch.no_grad():
-            for name, p in block.named_parameters():
-                if "norm" in name:
-                    p.add_(0.1 * torch.randn_like(p))
+        _perturb_norms(block)
     return block.to(device=device, dtype=dtype)
+
+
+def random_diffusers_model(cfg: Flux2Config, seed: int = 0, meta: bool = False) -> nn.Module:
+    """diffusers' ``Flux2Transformer2DModel`` for ``cfg`` in eval mode, seeded as :func:`random_dense_block`
+    (``meta``: shapes only). Seeds the global RNG, as building a model in a test normally does."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            return diffusers.Flux2Transformer2DModel(**cfg.to_diffusers_kwargs())
+    model = diffusers.Flux2Transformer2DModel(**cfg.to_diffusers_kwargs()).eval()
+    _perturb_norms(model)
+    return model
 
 
 def block_inputs(cfg: Flux2Config, kind: str, batch: int, txt_tokens: int, img_tokens: int, seed: int,
