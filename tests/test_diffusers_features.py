@@ -304,6 +304,15 @@ def _lora_case(tmp):
         res["raw_peft"] = str(exc)
     adapt_lora(raw)
     _fwd(raw)
+    from tpfuse.tp_layers import ColumnParallelLinear
+
+    gathered = torch.nn.Sequential(ColumnParallelLinear(8, 6, gather_output=True))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), gathered)
+    try:
+        adapt_lora(gathered)
+        res["gather_output"] = None
+    except NotImplementedError as exc:
+        res["gather_output"] = str(exc)
     try:
         copy.deepcopy(tp).add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
         res["dora"] = None
@@ -326,11 +335,13 @@ def test_lora(world_size, tmp_path):
     assert r["unload"][0] <= F32 and r["unload"][1] == "ColumnParallelLinear"
     if world_size == 1:  # nothing spans ranks: no collectives needed, every peft variant allowed
         assert r["raw_peft"] is None and r["dora"] is None and r["lokr"] is None and r["local_shard"] is None
+        assert r["gather_output"] is None
     else:
         assert "without its collectives" in r["raw_peft"]
         assert "DoRA adapters on tensor-parallel layers are not supported" in r["dora"]
         assert "LoKrConfig adapters on tensor-parallel layers are not supported" in r["lokr"]
         assert "looks like one rank's shard" in r["local_shard"]
+        assert "gather_output=True" in r["gather_output"]
     assert r["train_grad_norm"] > 0
     for other in results[1:]:  # replicated adapter weights, their gradients (synchronised dropout), the output
         for a, b in zip(other["train"], r["train"]):

@@ -138,6 +138,11 @@ def adapt_lora(model: nn.Module) -> int:
         if base is None:
             continue
         _refuse_variants(module, name, base.world_size)
+        if base.world_size > 1 and (getattr(base, "gather_output", False) or
+                                    not getattr(base, "input_is_parallel", True)):
+            raise NotImplementedError(f"{name}: LoRA on a ColumnParallelLinear with gather_output=True or a "
+                                      "RowParallelLinear with input_is_parallel=False is not supported (the layer's "
+                                      "input/output width is not its weight's)")
         for adapter in module.lora_A:
             column = isinstance(base, ColumnParallelLinear)
             if column:
