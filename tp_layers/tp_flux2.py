@@ -37,6 +37,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope_joint
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
@@ -203,7 +204,7 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
     @classmethod
     def from_dense(cls, dense, group=None) -> TPSingleStreamAttention:
         world_size = get_world_size(group)
-        self = diffusers_flavour(cls, type(dense)).__new__(diffusers_flavour(cls, type(dense)))
+        self = object.__new__(diffusers_flavour(cls, type(dense)))  # also the diffusers class it replaces
         _init_heads(self, dense, group, world_size)
         self.mlp_hidden_dim = dense.mlp_hidden_dim
         self.to_qkv_mlp_proj = shard_linear(ColumnParallelLinear, dense.to_qkv_mlp_proj, group, self.col_blocks)
@@ -235,7 +236,7 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
     @classmethod
     def from_dense(cls, dense, group=None) -> TPJointAttention:
         world_size = get_world_size(group)
-        self = diffusers_flavour(cls, type(dense)).__new__(diffusers_flavour(cls, type(dense)))
+        self = object.__new__(diffusers_flavour(cls, type(dense)))  # also the diffusers class it replaces
         _init_heads(self, dense, group, world_size)
         self.norm_added_q = HeadRMSNorm.from_dense(dense.norm_added_q, group)
         self.norm_added_k = HeadRMSNorm.from_dense(dense.norm_added_k, group)
@@ -329,7 +330,7 @@ class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
         _check_block(block, _SINGLE_TYPES, _SINGLE_WEIGHTS, cls.__name__)
         world_size = get_world_size(group)
         _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
-        self = diffusers_flavour(cls, type(block)).__new__(diffusers_flavour(cls, type(block)))
+        self = object.__new__(diffusers_flavour(cls, type(block)))  # also the diffusers class it replaces
         nn.Module.__init__(self)
         self.dim = block.attn.to_out.out_features
         self.norm = nn.LayerNorm(self.dim, elementwise_affine=False, eps=block.norm.eps)
@@ -352,7 +353,7 @@ class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
         world_size = get_world_size(group)
         mlp_hidden = block.ff.linear_in.out_features // 2
         _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=mlp_hidden)
-        self = diffusers_flavour(cls, type(block)).__new__(diffusers_flavour(cls, type(block)))
+        self = object.__new__(diffusers_flavour(cls, type(block)))  # also the diffusers class it replaces
         nn.Module.__init__(self)
         self.dim = block.attn.to_add_out.out_features
         self.mlp_hidden_dim = mlp_hidden
