@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from tpfuse.kernels.qk_norm_rope import rope_reference
 
 from ._checks import check_like
@@ -160,8 +161,6 @@ def hooked(module: nn.Module) -> bool:
     ``forward`` on the instance: caching, offloading, layerwise casting), a torch forward or backward hook on it, or
     a global module hook. Fused paths that read a module's weights without calling it are only taken when this is
     False."""
-    from torch.nn.modules import module as torch_module
-
     return ("forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
             or bool(module._backward_hooks) or bool(module._backward_pre_hooks)
             or bool(torch_module._global_forward_hooks) or bool(torch_module._global_forward_pre_hooks)

@@ -11,6 +11,7 @@ features, may be a concatenation of logical blocks (``[Q, K, V, gate, up]``), ea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -401,22 +402,18 @@ class RowParallelLinear(_ParallelLinear):
         self.last_chunks = len(chunks)
         logger.debug("%s: %d rows x %d features in %d chunk(s)", name, rows, self.out_features, len(chunks))
         backend = select_backend("row_parallel_matmul", self.weight.device)
-        cast = autocast_dtype(self.weight.device)
+        weight, bias, cast = self.weight, self.bias, autocast_dtype(self.weight.device)
         if cast is not None:
             # Autocast: the GEMM (and its all-reduce) in the autocast dtype, as F.linear; bias, gate and residual
             # then in torch with autocast's type promotion, as the dense block applies them.
-            with autocast_off(self.weight.device):
-                y = _RowParallelOverlapped.apply(self.weight.to(cast), None, None, self.group, chunks, backend,
-                                                 *[p.to(cast) for p in x3])
-            bias = None if self.bias is None else self.bias.to(cast)
-            y = y if bias is None else y + bias
-            y = y if gate is None else y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
-            y = y if residual is None else residual + y
-            return y.reshape(*lead, self.out_features)
-        fused_gate, fused_res = (gate, residual) if self.bias is None else (None, None)
-        y = _RowParallelOverlapped.apply(self.weight, fused_gate, fused_res, self.group, chunks, backend, *x3)
-        if self.bias is not None:  # after the reduce, once; then gate and residual in torch
-            y = y + self.bias
+            weight, bias, x3 = weight.to(cast), _like(bias, dtype=cast), [p.to(cast) for p in x3]
+        fold = bias is None and cast is None  # gate and residual folded into the reduction
+        with autocast_off(weight.device) if cast is not None else contextlib.nullcontext():
+            y = _RowParallelOverlapped.apply(weight, gate if fold else None, residual if fold else None, self.group,
+                                             chunks, backend, *x3)
+        if not fold:  # after the reduce, once: bias, then gate and residual in torch
+            if bias is not None:
+                y = y + bias
             if gate is not None:
                 y = y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
             if residual is not None:
