@@ -333,7 +333,7 @@ class SingleStreamAttention(_ProcessorMixin, _HeadsMixin, nn.Module):
 
     _default_processor_cls = SingleAttnProcessor
     mlp_mult_factor = 2  # what diffusers' processors read: [gate | up]
-    mlp_act_fn = staticmethod(lambda x: swiglu(x))
+    mlp_act_fn = staticmethod(swiglu)
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float, eps: float, bias: bool = False,
                  device=None, dtype=None):

@@ -212,18 +212,26 @@ def _lora_target(model: nn.Module, key: str, prefix: str | None) -> tuple[str, _
     return "", None
 
 
+def _sharded_dim(model: nn.Module, key: str, prefix: str | None) -> tuple[_ParallelLinear | None, int | None]:
+    """(the TP linear a LoRA key's tensor belongs to, the dim of that tensor split across ranks or ``None``): a
+    column layer's ``lora_B`` (and bias) by rows, a row layer's ``lora_A`` weight by columns."""
+    side, base = _lora_target(model, key, prefix)
+    if side == "B" and isinstance(base, ColumnParallelLinear):
+        return base, 0
+    if side == "A" and isinstance(base, RowParallelLinear) and key.endswith("weight"):
+        return base, 1
+    return base, None
+
+
 def shard_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
                           prefix: str | None = None) -> dict[str, torch.Tensor]:
     """This rank's slice of a dense-model LoRA state dict: for column-parallel layers ``lora_B`` (and its bias) by
     the weight's packed row blocks, for row-parallel layers ``lora_A`` by its column blocks; all else as is."""
     out = {}
     for key, value in state_dict.items():
-        side, base = _lora_target(model, key, prefix)
-        if base is not None and isinstance(value, torch.Tensor):
-            if side == "B" and isinstance(base, ColumnParallelLinear):
-                value = _shard_matrix(value, base, 0, key)
-            elif side == "A" and isinstance(base, RowParallelLinear) and key.endswith("weight"):
-                value = _shard_matrix(value, base, 1, key)
+        base, dim = _sharded_dim(model, key, prefix)
+        if dim is not None and isinstance(value, torch.Tensor):
+            value = _shard_matrix(value, base, dim, key)
         out[key] = value
     return out
 
@@ -266,10 +274,6 @@ _FETCH_KEYS = ("weight_name", "use_safetensors", "local_files_only", "cache_dir"
 _WEIGHT_DERIVED_INITS = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal")
 
 
-def _world(model: nn.Module) -> int:
-    return max((m.world_size for m in model.modules() if isinstance(m, _ParallelLinear)), default=1)
-
-
 def load_lora_adapter(model, base_method, source, prefix="transformer", hotswap=False, **kwargs: Any):
     """diffusers' ``load_lora_adapter`` (``base_method``) with the dense state dict sharded for this rank first."""
     if not isinstance(source, dict):
@@ -281,7 +285,7 @@ def load_lora_adapter(model, base_method, source, prefix="transformer", hotswap=
                                                                       "framework": "pytorch"},
             allow_pickle=False, metadata=kwargs.pop("metadata", None), **fetch)
         kwargs["metadata"] = metadata
-    if _world(model) > 1 and any(".lokr_" in k for k in source):
+    if getattr(model, "tp_world_size", 1) > 1 and any(".lokr_" in k for k in source):
         raise NotImplementedError("LoKr adapters cannot be sharded over tensor-parallel ranks; fuse them into a dense "
                                   "model before parallelize")
     source = shard_lora_state_dict(model, source, prefix)
@@ -292,7 +296,7 @@ def load_lora_adapter(model, base_method, source, prefix="transformer", hotswap=
 
 def check_new_adapter(model: nn.Module, config) -> None:
     """Refuse, before peft builds it, an adapter that cannot be sharded (2+ ranks)."""
-    if _world(model) == 1:
+    if getattr(model, "tp_world_size", 1) == 1:
         return
     init = getattr(config, "init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_WEIGHT_DERIVED_INITS):
@@ -323,9 +327,7 @@ def unshard_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
 
     out = {}
     for key, value in state_dict.items():
-        side, base = _lora_target(model, key, None)
-        dim = 0 if (side == "B" and isinstance(base, ColumnParallelLinear)) else \
-            1 if (side == "A" and isinstance(base, RowParallelLinear) and key.endswith("weight")) else None
+        base, dim = _sharded_dim(model, key, None)
         if dim is None or base.world_size == 1 or value.dim() <= dim:
             out[key] = value
             continue
