@@ -4,7 +4,8 @@
 #   2. check which python modules the steps need are there (the GPU image has torch and triton, no diffusers or
 #      transformers),
 #   3. build the csrc kernels, the GPU tests (Triton kernels on CUDA, csrc numerics, row-parallel overlap),
-#   4. the benchmarks at a reduced sweep and the sm_90 compile report, JSON + tables into ${OUT:-bench/results}.
+#   4. the benchmarks at a reduced sweep (kernels, overlap, model, torch.compile / CUDA graphs) and the sm_90
+#      compile report, JSON + tables into ${OUT:-bench/results}.
 # Every step runs under its own timeout and logs into $out/<step>.txt; a step whose modules are missing prints
 # "<step>: skipped: <module> missing" instead of running, and a failing or timed-out step is reported in
 # $out/summary.txt while the next one runs. The timeouts (plus the grace before a kill) add up to at most
@@ -47,8 +48,8 @@ step() {
 }
 
 step device 10 "" nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
-step install 40 "" python -m pip install --no-deps --no-build-isolation -q -e .
-step preflight 30 "" python - torch triton pytest tpfuse.kernels diffusers <<'EOF'
+step install 30 "" python -m pip install --no-deps --no-build-isolation -q -e .
+step preflight 20 "" python - torch triton pytest tpfuse.kernels diffusers <<'EOF'
 import importlib
 import sys
 
@@ -74,23 +75,26 @@ missing=$(sed -n 's/^missing: *//p' "$out/preflight.txt")
 echo "missing modules: ${missing:-none}" | tee -a "$summary"
 
 # `tpfuse` is python -m tpfuse.tp_layers.cli: the console script may be installed off PATH (a user install).
-step build-csrc 60 "tpfuse.kernels cuda" python -m tpfuse.tp_layers.cli build-csrc
+step build-csrc 50 "tpfuse.kernels cuda" python -m tpfuse.tp_layers.cli build-csrc
 # --continue-on-collection-errors: a test file that cannot be imported here (say, it needs diffusers) is reported,
 # and the other files still run.
-step gpu-tests 120 "pytest tpfuse.kernels cuda" python -m pytest -q -p no:cacheprovider \
+step gpu-tests 107 "pytest tpfuse.kernels cuda" python -m pytest -q -p no:cacheprovider \
     --continue-on-collection-errors tests/test_kernels.py tests/test_csrc.py tests/test_row_parallel.py
 # bench_kernels rewrites its JSON after every shape, so a timeout keeps the shapes it finished. The csrc columns
 # only if the library built above: otherwise the benchmark would spend its time in nvcc again.
 csrc=()
 [[ ${status_of[build-csrc]} == ok ]] || csrc=(--no-csrc)
-step bench-kernels 120 "tpfuse.kernels triton cuda" python bench/bench_kernels.py --presets klein-4b,dev \
+step bench-kernels 110 "tpfuse.kernels triton cuda" python bench/bench_kernels.py --presets klein-4b,dev \
     --tp 1,8 --tokens 512+4096 "${csrc[@]}" --out "$out/kernels-$date.json"
-step bench-overlap 50 "tpfuse.kernels triton cuda" python bench/bench_overlap.py --presets klein-4b,dev --tp 2,8 \
+step bench-overlap 45 "tpfuse.kernels triton cuda" python bench/bench_overlap.py --presets klein-4b,dev --tp 2,8 \
     --out "$out/overlap-$date.json"
 # Not gated on diffusers: without it bench_model writes a JSON saying it skipped. Compiling the whole model does
 # not fit this call.
-step bench-model 40 "tpfuse.kernels cuda" python bench/bench_model.py --no-compile --out "$out/model-$date.json"
-step compile-report 40 "tpfuse.kernels triton" python -m tpfuse.tp_layers.cli compile-report --arch 90 \
+step bench-model 20 "tpfuse.kernels cuda" python bench/bench_model.py --no-compile --out "$out/model-$date.json"
+# Eager vs torch.compile vs reduce-overhead (CUDA graphs) of a klein-4B-shaped stack of TP blocks (regional
+# compilation: one compile per block kind); the JSON is rewritten after each mode.
+step bench-compile 80 "tpfuse.kernels triton cuda" python bench/bench_compile.py --out "$out/compile-$date.json"
+step compile-report 35 "tpfuse.kernels triton" python -m tpfuse.tp_layers.cli compile-report --arch 90 \
     --json "$out/compile-report.json"
 
 echo "== summary (${SECONDS}s)"

@@ -30,13 +30,19 @@ def check_rope_pair(op: str, cos, sin, named: dict) -> None:
 INT32_MAX = 2**31 - 1
 
 
-def check_int32_addressable(op: str, named: dict) -> None:
+def check_int32_addressable(op: str, named: dict, shapes: dict | None = None) -> None:
     """The kernels compute element offsets in int32: every tensor's largest offset (from its strides, so views of
-    wider buffers count in full) must stay below 2^31."""
+    wider buffers count in full) must stay below 2^31. ``shapes``: contiguous outputs not allocated yet, by shape."""
     def last_offset(t: torch.Tensor) -> int:
         return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0
 
     too_big = {name: last_offset(t) for name, t in named.items() if t is not None and last_offset(t) > INT32_MAX}
+    for name, shape in (shapes or {}).items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel - 1 > INT32_MAX:
+            too_big[name] = numel - 1
     if too_big:
         raise ValueError(f"{op}: the kernel addresses with int32 offsets; largest offsets {too_big} exceed 2^31 - 1: "
                          "split the batch")

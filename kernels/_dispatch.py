@@ -5,7 +5,9 @@ CUDA tensors run the Triton kernel; CPU tensors run the plain-torch reference. `
 before triton is imported), otherwise the call raises instead of silently running something else. ``cuda`` is the
 CUDA C++ backend (``csrc/``) of the ops that have one; ``backend="cuda"`` on another op raises, while
 ``TPFUSE_BACKEND=cuda`` means "csrc where it exists, Triton elsewhere". The backend that ran is logged at debug
-level and recorded for :func:`record_backends`.
+level and recorded for :func:`record_backends` in eager code; under ``torch.compile`` the choice is made at trace
+time (the environment variable is read then; change it and ``torch._dynamo.reset()``), passed to the op as a
+constant, and neither logged nor recorded (a Python side effect in traced code would run once, at trace time).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def select_backend(op: str, device: torch.device, backend: str | None = None, cu
     """The backend ``op`` runs on for tensors on ``device`` (``cuda_kernel``: the op has a csrc kernel); logged
     and recorded."""
     chosen = resolve_backend(op, device, backend, cuda_kernel)
-    logger.debug("%s: %s backend on %s", op, chosen, device)
-    for events in _RECORDERS:
-        events.append((op, chosen))
+    if not torch.compiler.is_compiling():
+        logger.debug("%s: %s backend on %s", op, chosen, device)
+        for events in _RECORDERS:
+            events.append((op, chosen))
     return chosen
 
 

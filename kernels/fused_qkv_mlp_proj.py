@@ -40,8 +40,9 @@ RoPE reads one angle per pair from the compact ``[2, S, Dh/2]`` fp32 table of :f
 angle_table` (built on the device, no host sync; ``cos``/``sin`` must repeat each pair's angle, as diffusers'
 ``Flux2PosEmbed`` and :func:`tpfuse.tp_layers.rope_cos_sin` return them).
 
-Q/K/V land directly in ``[B, H, S, Dh]`` for the attention. Backward: a torch implementation (autograd through the
-reference, which recomputes the projection); the forward is the Triton kernel.
+Q/K/V land directly in ``[B, H, S, Dh]`` for the attention. Every backend runs as ONE ``torch.library`` op
+(``tpfuse::fused_qkv_mlp_proj``: fake implementation, registered autograd), so ``torch.compile(fullgraph=True)`` sees
+one node. Backward: :func:`fused_qkv_mlp_proj_backward` (torch ops, recomputing the projection) on every backend.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ from ._math import compute_dtype
 from ._rope import angle_table
 from ._tma import tma_ready
 from ._triton import tl, triton
-from .qk_norm_rope import qk_norm_rope_reference
+from .qk_norm_rope import norm_rope_backward, qk_norm_rope_reference
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "fused_qkv_mlp_proj", "fused_qkv_mlp_proj_reference", "proj_config"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "fused_qkv_mlp_proj", "fused_qkv_mlp_proj_backward", "fused_qkv_mlp_proj_reference",
+           "proj_config"]
 
 # The tile is one head wide: a power of two (tl.arange), at least 32 (the MLP tile's two halves feed 16-wide
 # pieces of the wgmma), at most 256 (one n256 wgmma; the accumulator still fits in registers at BLOCK_M=64).
@@ -240,28 +242,91 @@ def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_
         GROUP_M=cfg["GROUP_M"], EVEN_K=cfg["EVEN_K"], USE_TMA=use_tma, INPUT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return qkv[0], qkv[1], qkv[2], mlp
+    return qkv, mlp  # [3, B, H, S, Dh], [B, S, M]
 
 
-class _FusedQKVMLPProj(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
-        ctx.save_for_backward(x, weight, q_weight, k_weight, cos, sin)
-        ctx.dims = (heads, head_dim, mlp_hidden, eps)
-        return _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps)
+def fused_qkv_mlp_proj_backward(gqkv, gmlp, x, weight, q_weight, k_weight, cos, sin, heads: int, head_dim: int,
+                                mlp_hidden: int, eps: float, needs=(True,) * 6):
+    """Gradients ``(dx, dweight, dq_weight, dk_weight, dcos, dsin)`` (``None`` where ``needs`` is False) for the
+    gradients of the stacked ``[3, B, heads, S, head_dim]`` Q/K/V and of ``mlp`` (either may be ``None``).
 
-    @staticmethod
-    def backward(ctx, gq, gk, gv, gmlp):
-        saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:6]
-        with torch.enable_grad():
-            inputs = [t if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, needs)]
-            outs = fused_qkv_mlp_proj_reference(*inputs, *ctx.dims)
-            pairs = [(o, g) for o, g in zip(outs, (gq, gk, gv, gmlp)) if g is not None]
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                             allow_unused=True))
-        return (*[next(grads) if need else None for need in needs], None, None, None, None)
+    Recomputes the projection (one GEMM, instead of saving the ``[B, S, 3*inner + 2*mlp]`` slab), then: Q/K
+    through :func:`~tpfuse.kernels.qk_norm_rope.norm_rope_backward`, V as is, SwiGLU ``d gate = g up silu'(gate)``,
+    ``d up = g silu(gate)``; ``dx = dproj @ W``, ``dW = dproj^T x``. Plain torch ops (traced into a compiled
+    backward graph).
+    """
+    B, S, K = x.shape
+    inner = heads * head_dim
+    acc = compute_dtype(x)
+    proj = F.linear(x, weight)  # [B, S, 3*inner + 2*mlp], as the forward computed it
+    q, k, _v, gate, up = proj.split([inner, inner, inner, mlp_hidden, mlp_hidden], dim=-1)
+    heads_view = (heads, head_dim)
+    if gqkv is None:
+        gqkv = x.new_zeros((3, B, heads, S, head_dim))
+    gq, gk, gv = (g.transpose(1, 2) for g in gqkv.unbind(0))  # [B, S, H, Dh]
+    need_in = needs[0] or needs[1]
+    dq, dqw, ang_q = norm_rope_backward(q.unflatten(-1, heads_view), q_weight, cos, sin, gq, eps,
+                                        (need_in, needs[2], needs[4] or needs[5]))
+    dk, dkw, ang_k = norm_rope_backward(k.unflatten(-1, heads_view), k_weight, cos, sin, gk, eps,
+                                        (need_in, needs[3], needs[4] or needs[5]))
+    dx = dweight = None
+    if need_in:
+        if gmlp is None:
+            dgate = dup = x.new_zeros((B, S, mlp_hidden))
+        else:
+            g, gf, uf = gmlp.to(acc), gate.to(acc), up.to(acc)
+            sig = torch.sigmoid(gf)
+            dgate = (g * uf * sig * (1 + gf * (1 - sig))).to(x.dtype)  # silu'(z) = sig(z) (1 + z (1 - sig(z)))
+            dup = (g * gf * sig).to(x.dtype)
+        dproj = torch.cat([dq.flatten(-2), dk.flatten(-2), gv.flatten(-2).to(x.dtype), dgate, dup], dim=-1)
+        if needs[0]:
+            dx = dproj @ weight  # [B, S, K]
+        if needs[1]:
+            dweight = dproj.reshape(-1, dproj.shape[-1]).T @ x.reshape(-1, K)  # [N, K]
+    dcos = dsin = None
+    if ang_q is not None:
+        dcos = ang_q[0] + ang_k[0] if needs[4] else None
+        dsin = ang_q[1] + ang_k[1] if needs[5] else None
+    return dx, dweight, dqw, dkw, dcos, dsin
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The torch.library op: one graph node under torch.compile, the backend chosen by the launcher
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tpfuse::fused_qkv_mlp_proj", mutates_args=())
+def _fused_qkv_mlp_proj_op(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                           cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, head_dim: int,
+                           mlp_hidden: int, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qkv, mlp)``: Q, K, V stacked as one contiguous ``[3, B, heads, S, head_dim]`` tensor (the launcher
+    unbinds it: an op's outputs may not be views of one another) and contiguous ``[B, S, mlp_hidden]``."""
+    if backend == "torch":
+        q, k, v, mlp = fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads, head_dim,
+                                                    mlp_hidden, eps)
+        return torch.stack([q, k, v]), mlp.contiguous()
+    return _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps)
+
+
+@_fused_qkv_mlp_proj_op.register_fake
+def _(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps, backend):
+    B, S, _ = x.shape
+    return x.new_empty((3, B, heads, S, head_dim)), x.new_empty((B, S, mlp_hidden))
+
+
+def _proj_setup(ctx, inputs, output):
+    x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps, _backend = inputs
+    ctx.save_for_backward(x, weight, q_weight, k_weight, cos, sin)
+    ctx.dims = (heads, head_dim, mlp_hidden, eps)
+
+
+def _proj_backward(ctx, gqkv, gmlp):
+    # Every backend's backward is the torch one (two GEMMs and the epilogue's derivative in torch).
+    grads = fused_qkv_mlp_proj_backward(gqkv, gmlp, *ctx.saved_tensors, *ctx.dims, needs=ctx.needs_input_grad[:6])
+    return (*grads, None, None, None, None, None)
+
+
+_fused_qkv_mlp_proj_op.register_autograd(_proj_backward, setup_context=_proj_setup)
 
 
 def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
@@ -320,14 +385,14 @@ def fused_qkv_mlp_proj(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Te
     if chosen == "triton" and head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"fused_qkv_mlp_proj: the triton kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, "
                          f"got {head_dim}; use backend='torch'")
-    if chosen == "torch":
-        return fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden,
-                                            eps)
-    if weight.stride(-1) != 1:
+    if chosen != "torch" and weight.stride(-1) != 1:
         raise ValueError(f"fused_qkv_mlp_proj: weight must be contiguous in its last dim, got strides "
                          f"{weight.stride()}")
-    B, S, _ = x.shape
-    outputs = {"q/k/v": torch.empty((3, B, heads, S, head_dim), device="meta"),  # shapes only: no memory
-               "mlp": torch.empty((B, S, mlp_hidden), device="meta")}
-    check_int32_addressable("fused_qkv_mlp_proj", {"x": x, "weight": weight, **outputs})
-    return _FusedQKVMLPProj.apply(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps)
+    if chosen != "torch":
+        B, S, _ = x.shape
+        check_int32_addressable("fused_qkv_mlp_proj", {"x": x, "weight": weight}, {
+            "q/k/v": (3, B, heads, S, head_dim), "mlp": (B, S, mlp_hidden)})
+    qkv, mlp = _fused_qkv_mlp_proj_op(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden,
+                                      float(eps), chosen)
+    q, k, v = qkv.unbind(0)
+    return q, k, v, mlp

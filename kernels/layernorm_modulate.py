@@ -4,8 +4,10 @@ LayerNorm has no affine parameters; ``shift``/``scale`` are per (batch, feature)
 norm, writes it, reads it again for the modulation and writes again (plus the fp32 upcast copies); the kernel reads
 ``x`` once and writes the result once: it is memory-bound, so its target is the device-to-device copy bandwidth.
 
-Backward: a torch implementation (the reference's autograd, recomputed from the saved inputs); the forward is the
-Triton kernel.
+Every backend runs as ONE ``torch.library`` op (``tpfuse::layernorm_modulate``: fake implementation, registered
+autograd), so ``torch.compile(fullgraph=True)`` sees one node; the launcher validates and picks the backend, the op
+runs it. Backward: :func:`layernorm_modulate_backward` (torch ops, traced into a compiled backward graph) on every
+backend.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._triton import tl, triton
 
-__all__ = ["layernorm_modulate", "layernorm_modulate_reference", "ln_mod_config"]
+__all__ = ["layernorm_modulate", "layernorm_modulate_backward", "layernorm_modulate_reference", "ln_mod_config"]
 
 # Rows up to this width are supported (FLUX.2-dev's hidden size is 6144).
 MAX_D = 16384
@@ -174,30 +176,75 @@ def _layernorm_modulate_triton(x, shift, scale, eps):
     return y
 
 
-class _LayerNormModulate(torch.autograd.Function):
-    """Forward: the Triton kernel, or the csrc one (``impl="cuda"``); backward: torch (recomputed reference)."""
+def layernorm_modulate_backward(grad: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                eps: float, needs=(True, True, True)):
+    """Gradients ``(dx, dshift, dscale)`` of :func:`layernorm_modulate_reference` for ``grad`` ``[B, S, D]``
+    (``None`` where ``needs`` is False), in fp32 (fp64 for fp64 inputs) from the saved inputs: with
+    ``n = (x - mean) * rstd``, ``dn = grad * (1 + scale)``, ``dx = rstd * (dn - mean(dn) - n * mean(dn * n))``;
+    ``dshift``/``dscale`` sum ``grad``/``grad * n`` over the tokens (and the batch when the modulation
+    broadcasts). Plain torch ops, so ``torch.compile`` traces it into the backward graph."""
+    acc = compute_dtype(x)
+    g = grad.to(acc)
+    xc = x.to(acc)
+    xc = xc - xc.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)  # [B, S, 1]
+    n = xc * rstd  # [B, S, D]
 
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps, impl="triton"):
-        ctx.save_for_backward(x, shift, scale)
-        ctx.eps = eps
-        if impl == "cuda":
-            from .cuda_backend import layernorm_modulate_cuda
+    def like_mod(t, mod):  # [B, S, D] summed to the modulation's shape ([B|1, D] or [B|1, 1, D])
+        t = t.sum(1)
+        if mod.shape[0] == 1 and t.shape[0] > 1:
+            t = t.sum(0, keepdim=True)
+        return t.reshape(mod.shape).to(mod.dtype)
 
-            D = x.shape[-1]
-            return layernorm_modulate_cuda(x, shift.reshape(shift.shape[0], D), scale.reshape(scale.shape[0], D),
-                                           eps)
-        return _layernorm_modulate_triton(x, shift, scale, eps)
+    dx = dshift = dscale = None
+    if needs[0]:
+        dn = g * (1 + _as_b1d(scale, x).to(acc))
+        dx = (rstd * (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+    if needs[1]:
+        dshift = like_mod(g, shift)
+    if needs[2]:
+        dscale = like_mod(g * n, scale)
+    return dx, dshift, dscale
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, shift, scale = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in zip((x, shift, scale), ctx.needs_input_grad)]
-            out = layernorm_modulate_reference(*inputs, ctx.eps)
-            wanted = [t for t in inputs if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad))
-        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:3]], None, None)
+
+# --------------------------------------------------------------------------------------------------------------
+# The torch.library op: one graph node under torch.compile, the backend chosen by the launcher
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tpfuse::layernorm_modulate", mutates_args=())
+def _layernorm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                           backend: str) -> torch.Tensor:
+    """``backend``: "torch" (the reference), "triton" or "cuda" (csrc), validated by :func:`layernorm_modulate`.
+    Output: contiguous ``[B, S, D]`` on every backend."""
+    if backend == "torch":
+        return layernorm_modulate_reference(x, shift, scale, eps).contiguous()
+    if backend == "cuda":
+        from .cuda_backend import layernorm_modulate_cuda
+
+        D = x.shape[-1]
+        return layernorm_modulate_cuda(x, shift.reshape(shift.shape[0], D), scale.reshape(scale.shape[0], D), eps)
+    return _layernorm_modulate_triton(x, shift, scale, eps)
+
+
+@_layernorm_modulate_op.register_fake
+def _(x, shift, scale, eps, backend):
+    return x.new_empty(x.shape)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, shift, scale, eps, _backend = inputs
+    ctx.save_for_backward(x, shift, scale)
+    ctx.eps = eps
+
+
+def _ln_backward(ctx, grad):
+    # Every backend's backward is the torch one: the op is memory-bound and its backward runs once per step.
+    x, shift, scale = ctx.saved_tensors
+    return (*layernorm_modulate_backward(grad, x, shift, scale, ctx.eps, ctx.needs_input_grad[:3]), None, None)
+
+
+_layernorm_modulate_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
@@ -215,10 +262,8 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
             return layernorm_modulate(x, _like(shift, x), _like(scale, x), eps, backend)
     _validate(x, shift, scale, eps)
     chosen = select_backend("layernorm_modulate", x.device, backend, cuda_kernel=True)
-    if chosen == "torch":
-        return layernorm_modulate_reference(x, shift, scale, eps)
     for name, t in (("x", x), ("shift", shift), ("scale", scale)):  # both kernels read rows with unit stride
-        if t.stride(-1) != 1:
+        if chosen != "torch" and t.stride(-1) != 1:
             raise ValueError(f"layernorm_modulate: {name} must be contiguous in its last dim, got strides "
                              f"{t.stride()}")
-    return _LayerNormModulate.apply(x, shift, scale, eps, chosen)
+    return _layernorm_modulate_op(x, shift, scale, float(eps), chosen)

@@ -15,6 +15,12 @@ compile-report``).
 :func:`qk_norm_rope_joint` runs two token segments (the double-stream block's text and image) into one joint output
 for Q, K and V in one launch.
 
+Each op is ONE ``torch.library`` op on every backend (``tpfuse::qk_norm_rope``, ``tpfuse::qk_norm_rope_joint``:
+fake implementations, registered autograd; the Triton backward is ``tpfuse::qk_norm_rope_backward``), so
+``torch.compile(fullgraph=True)`` sees one node per call; the launcher validates and picks the backend. On the
+torch backend the backward is :func:`norm_rope_backward` (torch ops); the angles' gradients (``cos``/``sin``
+requiring grad) are computed by it on every backend.
+
 Forward and backward are Triton kernels. Backward: with ``n = x * rstd * w`` and ``g = dy`` rotated back,
 ``dn = R(-angle) g``, ``dx = rstd * (dn w) - x * rstd^3 * mean(dn w x)``, ``dw = sum_rows dn * x * rstd``
 (per-program partial sums reduced in torch); ``rstd`` is saved by a forward that will be differentiated (8 bytes
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from ._autocast import _like, autocast_dtype, autocast_off
 from ._checks import check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
-from ._math import compute_dtype
+from ._math import compute_dtype, in_layout_of
 from ._rope import angle_table
 from ._triton import tl, triton
 
@@ -38,6 +44,7 @@ __all__ = [
     "qk_norm_rope_joint",
     "qk_norm_rope_joint_reference",
     "qk_norm_rope_reference",
+    "norm_rope_backward",
     "qk_rope_config",
     "rope_reference",
 ]
@@ -365,61 +372,196 @@ def _last_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _QKNormRope(torch.autograd.Function):
-    """Forward: the Triton kernel (saving 1/rms when a gradient will be needed), or the csrc one
-    (``impl="cuda"``); backward: the Triton kernel."""
-
-    @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps, impl="triton"):
-        ctx.eps = eps
-        if impl == "cuda":
-            from .cuda_backend import qk_norm_rope_cuda
-
-            ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, None)
-            return qk_norm_rope_cuda(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), eps)
-        qo, ko, rstd = _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps, save_rstd=any(ctx.needs_input_grad[:4]))
-        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, rstd)
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, gq, gk):
-        q, k, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
-        gq = torch.zeros_like(q) if gq is None else gq
-        gk = torch.zeros_like(k) if gk is None else gk
-        dq, dk, dqw, dkw = _bwd_triton(q, k, q_weight, k_weight, cos, sin, gq, gk, ctx.eps, rstd)
-        return dq, dk, dqw, dkw, None, None, None, None
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    """``R x`` on interleaved pairs: ``(x[2i], x[2i+1]) -> (-x[2i+1], x[2i])`` (RoPE is ``x cos + R x sin``)."""
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    return torch.stack([-imag, real], dim=-1).flatten(-2)
 
 
-class _JointQKNormRope(torch.autograd.Function):
-    """Two segments into one ``[B, S_0 + S_1, H, D]`` output each for Q, K and V; one kernel launch forward, one
-    backward launch per segment (V's gradient is a view of the incoming one)."""
+def norm_rope_backward(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                       grad: torch.Tensor, eps: float, needs=(True, True, True)):
+    """Gradients ``(dx, dw, (dcos, dsin))`` of ``rope(rms_norm(x) * w)`` for ``x``, ``grad`` ``[B, S, H, D]``
+    (``None`` where ``needs`` — x, w, angles — is False), in fp32 (fp64 for fp64 inputs).
 
-    @staticmethod
-    def forward(ctx, cos, sin, eps0, eps1, q0, k0, v0, qw0, kw0, q1, k1, v1, qw1, kw1):
-        B, S0, H, D = q0.shape
-        S = S0 + q1.shape[1]
-        angles = _angles("qk_norm_rope", cos, sin)
-        outs = tuple(torch.empty((B, S, H, D), device=q0.device, dtype=q0.dtype) for _ in range(3))
-        needs = ctx.needs_input_grad
-        rstd = _rstd_buffer(B, S, H, q0.device, any(needs[4:6] + needs[7:11] + needs[12:14]))
-        _fwd_launch([(q0, k0, v0, qw0, kw0), (q1, k1, v1, qw1, kw1)], angles, outs, (eps0, eps1), rstd)
-        ctx.save_for_backward(angles, rstd, q0, k0, qw0, kw0, q1, k1, qw1, kw1)
-        ctx.eps = (eps0, eps1)
-        return outs
+    With ``n = x rstd w`` and ``out = n cos + R n sin`` (``R^T = -R``): ``dn = g cos - R (g sin)``,
+    ``dx = rstd (dn w) - x rstd^3 mean(dn w x)``, ``dw = sum dn x rstd``, ``dcos = sum_{b,h} g n``,
+    ``dsin = sum_{b,h} g R n``. Plain torch ops, so ``torch.compile`` traces it into the backward graph.
+    """
+    acc = compute_dtype(x)
+    xf, g, wf = x.to(acc), grad.to(acc), w.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [B, S, H, 1]
+    dn = g
+    if cos is not None:
+        c, s_ = cos[None, :, None, :].to(acc), sin[None, :, None, :].to(acc)
+        dn = g * c - _rotate(g * s_)
+    dx = dw = angles = None
+    if needs[0]:
+        dnw = dn * wf
+        dx = (rstd * dnw - xf * rstd.pow(3) * (dnw * xf).mean(-1, keepdim=True)).to(x.dtype)
+    if needs[1]:
+        dw = (dn * xf * rstd).sum(dim=(0, 1, 2)).to(w.dtype)
+    if needs[2] and cos is not None:
+        n = xf * rstd * wf
+        angles = ((g * n).sum(dim=(0, 2)).to(cos.dtype), (g * _rotate(n)).sum(dim=(0, 2)).to(sin.dtype))  # [S, D]
+    return dx, dw, angles
 
-    @staticmethod
-    def backward(ctx, gq, gk, gv):
-        angles, rstd, q0, k0, qw0, kw0, q1, k1, qw1, kw1 = ctx.saved_tensors
-        S0 = q0.shape[1]
-        S = S0 + q1.shape[1]
-        grads = []
-        for (q, k, qw, kw), rows, eps in (((q0, k0, qw0, kw0), slice(0, S0), ctx.eps[0]),
-                                          ((q1, k1, qw1, kw1), slice(S0, S), ctx.eps[1])):
-            gqs = torch.zeros_like(q) if gq is None else gq[:, rows]
-            gks = torch.zeros_like(k) if gk is None else gk[:, rows]
-            dq, dk, dqw, dkw = _bwd_launch(q, k, qw, kw, angles, rows.start, S, rstd, gqs, gks, eps)
-            grads.append((dq, dk, None if gv is None else gv[:, rows], dqw, dkw))
-        return (None, None, None, None, *grads[0], *grads[1])
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.library ops: one graph node each under torch.compile; the launcher picks the backend, the op runs it
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tpfuse::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                     cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, backend: str,
+                     save_rstd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_out, k_out, rstd)``: outputs in ``empty_like(q)``'s layout on every backend; ``rstd`` the
+    ``[2, B, S, H]`` fp32 1/rms a Triton forward saves for its backward (``save_rstd``), else empty."""
+    empty = q.new_empty((0,), dtype=torch.float32)
+    if backend == "torch":
+        qo, ko = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
+        return in_layout_of(qo, q), in_layout_of(ko, k), empty
+    if backend == "cuda":
+        from .cuda_backend import qk_norm_rope_cuda
+
+        qo, ko = qk_norm_rope_cuda(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), eps)
+        return qo, ko, empty
+    qo, ko, rstd = _fwd_triton(q, k, q_weight, k_weight, cos, sin, eps, save_rstd=save_rstd)
+    return qo, ko, rstd if rstd is not None else empty
+
+
+def _saves_rstd(backend: str, save_rstd: bool) -> bool:
+    return backend == "triton" and save_rstd
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, eps, backend, save_rstd):
+    B, S, H, _ = q.shape
+    rstd = (2, B, S, H) if _saves_rstd(backend, save_rstd) else (0,)
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty(rstd, dtype=torch.float32)
+
+
+@torch.library.custom_op("tpfuse::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_bwd_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                         cos: torch.Tensor | None, sin: torch.Tensor | None, rstd: torch.Tensor, gq: torch.Tensor,
+                         gk: torch.Tensor, eps: float, row0: int,
+                         rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton backward of one segment whose tokens are rows ``row0..`` of a forward output of ``rows`` tokens
+    (``cos``/``sin``: that output's ``[rows, D]``; ``rstd``: its saved ``[2, B, rows, H]``, or empty to recompute):
+    ``(dq, dk, dq_weight, dk_weight)``, ``dq``/``dk`` contiguous, the scales' gradients in their promoted dtype."""
+    return _bwd_launch(q, k, q_weight, k_weight, _angles("qk_norm_rope", cos, sin), row0, rows,
+                       rstd if rstd.numel() else None, gq, gk, eps)
+
+
+@_qk_norm_rope_bwd_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, rstd, gq, gk, eps, row0, rows):
+    wdtype = torch.promote_types(q_weight.dtype, k_weight.dtype)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q_weight.new_empty(q_weight.shape, dtype=wdtype),
+            k_weight.new_empty(k_weight.shape, dtype=wdtype))
+
+
+def _segment_grads(backend, q, k, qw, kw, cos, sin, rstd, gq, gk, eps, row0, rows, needs):
+    """``(dq, dk, dqw, dkw, (dcos, dsin) or None)`` of one segment (its rows of ``cos``/``sin``/``rstd`` are
+    ``row0..row0 + S`` of ``rows``). ``needs``: q, k, q_weight, k_weight, angles."""
+    S = q.shape[1]
+    seg_cos = seg_sin = None
+    if cos is not None:
+        seg_cos, seg_sin = cos[row0:row0 + S], sin[row0:row0 + S]
+    gq = torch.zeros_like(q) if gq is None else gq
+    gk = torch.zeros_like(k) if gk is None else gk
+    if backend == "torch":
+        dq, dqw, ang_q = norm_rope_backward(q, qw, seg_cos, seg_sin, gq, eps, (needs[0], needs[2], needs[4]))
+        dk, dkw, ang_k = norm_rope_backward(k, kw, seg_cos, seg_sin, gk, eps, (needs[1], needs[3], needs[4]))
+    else:
+        dq, dk, dqw, dkw = _qk_norm_rope_bwd_op(q, k, qw, kw, cos, sin, rstd, gq, gk, eps, row0, rows)
+        dqw, dkw = dqw.to(qw.dtype), dkw.to(kw.dtype)
+        ang_q = ang_k = None
+        if needs[4] and cos is not None:  # the kernel leaves the angles' gradients to torch
+            ang_q = norm_rope_backward(q, qw, seg_cos, seg_sin, gq, eps, (False, False, True))[2]
+            ang_k = norm_rope_backward(k, kw, seg_cos, seg_sin, gk, eps, (False, False, True))[2]
+    angles = None if ang_q is None else (ang_q[0] + ang_k[0], ang_q[1] + ang_k[1])
+    return dq, dk, dqw, dkw, angles
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps, backend, _save = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, output[2])
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _qk_backward(ctx, gq, gk, _grstd):
+    q, k, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    dq, dk, dqw, dkw, angles = _segment_grads(ctx.backend, q, k, q_weight, k_weight, cos, sin, rstd, gq, gk,
+                                              ctx.eps, 0, q.shape[1], (n[0], n[1], n[2], n[3], n[4] or n[5]))
+    dcos, dsin = angles if angles is not None else (None, None)
+    return (dq if n[0] else None, dk if n[1] else None, dqw if n[2] else None, dkw if n[3] else None,
+            dcos if n[4] else None, dsin if n[5] else None, None, None, None)
+
+
+_qk_norm_rope_op.register_autograd(_qk_backward, setup_context=_qk_setup)
+
+
+@torch.library.custom_op("tpfuse::qk_norm_rope_joint", mutates_args=())
+def _qk_norm_rope_joint_op(q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, qw0: torch.Tensor,
+                           kw0: torch.Tensor, q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor,
+                           qw1: torch.Tensor, kw1: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                           eps0: float, eps1: float, backend: str,
+                           save_rstd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, k, v, rstd)``: contiguous ``[B, S0 + S1, H, D]`` joint outputs; ``rstd`` ``[2, B, S0 + S1, H]`` fp32
+    when a Triton forward saves it (``save_rstd``), else empty."""
+    if backend == "torch":
+        q, k, v = qk_norm_rope_joint_reference((q0, q1), (k0, k1), (v0, v1), (qw0, qw1), (kw0, kw1), cos, sin,
+                                               (eps0, eps1))
+        return q.contiguous(), k.contiguous(), v.contiguous(), q0.new_empty((0,), dtype=torch.float32)
+    B, S0, H, D = q0.shape
+    S = S0 + q1.shape[1]
+    outs = tuple(torch.empty((B, S, H, D), device=q0.device, dtype=q0.dtype) for _ in range(3))
+    rstd = _rstd_buffer(B, S, H, q0.device, save_rstd)
+    _fwd_launch([(q0, k0, v0, qw0, kw0), (q1, k1, v1, qw1, kw1)], _angles("qk_norm_rope", cos, sin), outs,
+                (eps0, eps1), rstd)
+    return (*outs, rstd if rstd is not None else q0.new_empty((0,), dtype=torch.float32))
+
+
+@_qk_norm_rope_joint_op.register_fake
+def _(q0, k0, v0, qw0, kw0, q1, k1, v1, qw1, kw1, cos, sin, eps0, eps1, backend, save_rstd):
+    B, S0, H, D = q0.shape
+    S = S0 + q1.shape[1]
+    rstd = (2, B, S, H) if _saves_rstd(backend, save_rstd) else (0,)
+    return (*(q0.new_empty((B, S, H, D)) for _ in range(3)), q0.new_empty(rstd, dtype=torch.float32))
+
+
+def _joint_setup(ctx, inputs, output):
+    q0, k0, _v0, qw0, kw0, q1, k1, _v1, qw1, kw1, cos, sin, eps0, eps1, backend, _save = inputs
+    ctx.save_for_backward(q0, k0, qw0, kw0, q1, k1, qw1, kw1, cos, sin, output[3])
+    ctx.eps, ctx.backend = (eps0, eps1), backend
+
+
+def _joint_backward(ctx, gq, gk, gv, _grstd):
+    q0, k0, qw0, kw0, q1, k1, qw1, kw1, cos, sin, rstd = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    S0, S = q0.shape[1], q0.shape[1] + q1.shape[1]
+    need_angles = n[10] or n[11]
+    grads, angles = [], []
+    for i, (q, k, qw, kw) in enumerate(((q0, k0, qw0, kw0), (q1, k1, qw1, kw1))):
+        rows = slice(0, S0) if i == 0 else slice(S0, S)
+        base = 5 * i
+        dq, dk, dqw, dkw, ang = _segment_grads(
+            ctx.backend, q, k, qw, kw, cos, sin, rstd, None if gq is None else gq[:, rows],
+            None if gk is None else gk[:, rows], ctx.eps[i], rows.start, S,
+            (n[base], n[base + 1], n[base + 3], n[base + 4], need_angles))
+        dv = None if gv is None or not n[base + 2] else gv[:, rows]
+        grads += [dq if n[base] else None, dk if n[base + 1] else None, dv, dqw if n[base + 3] else None,
+                  dkw if n[base + 4] else None]
+        angles.append(ang)
+    dcos = dsin = None
+    if need_angles and angles[0] is not None:
+        dcos = torch.cat([angles[0][0], angles[1][0]]) if n[10] else None
+        dsin = torch.cat([angles[0][1], angles[1][1]]) if n[11] else None
+    return (*grads, dcos, dsin, None, None, None, None)
+
+
+_qk_norm_rope_joint_op.register_autograd(_joint_backward, setup_context=_joint_setup)
 
 
 def _validate(q, k, q_weight, k_weight, cos, sin, eps):
@@ -464,9 +606,14 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
             return qk_norm_rope(q, _like(k, q), q_weight, k_weight, cos, sin, eps, backend)
     _validate(q, k, q_weight, k_weight, cos, sin, eps)
     chosen = select_backend("qk_norm_rope", q.device, backend, cuda_kernel=True)
-    if chosen == "torch":
-        return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
-    return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps, chosen)
+    qo, ko, _ = _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, float(eps), chosen,
+                                 _grad_needed(q, k, q_weight, k_weight))
+    return qo, ko
+
+
+def _grad_needed(*tensors) -> bool:
+    """Whether a backward may follow (a Triton forward then saves 1/rms: 8 bytes per token and head)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def qk_norm_rope_joint_reference(qs, ks, vs, q_weights, k_weights, cos, sin, eps):
@@ -526,7 +673,9 @@ def qk_norm_rope_joint(qs, ks, vs, q_weights, k_weights, cos, sin, eps, backend:
     if qs[1].shape[0] != B or qs[1].shape[2:] != (H, D) or qs[1].dtype != qs[0].dtype:
         raise ValueError(f"qk_norm_rope_joint: segments differ beyond their token counts: {tuple(qs[0].shape)} "
                          f"{qs[0].dtype} vs {tuple(qs[1].shape)} {qs[1].dtype}")
-    if select_backend("qk_norm_rope_joint", qs[0].device, backend) == "torch":
-        return qk_norm_rope_joint_reference(qs, ks, vs, q_weights, k_weights, cos, sin, eps)
-    return _JointQKNormRope.apply(cos, sin, eps[0], eps[1], qs[0], ks[0], vs[0], q_weights[0], k_weights[0],
-                                  qs[1], ks[1], vs[1], q_weights[1], k_weights[1])
+    chosen = select_backend("qk_norm_rope_joint", qs[0].device, backend)
+    save = _grad_needed(*qs, *ks, *q_weights, *k_weights)
+    q, k, v, _ = _qk_norm_rope_joint_op(qs[0], ks[0], vs[0], q_weights[0], k_weights[0], qs[1], ks[1], vs[1],
+                                        q_weights[1], k_weights[1], cos, sin, float(eps[0]), float(eps[1]), chosen,
+                                        save)
+    return q, k, v

@@ -24,7 +24,9 @@ registers                      102 -> 96                  164 -> 168
 Two parts stay on cp.async: they are two tensors, and a TMA descriptor cannot be chosen per K step without
 splitting the loop again.
 
-Backward is a torch implementation (:func:`row_parallel_matmul_backward`), shared with the overlapped
+Every backend runs as ONE ``torch.library`` op (``tpfuse::row_parallel_matmul``: fake implementation, registered
+autograd), so ``torch.compile(fullgraph=True)`` sees one node. Backward is a torch implementation
+(:func:`row_parallel_matmul_backward`, traced into a compiled backward graph), shared with the overlapped
 row-parallel layer in :mod:`tpfuse.tp_layers.linear`.
 """
 
@@ -322,20 +324,37 @@ def row_parallel_matmul_backward(grad: torch.Tensor, parts, weight, gate, needs:
     return (*dparts, dweight, dgate, grad if need_res else None)
 
 
-class _RowParallelMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, gate, residual, add_residual, *parts):
-        ctx.save_for_backward(weight, gate, *parts)
-        B, S = parts[0].shape[:2]
-        return row_parallel_matmul_triton(parts, weight, gate, residual, add_residual).view(B, S, weight.shape[0])
+@torch.library.custom_op("tpfuse::row_parallel_matmul", mutates_args=())
+def _row_parallel_matmul_op(parts: list[torch.Tensor], weight: torch.Tensor, gate: torch.Tensor | None,
+                            residual: torch.Tensor | None, add_residual: bool, backend: str) -> torch.Tensor:
+    """Contiguous ``[B, S, N]`` on every backend (``backend``: "torch" or "triton", chosen by the launcher)."""
+    if backend == "torch":
+        return row_parallel_matmul_reference(parts, weight, gate, residual, add_residual).contiguous()
+    B, S = parts[0].shape[:2]
+    return row_parallel_matmul_triton(parts, weight, gate, residual, add_residual).view(B, S, weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad):
-        weight, gate, *parts = ctx.saved_tensors
-        needs = [*ctx.needs_input_grad[4:], ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 ctx.needs_input_grad[2]]
-        *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad, parts, weight, gate, needs)
-        return (dweight, dgate, dres, None, *dparts)
+
+@_row_parallel_matmul_op.register_fake
+def _(parts, weight, gate, residual, add_residual, backend):
+    return weight.new_empty((*parts[0].shape[:2], weight.shape[0]))
+
+
+def _rpm_setup(ctx, inputs, output):
+    parts, weight, gate, _residual, _add, _backend = inputs
+    ctx.save_for_backward(weight, gate, *parts)
+
+
+def _rpm_backward(ctx, grad):
+    weight, gate, *parts = ctx.saved_tensors
+    need_parts, need_w, need_gate, need_res = ctx.needs_input_grad[:4]
+    if not isinstance(need_parts, (list, tuple)):
+        need_parts = [bool(need_parts)] * len(parts)
+    *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad, parts, weight, gate,
+                                                                 [*need_parts, need_w, need_gate, need_res])
+    return dparts, dweight, dgate, dres, None, None
+
+
+_row_parallel_matmul_op.register_autograd(_rpm_backward, setup_context=_rpm_setup)
 
 
 def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gate: torch.Tensor | None = None,
@@ -362,6 +381,5 @@ def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gat
         y = y if gate is None else y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
         return residual + y if add_residual else y
     parts = _validate(parts, weight, gate, residual, add_residual)
-    if select_backend("row_parallel_matmul", weight.device, backend) == "torch":
-        return row_parallel_matmul_reference(parts, weight, gate, residual, add_residual)
-    return _RowParallelMatmul.apply(weight, gate, residual if add_residual else None, add_residual, *parts)
+    chosen = select_backend("row_parallel_matmul", weight.device, backend)
+    return _row_parallel_matmul_op(parts, weight, gate, residual if add_residual else None, add_residual, chosen)

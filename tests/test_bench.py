@@ -93,7 +93,7 @@ def test_gpu_session_fits_one_device_call():
     steps = re.findall(r"^step (\S+) (\d+) ", script, flags=re.M)
     names = [name for name, _ in steps]
     assert len(set(names)) == len(names)
-    assert {"gpu-tests", "bench-kernels", "bench-overlap", "bench-model", "compile-report"} <= set(names)
+    assert {"gpu-tests", "bench-kernels", "bench-overlap", "bench-model", "bench-compile", "compile-report"} <= set(names)
     grace = int(re.search(r"^KILL_AFTER=(\d+)", script, flags=re.M).group(1))
     assert sum(int(limit) + grace for _, limit in steps) <= 9 * 60
     # The only `timeout` is the one inside step(); anything else that runs long goes through step.
@@ -165,3 +165,10 @@ def test_bench_model_dry_run(tmp_path):
 def test_bench_model_distributed_dry_run(tmp_path):
     _, data = _dry_run("bench_model.py", tmp_path / "model-dist.json", distributed=True)
     assert data["rows"][0]["tp"] == 2
+
+
+def test_bench_compile_dry_run(tmp_path):
+    """Eager vs regional torch.compile (aot_eager on CPU) of a stack of TP blocks: same output, rows written."""
+    rows = _dry_run("bench_compile.py", tmp_path / "compile.json")[1]["rows"]
+    assert [r["mode"] for r in rows] == ["eager", "torch.compile aot_eager"]
+    assert rows[0]["host_sync_free"] and rows[1]["rel_err"] == 0.0 and rows[1]["within_tolerance"]

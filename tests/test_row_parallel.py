@@ -83,7 +83,7 @@ def test_row_parallel_matmul_kernel(B, S, widths, N, gate_shape, add_residual, t
 
 
 @KERNEL
-@pytest.mark.parametrize("backend", ["triton"])  # the torch path multiplies once (see _RowParallelOverlapped)
+@pytest.mark.parametrize("backend", ["triton"])  # the torch path multiplies once (see tpfuse::row_parallel_linear)
 @pytest.mark.parametrize("S", [37, 130])  # 130: gate vectors, chunks starting inside a row tile and a batch entry
 def test_chunked_forward_fills_one_buffer_like_one_launch(backend, S):
     B, N = 2, 50

@@ -14,8 +14,14 @@ function                    forward                            backward
 ``group=None`` is the default (world) group; a world size of 1 (or no initialized process group) makes every
 function the identity. Gather/scatter take an optional packed ``blocks`` layout (see :mod:`.sharding`).
 
+The collectives are PyTorch's functional ones (``_c10d_functional.all_reduce`` / ``all_gather_into_tensor`` +
+``wait_tensor``, addressed by the group's name), so ``torch.compile(fullgraph=True)`` traces them as graph nodes
+(inductor may reorder them for overlap) and eager code runs them as before.
+
 :func:`comm_stats` counts the bytes each collective moves, so ``tpfuse verify`` reports measured traffic rather
-than a formula.
+than a formula. It counts eager calls: code traced by ``torch.compile`` records nothing (a Python side effect in a
+graph would run once, at trace time), except the row-parallel layer's overlapped all-reduce, which runs inside its
+op at every call (and not on a CUDA-graph replay).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ __all__ = [
     "gather_from_tp_region",
     "scatter_to_tp_region",
     "all_reduce",
+    "group_name",
 ]
 
 
@@ -55,6 +62,19 @@ def resolve_group(group=None):
     if isinstance(group, dist.ProcessGroup):
         return group
     raise TypeError(f"group must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
+
+
+def group_name(group=None) -> str:
+    """The name functional collectives and tpfuse's ops address ``group`` by (``""`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    pg = resolve_group(group)
+    return (pg if pg is not None else dist.distributed_c10d._get_default_group()).group_name
+
+
+def process_group(name: str):
+    """The ``ProcessGroup`` called ``name`` (see :func:`group_name`)."""
+    return dist.distributed_c10d._resolve_process_group(name)
 
 
 def get_world_size(group=None) -> int:
@@ -114,6 +134,8 @@ def comm_stats() -> Iterator[CommStats]:
 
 
 def _record(op: str, phase: str, tensor: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():  # traced code: a side effect here would run once, at trace time
+        return
     for stats in _STACK:
         stats.record(op, phase, tensor.numel() * tensor.element_size())
 
@@ -123,23 +145,33 @@ def _record(op: str, phase: str, tensor: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def all_reduce_start(tensor: torch.Tensor, name: str, phase: str = "forward") -> torch.Tensor:
+    """Launch the sum of ``tensor`` over the group called ``name``; the result is valid after
+    :func:`all_reduce_wait` (work issued in between overlaps the collective). A new tensor: the input is never
+    modified (autograd may hold it)."""
+    tensor = tensor.contiguous()
+    _record("all_reduce", phase, tensor)
+    return torch.ops._c10d_functional.all_reduce(tensor, "sum", name)
+
+
+def all_reduce_wait(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.ops._c10d_functional.wait_tensor(tensor)
+
+
 def all_reduce(tensor: torch.Tensor, group=None, phase: str = "forward") -> torch.Tensor:
     """Sum of ``tensor`` over the group, as a new tensor (the input is never modified: autograd may hold it)."""
     if get_world_size(group) == 1:
         return tensor
-    out = tensor.clone(memory_format=torch.contiguous_format)
-    _record("all_reduce", phase, out)
-    dist.all_reduce(out, group=resolve_group(group))
-    return out
+    return all_reduce_wait(all_reduce_start(tensor, group_name(group), phase))
 
 
 def _all_gather_last(tensor: torch.Tensor, group, blocks: Sequence[int] | None, phase: str) -> torch.Tensor:
     world_size = get_world_size(group)
     tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
     _record("all_gather", phase, tensor)
-    dist.all_gather(parts, tensor, group=resolve_group(group))
-    return unshard_tensors(parts, dim=-1, blocks=blocks)
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(tensor, world_size, group_name(group))
+    parts = torch.ops._c10d_functional.wait_tensor(gathered).chunk(world_size, dim=0)  # rank-major on dim 0
+    return unshard_tensors(list(parts), dim=-1, blocks=blocks)
 
 
 def _slice_last(tensor: torch.Tensor, group, blocks: Sequence[int] | None) -> torch.Tensor:

@@ -17,7 +17,6 @@ module (caching hooks, offloading), is called as a module and returns projected 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections.abc import Sequence
@@ -103,14 +102,24 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@functools.cache
+_UNLOADED = object()
+_DISPATCH: Any = _UNLOADED
+
+
 def _dispatch_attention_fn():
-    """diffusers' ``dispatch_attention_fn`` (attention backends), or ``None`` without diffusers."""
-    try:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-    except ImportError:
-        return None
-    return dispatch_attention_fn
+    """diffusers' ``dispatch_attention_fn`` (attention backends), or ``None`` without diffusers.
+
+    Looked up once, by the attention modules' constructors, so that code traced by ``torch.compile`` only reads a
+    global (a ``functools.cache`` wrapper made dynamo warn on every trace, an import inside it would break the
+    graph)."""
+    global _DISPATCH
+    if _DISPATCH is _UNLOADED:
+        try:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn as found
+        except ImportError:
+            found = None
+        _DISPATCH = found
+    return _DISPATCH
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -186,14 +195,21 @@ def _materialize(out):
     return out.materialize() if isinstance(out, Projection) else out
 
 
-@functools.cache
+_PARAMETERS: dict[Any, frozenset[str]] = {}
+
+
 def _parameters(fn) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+    names = _PARAMETERS.get(fn)
+    if names is None:
+        names = _PARAMETERS[fn] = frozenset(inspect.signature(fn).parameters)
+    return names
 
 
 def _filter_kwargs(processor, fn, kwargs: dict[str, Any]) -> dict[str, Any]:
     """diffusers' rule for ``joint_attention_kwargs``: what the processor does not take is dropped with a warning,
     except by tpfuse's own processors, which refuse it (they would otherwise compute something else silently)."""
+    if not kwargs:  # the common call: nothing to look up
+        return {}
     accepted = _parameters(getattr(fn, "__func__", fn))
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
@@ -347,6 +363,7 @@ class SingleStreamAttention(_ProcessorMixin, _HeadsMixin, nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=eps, **factory)
         self.to_out = nn.Linear(self.inner_dim + self.mlp_hidden_dim, dim, bias=bias, **factory)
         self.processor = self._default_processor_cls()
+        _dispatch_attention_fn()  # looked up here, not in traced code
 
     @property
     def col_blocks(self) -> list[int]:
@@ -403,6 +420,7 @@ class JointAttention(_ProcessorMixin, _HeadsMixin, nn.Module):
         self.add_v_proj = nn.Linear(dim, self.inner_dim, bias=bias, **factory)
         self.to_add_out = nn.Linear(self.inner_dim, dim, bias=bias, **factory)
         self.processor = self._default_processor_cls()
+        _dispatch_attention_fn()  # looked up here, not in traced code
 
     def _qkv(self, x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
         return [lin(x) for lin in linears]

@@ -30,10 +30,13 @@ from tpfuse.kernels.row_parallel_matmul import (
 from ._checks import check_like
 from .comm import (
     _record,
-    all_reduce,
+    all_reduce_start,
+    all_reduce_wait,
     gather_from_tp_region,
     get_rank,
     get_world_size,
+    group_name,
+    process_group,
     resolve_group,
     scatter_to_tp_region,
 )
@@ -93,51 +96,67 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, features: int, name: str)
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _ColumnParallelMatmul(torch.autograd.Function):
-    """``[x @ W_i^T + b_i for i]`` for weights that share the input ``x``.
+def _each(needs, n: int) -> list[bool]:
+    """``needs_input_grad`` of a list argument: one flag per element (a single bool when none is a tensor)."""
+    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n
 
-    Backward (as Megatron-Core): the input gradient ``sum_i g_i @ W_i`` is computed first and its all-reduce is
-    launched asynchronously; the weight gradients are computed while it is in flight; then it is waited on.
-    """
 
-    @staticmethod
-    def forward(ctx, x, group, *params):
-        weights, biases = params[0::2], params[1::2]
-        ctx.save_for_backward(x, *weights)
-        ctx.group, ctx.has_bias = group, [b is not None for b in biases]
-        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+@torch.library.custom_op("tpfuse::column_parallel_matmul", mutates_args=())
+def _column_parallel_matmul(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                            group: str) -> list[torch.Tensor]:
+    """``[x @ W_i^T + b_i for i]`` for weights that share the input ``x`` (``group``: the process group's name,
+    used by the backward)."""
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
 
-    @staticmethod
-    def backward(ctx, *grads):
-        x, *weights = ctx.saved_tensors
-        needs_x = ctx.needs_input_grad[0]
-        handle, dx = None, None
-        if needs_x:
-            dx = sum(g @ w for g, w in zip(grads, weights))  # [..., in]
-            if get_world_size(ctx.group) > 1:
-                _record("all_reduce", "backward", dx)
-                handle = dist.all_reduce(dx, group=resolve_group(ctx.group), async_op=True)
-        x2 = x.reshape(-1, x.shape[-1])
-        dparams = []
-        for i, (g, has_bias) in enumerate(zip(grads, ctx.has_bias)):
-            g2 = g.reshape(-1, g.shape[-1])
-            dparams.append(g2.T @ x2 if ctx.needs_input_grad[2 + 2 * i] else None)  # overlaps the all-reduce
-            dparams.append(g2.sum(0) if has_bias and ctx.needs_input_grad[3 + 2 * i] else None)
-        if handle is not None:
-            handle.wait()
-        return (dx, None, *dparams)
+
+@_column_parallel_matmul.register_fake
+def _(x, weights, biases, group):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _column_setup(ctx, inputs, output):
+    x, weights, biases, group = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.group, ctx.has_bias = group, any(b is not None for b in biases)
+
+
+def _column_backward(ctx, grads):
+    """As Megatron-Core: the input gradient ``sum_i g_i @ W_i`` first, its all-reduce launched (a functional
+    collective: in eager it runs while the next lines compute; a compiled graph gets the same order), the weight
+    gradients computed while it is in flight, then waited on."""
+    x, *weights = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_w, need_b = _each(need_w, len(grads)), _each(need_b, len(grads))
+    dx = None
+    if need_x:
+        dx = sum(g @ w for g, w in zip(grads, weights) if g is not None)  # [..., in]
+        dx = all_reduce_start(dx, ctx.group, phase="backward")
+    x2 = x.reshape(-1, x.shape[-1])
+    dws, dbs = [], []
+    for i, g in enumerate(grads):
+        g2 = None if g is None else g.reshape(-1, g.shape[-1])
+        dws.append(g2.T @ x2 if need_w[i] and g2 is not None else None)  # overlaps the all-reduce
+        dbs.append(g2.sum(0) if need_b[i] and g2 is not None else None)
+    if dx is not None:
+        dx = all_reduce_wait(dx)
+    return dx, dws, dbs if ctx.has_bias else None, None  # a list of no biases has no gradient structure
+
+
+_column_parallel_matmul.register_autograd(_column_backward, setup_context=_column_setup)
 
 
 def column_parallel_linear(x: torch.Tensor, layers: Sequence[ColumnParallelLinear], group=None) -> list[torch.Tensor]:
     """Apply several column-parallel layers to one input with a single (overlapped) input-gradient all-reduce."""
     if get_world_size(group) == 1:
         return [F.linear(x, layer.weight, layer.bias) for layer in layers]
-    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
+    name = group_name(group)
     cast = autocast_dtype(x.device)
     if cast is not None:  # as F.linear under autocast: input, weight and bias in the autocast dtype
         with autocast_off(x.device):
-            return list(_ColumnParallelMatmul.apply(x.to(cast), group, *[_like(p, dtype=cast) for p in params]))
-    return list(_ColumnParallelMatmul.apply(x, group, *params))
+            return _column_parallel_matmul(x.to(cast), [w.to(cast) for w in weights],
+                                           [_like(b, dtype=cast) for b in biases], name)
+    return _column_parallel_matmul(x, weights, biases, name)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,51 +164,66 @@ def column_parallel_linear(x: torch.Tensor, layers: Sequence[ColumnParallelLinea
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _RowParallelOverlapped(torch.autograd.Function):
-    """``residual + gate * all_reduce(cat(parts) @ W^T)``, computed as C token chunks: chunk i's partial product
-    is written into its rows of the output and all-reduced asynchronously (NCCL runs on its own stream; gloo in a
-    background thread) while chunk i+1 computes; all handles are waited at the end. ``gate`` is applied before
-    the reduce (it distributes over the sum) and only rank 0 adds ``residual``.
+@torch.library.custom_op("tpfuse::row_parallel_linear", mutates_args=())
+def _row_parallel_linear(parts: list[torch.Tensor], weight: torch.Tensor, gate: torch.Tensor | None,
+                         residual: torch.Tensor | None, add_residual: bool, edges: list[int], group: str,
+                         backend: str) -> torch.Tensor:
+    """``residual + gate * all_reduce(cat(parts) @ W^T)`` as ``[B, S, N]``, computed in the token chunks
+    ``edges[i]..edges[i+1]``: chunk i's partial product is written into its rows of the output and all-reduced
+    asynchronously (NCCL on its own stream; gloo in a background thread) while chunk i+1 computes; every handle is
+    waited on before the op returns. ``gate`` is applied before the reduce (it distributes over the sum) and only
+    the rank passing ``add_residual`` adds ``residual``. ``group``: the process group's name (``""``: no reduce).
+
+    One op, so a compiled graph keeps the overlap: the chunks and their collectives run inside it.
     """
+    B, S = parts[0].shape[:2]
+    rows, n = B * S, weight.shape[0]
+    out = torch.empty((rows, n), device=weight.device, dtype=weight.dtype)
+    # Rows with a unit last stride, once: a part that is not such a view (e.g. a token slice with B > 1) is
+    # copied here, not once per chunk.
+    parts = [p if p.is_contiguous() else p.contiguous() for p in parts]
+    pg = process_group(group) if group else None
+    handles = []
+    if backend == "torch":
+        # CPU BLAS picks other micro-kernels for small row counts (1-4 rows differ in the last bit), so per-chunk
+        # GEMMs would not reproduce one GEMM: the torch path multiplies once and chunks only the reduction. The
+        # Triton kernel computes every row range with the same tiles and K order, so there each chunk is its own
+        # launch and overlaps the previous chunk's all-reduce.
+        row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (0, rows), backend)
+    for r0, r1 in zip(edges, edges[1:]):
+        if backend != "torch":
+            row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (r0, r1), backend)
+        if pg is not None:
+            _record("all_reduce", "forward", out[r0:r1])
+            handles.append(dist.all_reduce(out[r0:r1], group=pg, async_op=True))
+    for h in handles:
+        h.wait()
+    return out.view(B, S, n)
 
-    @staticmethod
-    def forward(ctx, weight, gate, residual, group, chunks, backend, *parts):
-        B, S = parts[0].shape[:2]
-        rows, n = B * S, weight.shape[0]
-        world_size = get_world_size(group)
-        add_residual = residual is not None and get_rank(group) == 0
-        out = torch.empty((rows, n), device=weight.device, dtype=weight.dtype)
-        # Rows with a unit last stride, once: a part that is not such a view (e.g. a token slice with B > 1) is
-        # copied here, not once per chunk.
-        parts = [p if p.is_contiguous() else p.contiguous() for p in parts]
-        handles = []
-        if backend == "torch":
-            # CPU BLAS picks other micro-kernels for small row counts (1-4 rows differ in the last bit), so
-            # per-chunk GEMMs would not reproduce one GEMM: the torch path multiplies once and chunks only the
-            # reduction. The Triton kernel computes every row range with the same tiles and K order, so there each
-            # chunk is its own launch and overlaps the previous chunk's all-reduce.
-            row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (0, rows), backend)
-        for r0, r1 in chunks:
-            if backend != "torch":
-                row_parallel_matmul_forward(parts, weight, gate, residual, add_residual, out, (r0, r1), backend)
-            if world_size > 1:
-                _record("all_reduce", "forward", out[r0:r1])
-                handles.append(dist.all_reduce(out[r0:r1], group=resolve_group(group), async_op=True))
-        for h in handles:
-            h.wait()
-        ctx.save_for_backward(weight, gate, *parts)
-        ctx.group = group
-        return out.view(B, S, n)
 
-    @staticmethod
-    def backward(ctx, grad):
-        weight, gate, *parts = ctx.saved_tensors
-        n_in = ctx.needs_input_grad
-        needs = [*n_in[6:], n_in[0], n_in[1], n_in[2]]
-        *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad.contiguous(), parts, weight, gate, needs)
-        if dgate is not None:
-            dgate = all_reduce(dgate, ctx.group, phase="backward")  # every rank held a partial sum
-        return (dweight, dgate, dres, None, None, None, *dparts)
+@_row_parallel_linear.register_fake
+def _(parts, weight, gate, residual, add_residual, edges, group, backend):
+    return weight.new_empty((*parts[0].shape[:2], weight.shape[0]))
+
+
+def _row_setup(ctx, inputs, output):
+    parts, weight, gate, _residual, _add, _edges, group, _backend = inputs
+    ctx.save_for_backward(weight, gate, *parts)
+    ctx.group = group
+
+
+def _row_backward(ctx, grad):
+    weight, gate, *parts = ctx.saved_tensors
+    need_parts, need_w, need_gate, need_res = ctx.needs_input_grad[:4]
+    need_parts = _each(need_parts, len(parts))
+    *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad.contiguous(), parts, weight, gate,
+                                                                 [*need_parts, need_w, need_gate, need_res])
+    if dgate is not None and ctx.group:  # every rank held a partial sum
+        dgate = all_reduce_wait(all_reduce_start(dgate, ctx.group, phase="backward"))
+    return dparts, dweight, dgate, dres, None, None, None, None
+
+
+_row_parallel_linear.register_autograd(_row_backward, setup_context=_row_setup)
 
 
 class _ParallelLinear(nn.Linear):
@@ -325,7 +359,8 @@ class RowParallelLinear(_ParallelLinear):
         blocks: packed layout of the input features, e.g. ``[D, M]`` for ``cat(attn, mlp)``.
         overlap: ``"auto"`` or a number of token chunks C: the output is computed in C chunks and each chunk's
             all-reduce runs while the next chunk computes. ``"auto"`` picks C from the message size
-            (:func:`choose_chunks`; 1 below 4 MiB); ``last_chunks`` holds the count the last call used.
+            (:func:`choose_chunks`; 1 below 4 MiB); ``last_chunks`` holds the count the last eager call used
+            (calls traced by ``torch.compile`` leave it alone).
             The chunked GEMM is exact, so on 2 ranks any C gives bitwise the C=1 output; on 3+ ranks the
             all-reduce itself (gloo's and NCCL's ring) orders each element's sum by its position in the message,
             so outputs agree to the reordering bound of an N-term sum (a few ulp), not bitwise.
@@ -399,8 +434,10 @@ class RowParallelLinear(_ParallelLinear):
                                                       self.world_size), AUTO_ROW_ALIGN)
         else:
             chunks = chunk_bounds(rows, self.overlap)
-        self.last_chunks = len(chunks)
-        logger.debug("%s: %d rows x %d features in %d chunk(s)", name, rows, self.out_features, len(chunks))
+        if not torch.compiler.is_compiling():  # eager only: a traced side effect would run once, at trace time
+            self.last_chunks = len(chunks)
+            logger.debug("%s: %d rows x %d features in %d chunk(s)", name, rows, self.out_features, len(chunks))
+        edges = [0] + [r1 for _, r1 in chunks]
         backend = select_backend("row_parallel_matmul", self.weight.device)
         weight, bias, cast = self.weight, self.bias, autocast_dtype(self.weight.device)
         if cast is not None:
@@ -409,8 +446,10 @@ class RowParallelLinear(_ParallelLinear):
             weight, bias, x3 = weight.to(cast), _like(bias, dtype=cast), [p.to(cast) for p in x3]
         fold = bias is None and cast is None  # gate and residual folded into the reduction
         with autocast_off(weight.device) if cast is not None else contextlib.nullcontext():
-            y = _RowParallelOverlapped.apply(weight, gate if fold else None, residual if fold else None, self.group,
-                                             chunks, backend, *x3)
+            fold_res = residual if fold else None
+            y = _row_parallel_linear(x3, weight, gate if fold else None, fold_res,
+                                     fold_res is not None and get_rank(self.group) == 0, edges,
+                                     group_name(self.group) if group_size > 1 else "", backend)
         if not fold:  # after the reduce, once: bias, then gate and residual in torch
             if bias is not None:
                 y = y + bias

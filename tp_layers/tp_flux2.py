@@ -51,6 +51,7 @@ from .flux2 import (
     Projection,
     SingleStreamAttention,
     SingleStreamBlock,
+    _dispatch_attention_fn,
     attention_heads_major,
     hooked,
 )
@@ -193,6 +194,7 @@ def _init_heads(module, dense, group, world_size: int) -> None:
         new._parallel_config = getattr(proc, "_parallel_config", None)
         proc = new
     module.processor = proc
+    _dispatch_attention_fn()  # looked up here, not in traced code
 
 
 def _plain(*linears) -> bool:
