@@ -134,7 +134,11 @@ def comm_stats() -> Iterator[CommStats]:
 
 
 def _record(op: str, phase: str, tensor: torch.Tensor) -> None:
-    if torch.compiler.is_compiling():  # traced code: a side effect here would run once, at trace time
+    if not _STACK:
+        return
+    # Traced code (dynamo, or AOTAutograd tracing a registered backward, which older torch does not report as
+    # compiling): a side effect here would run once, at trace time, with symbolic sizes.
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
         return
     for stats in _STACK:
         stats.record(op, phase, tensor.numel() * tensor.element_size())

@@ -102,22 +102,24 @@ def _each(needs, n: int) -> list[bool]:
 
 
 @torch.library.custom_op("tpfuse::column_parallel_matmul", mutates_args=())
-def _column_parallel_matmul(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                            group: str) -> list[torch.Tensor]:
-    """``[x @ W_i^T + b_i for i]`` for weights that share the input ``x`` (``group``: the process group's name,
-    used by the backward)."""
-    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+def _column_parallel_matmul(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                            has_bias: list[bool], group: str) -> list[torch.Tensor]:
+    """``[x @ W_i^T + b_i for i]`` for weights that share the input ``x``; ``biases`` holds the biases that exist,
+    in layer order (``has_bias[i]``: layer i has one), so that every bias is a tracked tensor input. ``group``: the
+    process group's name, used by the backward."""
+    present = iter(biases)
+    return [F.linear(x, w, next(present) if b else None) for w, b in zip(weights, has_bias)]
 
 
 @_column_parallel_matmul.register_fake
-def _(x, weights, biases, group):
+def _(x, weights, biases, has_bias, group):
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
 
 
 def _column_setup(ctx, inputs, output):
-    x, weights, biases, group = inputs
+    x, weights, _biases, has_bias, group = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.group, ctx.has_bias = group, any(b is not None for b in biases)
+    ctx.group, ctx.has_bias = group, list(has_bias)
 
 
 def _column_backward(ctx, grads):
@@ -126,7 +128,8 @@ def _column_backward(ctx, grads):
     gradients computed while it is in flight, then waited on."""
     x, *weights = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_w, need_b = _each(need_w, len(grads)), _each(need_b, len(grads))
+    n_bias = sum(ctx.has_bias)
+    need_w, need_b = _each(need_w, len(grads)), _each(need_b, n_bias)
     dx = None
     if need_x:
         dx = sum(g @ w for g, w in zip(grads, weights) if g is not None)  # [..., in]
@@ -136,10 +139,11 @@ def _column_backward(ctx, grads):
     for i, g in enumerate(grads):
         g2 = None if g is None else g.reshape(-1, g.shape[-1])
         dws.append(g2.T @ x2 if need_w[i] and g2 is not None else None)  # overlaps the all-reduce
-        dbs.append(g2.sum(0) if need_b[i] and g2 is not None else None)
+        if ctx.has_bias[i]:
+            dbs.append(g2.sum(0) if need_b[len(dbs)] and g2 is not None else None)
     if dx is not None:
         dx = all_reduce_wait(dx)
-    return dx, dws, dbs if ctx.has_bias else None, None  # a list of no biases has no gradient structure
+    return dx, dws, dbs, None, None
 
 
 _column_parallel_matmul.register_autograd(_column_backward, setup_context=_column_setup)
@@ -149,14 +153,17 @@ def column_parallel_linear(x: torch.Tensor, layers: Sequence[ColumnParallelLinea
     """Apply several column-parallel layers to one input with a single (overlapped) input-gradient all-reduce."""
     if get_world_size(group) == 1:
         return [F.linear(x, layer.weight, layer.bias) for layer in layers]
-    weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
-    name = group_name(group)
+    weights = [layer.weight for layer in layers]
+    has_bias = [layer.bias is not None for layer in layers]
+    biases = [layer.bias for layer in layers if layer.bias is not None]
+    # The name each layer resolved when it was built: no process-group lookups in code torch.compile traces.
+    name = layers[0].group_name if resolve_group(group) is layers[0].group else group_name(group)
     cast = autocast_dtype(x.device)
     if cast is not None:  # as F.linear under autocast: input, weight and bias in the autocast dtype
         with autocast_off(x.device):
             return _column_parallel_matmul(x.to(cast), [w.to(cast) for w in weights],
-                                           [_like(b, dtype=cast) for b in biases], name)
-    return _column_parallel_matmul(x, weights, biases, name)
+                                           [b.to(cast) for b in biases], has_bias, name)
+    return _column_parallel_matmul(x, weights, biases, has_bias, name)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,6 +250,8 @@ class _ParallelLinear(nn.Linear):
         self.group = resolve_group(group)
         self.world_size = get_world_size(self.group)
         self.rank = get_rank(self.group)
+        # What tpfuse's ops address the group by, resolved here rather than in code torch.compile traces.
+        self.group_name = group_name(self.group) if self.world_size > 1 else ""
         self.input_size = int(in_features)
         self.output_size = int(out_features)
         split = self.output_size if self._shard_dim == 0 else self.input_size
@@ -449,7 +458,7 @@ class RowParallelLinear(_ParallelLinear):
             fold_res = residual if fold else None
             y = _row_parallel_linear(x3, weight, gate if fold else None, fold_res,
                                      fold_res is not None and get_rank(self.group) == 0, edges,
-                                     group_name(self.group) if group_size > 1 else "", backend)
+                                     self.group_name if group_size > 1 else "", backend)
         if not fold:  # after the reduce, once: bias, then gate and residual in torch
             if bias is not None:
                 y = y + bias
