@@ -93,7 +93,8 @@ def test_gpu_session_fits_one_device_call():
     steps = re.findall(r"^step (\S+) (\d+) ", script, flags=re.M)
     names = [name for name, _ in steps]
     assert len(set(names)) == len(names)
-    assert {"gpu-tests", "bench-kernels", "bench-overlap", "bench-model", "bench-compile", "compile-report"} <= set(names)
+    assert {"gpu-tests", "bench-kernels", "bench-overlap", "bench-model", "bench-compile",
+            "compile-report"} <= set(names)
     grace = int(re.search(r"^KILL_AFTER=(\d+)", script, flags=re.M).group(1))
     assert sum(int(limit) + grace for _, limit in steps) <= 9 * 60
     # The only `timeout` is the one inside step(); anything else that runs long goes through step.
