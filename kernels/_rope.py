@@ -37,12 +37,21 @@ def _check_pairs(op: str, cos: torch.Tensor, sin: torch.Tensor) -> None:
         return
     if cos.device.type == "cpu":  # a synchronous check costs nothing on the host: name the offending tensor
         for name, t in (("cos", cos), ("sin", sin)):
-            if not torch.equal(t[:, 0::2], t[:, 1::2]):
-                raise ValueError(f"{op}: {name}[:, 2i] != {name}[:, 2i+1]; RoPE rotates each pair by one angle, so "
-                                 "cos/sin must repeat each value twice (as Flux2PosEmbed returns them)")
+            if not _paired(t).all():
+                bad = (~_paired(t)).nonzero()[0].tolist()
+                raise ValueError(f"{op}: {name}[:, 2i] != {name}[:, 2i+1] (first at row {bad[0]}, pair {bad[1]}); "
+                                 "RoPE rotates each pair by one angle, so cos/sin must repeat each value twice (as "
+                                 "Flux2PosEmbed returns them)")
         return
-    same = (cos[:, 0::2] == cos[:, 1::2]).all() & (sin[:, 0::2] == sin[:, 1::2]).all()
-    torch._assert_async(same, f"{op}: cos/sin must repeat each angle for both elements of a RoPE pair")
+    torch._assert_async(_paired(cos).all() & _paired(sin).all(),
+                        f"{op}: cos/sin must repeat each angle for both elements of a RoPE pair")
+
+
+def _paired(t: torch.Tensor) -> torch.Tensor:
+    """``[S, D/2]``: each pair holds one value; a NaN pair counts as paired (NaN angles propagate to the output,
+    as in the reference, rather than being reported as unpaired)."""
+    a, b = t[:, 0::2], t[:, 1::2]
+    return (a == b) | (a.isnan() & b.isnan())
 
 
 def _capturing(device: torch.device) -> bool:

@@ -153,6 +153,8 @@ def _validate(x, shift, scale, eps):
                              f"got shape {tuple(t.shape)}")
     if shift.shape != scale.shape:
         raise ValueError(f"layernorm_modulate: shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ")
+    if D == 0:
+        raise ValueError(f"layernorm_modulate: x has shape {tuple(x.shape)}: D=0 features, nothing to normalize over")
     if D > MAX_D:
         raise ValueError(f"layernorm_modulate: D={D} exceeds the supported maximum {MAX_D}")
     if not eps > 0:

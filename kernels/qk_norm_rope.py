@@ -249,8 +249,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     """RoPE on interleaved pairs in fp32 (fp64 for fp64 inputs); ``x`` ``[B, S, H, D]``, ``cos``/``sin`` ``[S, D]``; fp32 result."""
     acc = compute_dtype(x)
     x = x.to(acc)
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    rotated = _rotate(x)
     return x * cos[None, :, None, :].to(acc) + rotated * sin[None, :, None, :].to(acc)
 
 
@@ -374,7 +373,7 @@ def _last_contiguous(t):
 
 def _rotate(x: torch.Tensor) -> torch.Tensor:
     """``R x`` on interleaved pairs: ``(x[2i], x[2i+1]) -> (-x[2i+1], x[2i])`` (RoPE is ``x cos + R x sin``)."""
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    real, imag = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).unbind(-1)  # explicit: also for 0 tokens or heads
     return torch.stack([-imag, real], dim=-1).flatten(-2)
 
 
@@ -576,6 +575,8 @@ def _validate(q, k, q_weight, k_weight, cos, sin, eps):
     if k.dtype != q.dtype:
         raise TypeError(f"qk_norm_rope: k dtype {k.dtype} differs from q dtype {q.dtype}")
     B, S, H, D = q.shape
+    if D == 0:
+        raise ValueError(f"qk_norm_rope: head_dim D=0 in shape {tuple(q.shape)}: nothing to normalize over")
     if D % 2:
         raise ValueError(f"qk_norm_rope: head_dim D={D} must be even (RoPE rotates pairs)")
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):

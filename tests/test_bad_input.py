@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope, qk_norm_rope_reference
 from tpfuse.tp_layers import (
     Flux2Config,
     RankError,
@@ -104,3 +105,56 @@ def test_config_errors():
         Flux2Config(num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(5, 5, 6))
     with pytest.raises(ValueError, match="must be positive"):
         Flux2Config(num_attention_heads=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zero-size and edge inputs: empty in, empty out (forward and backward), or a clear error naming the dimension
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(2, 0, 2, 32), (2, 5, 0, 32), (0, 5, 2, 32)], ids=["S=0", "H=0", "B=0"])
+def test_qk_norm_rope_empty_in_empty_out(backend, shape):
+    B, S, H, D = shape
+    q = torch.randn(B, S, H, D, requires_grad=True)
+    w = torch.ones(D)
+    cos, sin = torch.ones(S, D), torch.zeros(S, D)
+    qo, ko = qk_norm_rope(q, torch.randn(B, S, H, D), w, w, cos, sin, backend=backend)
+    assert qo.shape == ko.shape == (B, S, H, D)
+    assert torch.autograd.grad(qo.sum(), q)[0].shape == q.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B,S", [(2, 0), (0, 5)])
+def test_fused_projection_empty_in_empty_out(backend, B, S):
+    x = torch.randn(B, S, 24, requires_grad=True)
+    w = torch.ones(32)
+    q, k, v, mlp = fused_qkv_mlp_proj(x, torch.randn(3 * 2 * 32 + 2 * 20, 24), w, w, torch.ones(S, 32),
+                                      torch.zeros(S, 32), 2, 32, 20, backend=backend)
+    assert q.shape == (B, 2, S, 32) and mlp.shape == (B, S, 20)
+    assert torch.autograd.grad(mlp.sum() + q.sum(), x)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_feature_dims_are_refused_by_name(backend):
+    with pytest.raises(ValueError, match="head_dim D=0"):
+        qk_norm_rope(*(torch.randn(1, 3, 2, 0) for _ in range(2)), torch.ones(0), torch.ones(0), None, None,
+                     backend=backend)
+    with pytest.raises(ValueError, match="D=0 features"):
+        layernorm_modulate(torch.randn(1, 3, 0), torch.randn(1, 0), torch.randn(1, 0), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_angles_propagate_and_unpaired_angles_are_located(backend):
+    """A NaN angle pair is a pair (the NaN reaches the output, as in the reference); an unpaired value is reported
+    with its row and pair."""
+    q, w = torch.randn(1, 5, 2, 32), torch.ones(32)
+    cos = torch.randn(5, 16).repeat_interleave(2, dim=1)
+    cos[1, 0:2] = float("nan")
+    out = qk_norm_rope(q, q, w, w, cos, torch.zeros(5, 32), backend=backend)[0]
+    ref = qk_norm_rope_reference(q, q, w, w, cos, torch.zeros(5, 32))[0]
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    cos = torch.ones(5, 32)
+    cos[2, 3] = 0.5
+    with pytest.raises(ValueError, match=r"cos\[:, 2i\] != cos\[:, 2i\+1\] \(first at row 2, pair 1\)"):
+        qk_norm_rope(q, q, w, w, cos, torch.zeros(5, 32), backend="triton")
