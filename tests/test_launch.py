@@ -39,3 +39,24 @@ def test_rejects_local_functions_and_bad_world_size():
         run_ranks(local, 1)
     with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
         run_ranks(_identity, 0, 1)
+
+
+def _die_in_collective(how):
+    """Rank 1 dies without a Python exception; rank 0 then fails in the all-reduce it was waiting on."""
+    import os
+    import signal
+
+    if dist.get_rank() == 1:
+        if how == "exit":
+            os._exit(7)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    dist.all_reduce(torch.ones(4))
+
+
+@pytest.mark.parametrize("how,cause", [("exit", "died with exit code 7"), ("segv", "died with signal SIGSEGV")])
+def test_a_rank_that_dies_is_reported_as_the_root_cause(how, cause):
+    """Not the survivor's "connection reset by peer": the rank that died comes first, whichever was noticed first."""
+    with pytest.raises(RankError) as info:
+        run_ranks(_die_in_collective, 2, how, timeout=120)
+    assert info.value.rank == 1 and info.value.exc_type == "ProcessDied"
+    assert str(info.value).startswith(f"rank 1 {cause}")

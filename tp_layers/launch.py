@@ -20,6 +20,7 @@ import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import sys
 import tempfile
 import time
@@ -38,8 +39,21 @@ class RankError(RuntimeError):
     """A rank raised; ``rank``, ``exc_type`` (the exception's class name) and the traceback text are kept."""
 
     def __init__(self, rank: int, exc_type: str, tb: str):
-        super().__init__(f"rank {rank} raised {exc_type}:\n{tb}")
+        # A rank that died (exit code or signal, no Python exception) says so first: it is the root cause of the
+        # peers' "connection reset" errors.
+        head = f"rank {rank} {tb}" if exc_type == "ProcessDied" else f"rank {rank} raised {exc_type}:\n{tb}"
+        super().__init__(head)
         self.rank, self.exc_type, self.tb = rank, exc_type, tb
+
+
+def _death(exitcode: int) -> str:
+    """``died with exit code 7`` / ``died with signal SIGSEGV``."""
+    if exitcode < 0:
+        try:
+            return f"died with signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"died with signal {-exitcode}"
+    return f"died with exit code {exitcode}"
 
 
 def default_backend(world_size: int) -> str:
@@ -164,7 +178,7 @@ def run_ranks(fn: Callable, world_size: int, *args, backend: str | None = None, 
                     dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
                     if dead:
                         errors.append((time.time(), RankError(dead[0], "ProcessDied",
-                                                              f"exit code {procs[dead[0]].exitcode}")))
+                                                              _death(procs[dead[0]].exitcode))))
                     elif now > deadline:
                         missing = sorted(set(range(world_size)) - reported)
                         errors.append((time.time(), RankError(-1, "Timeout", f"ranks {missing} did not finish "
@@ -182,12 +196,26 @@ def run_ranks(fn: Callable, world_size: int, *args, backend: str | None = None, 
         finally:
             for p in procs:
                 p.join(timeout=0 if errors else 30)
-            for p in procs:
+            killed = set()
+            for r, p in enumerate(procs):
                 if p.is_alive():
                     p.kill()
                     p.join()
+                    killed.add(r)
             results.close()
-    error = min(errors, key=lambda e: e[0])[1] if errors else None
-    if error is not None:
+    if errors:
+        # A rank that died without reporting (os._exit, a signal, an abort inside a collective) is the root cause,
+        # whenever its death was noticed: its peers fail after it, with "connection reset by peer".
+        reported = set(out) | {e.rank for _, e in errors}
+        for r, p in enumerate(procs):
+            if r not in reported and r not in killed and p.exitcode not in (None, 0):
+                errors.append((0.0, RankError(r, "ProcessDied", _death(p.exitcode))))
+        died = [e for e in errors if e[1].exc_type == "ProcessDied"]
+        error = min(died or errors, key=lambda e: e[0])[1]
+        others = [e for _, e in sorted(errors, key=lambda e: e[0]) if e is not error]
+        if others and error.exc_type == "ProcessDied":
+            error.args = (f"{error.args[0]}; then: " + "; ".join(
+                f"rank {e.rank} {e.exc_type}: {e.tb.strip().splitlines()[-1] if e.tb.strip() else ''}"
+                for e in others),)
         raise error
     return [out[r] for r in range(world_size)]
