@@ -158,3 +158,51 @@ def test_nan_angles_propagate_and_unpaired_angles_are_located(backend):
     cos[2, 3] = 0.5
     with pytest.raises(ValueError, match=r"cos\[:, 2i\] != cos\[:, 2i\+1\] \(first at row 2, pair 1\)"):
         qk_norm_rope(q, q, w, w, cos, torch.zeros(5, 32), backend="triton")
+
+
+@pytest.mark.parametrize("kind", ["single", "double"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tp_block_takes_what_the_dense_block_takes_and_names_a_batch_mismatch(kind, backend, monkeypatch):
+    """A hidden state whose last dim is not contiguous is copied (the dense block accepts it); a modulation with
+    another batch than the hidden states is refused by name, not as an internal kernel's argument."""
+    monkeypatch.setenv("TPFUSE_BACKEND", backend)
+    dense = random_dense_block(TINY, kind, seed=0)
+    tp = (TPDoubleStreamBlock if kind == "double" else TPSingleStreamBlock).from_dense(dense)
+    tensors, rope = block_inputs(TINY, kind, 2, 3, 5, seed=1)
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    h = tensors["hidden_states"]
+    tensors["hidden_states"] = h.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, strides (.., 1, S)
+    with torch.no_grad():
+        out, ref = tp(**tensors, image_rotary_emb=rope), dense(**tensors, image_rotary_emb=rope)
+    for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert torch.allclose(o, r, rtol=1e-5, atol=1e-6)
+    key = "temb_mod_img" if kind == "double" else "temb_mod"
+    tensors[key] = tensors[key][:1].repeat(3, 1)
+    with pytest.raises(ValueError, match=f"{key} has batch 3 but the hidden states have batch 2"):
+        tp(**tensors, image_rotary_emb=rope)
+
+
+def test_checkpoint_source_errors_name_the_folder_and_the_file(tmp_path):
+    from tpfuse.tp_layers.model import load_config
+
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no subfolder 'nope' \(folders there: \['transformer'\]\)"):
+        load_config(tmp_path, subfolder="nope")
+    (tmp_path / "transformer" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"transformer/config.json: not a valid JSON config"):
+        load_config(tmp_path)
+
+
+def _layer_on_foreign_group():
+    import torch.distributed as dist
+
+    from tpfuse.tp_layers import ColumnParallelLinear
+
+    group = dist.new_group([0])  # rank 1 gets GroupMember.NON_GROUP_MEMBER
+    if dist.get_rank() == 1:
+        ColumnParallelLinear(8, 8, group=group)
+
+
+def test_a_group_handle_on_a_rank_outside_it_is_named():
+    with pytest.raises(RankError, match="rank 1 is not a member of the group it was given"):
+        run_ranks(_layer_on_foreign_group, 2, timeout=120)

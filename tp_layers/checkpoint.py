@@ -156,7 +156,7 @@ def resolve_source(source, subfolder: str | None = None, revision: str | None = 
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint source {source!r} is neither a local path nor a Hub repo id")
-        return path / subfolder if subfolder and path.is_dir() else path
+        return _in_subfolder(path, subfolder, source)
     from huggingface_hub import snapshot_download
 
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in allow_patterns]
@@ -165,7 +165,17 @@ def resolve_source(source, subfolder: str | None = None, revision: str | None = 
         root = snapshot_download(source, **kwargs)
     except Exception:  # noqa: BLE001 - no network: fall back to what the cache holds
         root = snapshot_download(source, local_files_only=True, **kwargs)
-    return Path(root) / subfolder if subfolder else Path(root)
+    return _in_subfolder(Path(root), subfolder, source)
+
+
+def _in_subfolder(path: Path, subfolder: str | None, source) -> Path:
+    if not subfolder or not path.is_dir():
+        return path
+    if not (path / subfolder).is_dir():
+        have = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"checkpoint source {source!r} has no subfolder {subfolder!r} (folders there: "
+                                f"{have or 'none'})")
+    return path / subfolder
 
 
 def _weight_files(path: Path) -> tuple[list[Path], list[Path]]:

@@ -61,6 +61,12 @@ def resolve_group(group=None):
         return group.get_group()
     if isinstance(group, dist.ProcessGroup):
         return group
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, int) and not isinstance(group, bool)
+                                                      and group == dist.GroupMember.NON_GROUP_MEMBER):
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise ValueError(f"rank {rank} is not a member of the group it was given (dist.new_group returns "
+                         "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out): build the tensor-parallel "
+                         "layers only on the group's ranks")
     raise TypeError(f"group must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
 
 

@@ -158,11 +158,15 @@ def _check_stream(x: torch.Tensor, ref: torch.Tensor | None, dim: int, name: str
         raise ValueError(f"{name} must be [B, S, {dim}], got shape {tuple(x.shape)}")
 
 
-def _check_mod(mod: torch.Tensor, ref: torch.Tensor | None, width: int, name: str, seq: int) -> None:
+def _check_mod(mod: torch.Tensor, ref: torch.Tensor | None, width: int, name: str, seq: int,
+               batch: int) -> None:
     _check_like(mod, ref, name)
     if mod.shape[-1] != width or mod.dim() not in (2, 3) or (mod.dim() == 3 and mod.shape[1] not in (1, seq)):
         raise ValueError(f"{name} must be [B, {width}], [B, 1, {width}] or per token [B, {seq}, {width}], got shape "
                          f"{tuple(mod.shape)}")
+    if mod.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has batch {mod.shape[0]} but the hidden states have batch {batch} (shape "
+                         f"{tuple(mod.shape)}; 1 broadcasts)")
 
 
 def hooked(module: nn.Module) -> bool:
@@ -543,7 +547,7 @@ class SingleStreamBlock(_BlockHooks, nn.Module):
             _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
             text_seq_len = encoder_hidden_states.shape[1]
             hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, St+Si, D]
-        _check_mod(temb_mod, ref, 3 * self.dim, "temb_mod", hidden_states.shape[1])
+        _check_mod(temb_mod, ref, 3 * self.dim, "temb_mod", hidden_states.shape[1], hidden_states.shape[0])
         kwargs = dict(joint_attention_kwargs or {})
 
         (shift, scale, gate), = split_modulation(temb_mod, 1)
@@ -587,8 +591,12 @@ class DoubleStreamBlock(_BlockHooks, nn.Module):
         ref = _weight_of(self.attn.to_add_out)
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
         _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
-        _check_mod(temb_mod_img, ref, 6 * self.dim, "temb_mod_img", hidden_states.shape[1])
-        _check_mod(temb_mod_txt, ref, 6 * self.dim, "temb_mod_txt", encoder_hidden_states.shape[1])
+        if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, hidden_states has "
+                             f"batch {hidden_states.shape[0]}")
+        _check_mod(temb_mod_img, ref, 6 * self.dim, "temb_mod_img", hidden_states.shape[1], hidden_states.shape[0])
+        _check_mod(temb_mod_txt, ref, 6 * self.dim, "temb_mod_txt", encoder_hidden_states.shape[1],
+                   encoder_hidden_states.shape[0])
         kwargs = dict(joint_attention_kwargs or {})
 
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(temb_mod_img, 2)

@@ -124,7 +124,10 @@ def _load_config(path: Path, subfolder: str | None) -> dict | None:
         candidates.append(path / "transformer" / "config.json")
     for c in candidates:
         if c.exists():
-            return json.loads(c.read_text())
+            try:
+                return json.loads(c.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{c}: not a valid JSON config ({exc})") from None
     return None
 
 

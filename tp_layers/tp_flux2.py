@@ -299,6 +299,8 @@ class _FusedBlockMixin:
     def _norm_modulate(self, norm, x, shift, scale):
         if not (_per_batch(shift) and _per_batch(scale)) or hooked(norm):
             return super()._norm_modulate(norm, x, shift, scale)  # per-token modulation (KV extract mode)
+        # The kernels read rows with unit stride; the dense block takes any layout, so a copy, not an error.
+        x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
         return layernorm_modulate(x, shift, scale, norm.eps)
 
     def _gated_residual(self, residual, gate, out):
