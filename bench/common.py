@@ -60,11 +60,13 @@ class Peaks:
 def init_distributed(dry_run: bool) -> tuple[int, int, str]:
     """Under torchrun: the process group (gloo for a CPU dry-run, NCCL otherwise) and this rank's device.
     Returns ``(rank, world_size, device)``."""
+    import datetime
     import os
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo" if dry_run else "nccl")
+    # Bounded: a rank that fails must not leave the others blocked in a collective for torch's default.
+    dist.init_process_group("gloo" if dry_run else "nccl", timeout=datetime.timedelta(minutes=10))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = "cpu" if dry_run else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     if device != "cpu":

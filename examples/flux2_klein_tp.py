@@ -14,6 +14,7 @@ tensor-parallel transformer and that every rank computes the same image:
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import torch
@@ -64,10 +65,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default="flux2_klein_tp.png")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a rank waits in a collective for the others before failing (default: %(default)s)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # Bounded: a rank that fails mid-step must not leave its peers blocked in an all-reduce for torch's default
+    # (10 minutes for NCCL, 30 for gloo).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if cuda else "cpu"
     if cuda:

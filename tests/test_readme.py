@@ -30,3 +30,13 @@ def test_readme_api_example_runs_under_torchrun(tmp_path):
                            "--standalone", str(script)], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_process_group_in_the_docs_and_examples_has_a_timeout():
+    """A rank that fails mid-step must not leave its peers blocked in a collective for torch's default."""
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    texts.update({str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "examples").glob("*.py")})
+    calls = [(name, call) for name, text in texts.items()
+             for call in re.findall(r"init_process_group\((.*?)\)\n", text)]
+    assert calls
+    assert all("timeout=" in call for _, call in calls), [c for c in calls if "timeout=" not in c[1]]
