@@ -206,3 +206,33 @@ def _layer_on_foreign_group():
 def test_a_group_handle_on_a_rank_outside_it_is_named():
     with pytest.raises(RankError, match="rank 1 is not a member of the group it was given"):
         run_ranks(_layer_on_foreign_group, 2, timeout=120)
+
+
+def test_cli_input_errors_exit_2_with_one_line_naming_the_file(tmp_path, capsys):
+    """Exit 2 and one line for usage/input errors (1 is kept for a numerical FAIL): a backend this machine lacks,
+    a truncated or empty safetensors file, a checkpoint missing a block's key."""
+    pytest.importorskip("diffusers")
+    import safetensors.torch
+
+    from tpfuse.tp_layers.cli import main
+    from tpfuse.tp_layers.verify import random_diffusers_model
+
+    def run(*args):
+        code = main(["verify", "--preset", "tiny", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        return code, err[-1] if err else ""
+
+    if not torch.cuda.is_available():
+        code, err = run("--backend", "nccl")
+        assert code == 2 and "--backend nccl needs one CUDA device per rank" in err
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name in ("cut", "empty"):
+        code, err = run("--model", str(tmp_path / f"{name}.safetensors"))
+        assert code == 2 and f"{name}.safetensors: not a readable safetensors file" in err, err
+    state = {k: v.contiguous() for k, v in random_diffusers_model(TINY, 0).state_dict().items()}
+    del state["transformer_blocks.0.attn.to_k.weight"]
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")
+    code, err = run("--model", str(tmp_path / "model.safetensors"))
+    assert code == 2 and "model.safetensors: block transformer_blocks.0 does not match" in err
+    assert "missing ['transformer_blocks.0.attn.to_k.weight']" in err

@@ -228,15 +228,26 @@ def _read(handle, src: _Source, dim: int | None, ranges) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
+def open_safetensors(path: Path):
+    """``safe_open(path)``; a truncated, empty or non-safetensors file raises a ``ValueError`` naming it
+    (safetensors' own error names no file)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "cannot read this file"
+        size = path.stat().st_size if path.exists() else None
+        raise ValueError(f"{path}: not a readable safetensors file ({size} bytes): {type(exc).__name__}: "
+                         f"{exc}") from None
+
+
 def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack):
     """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl); the handles close
     with ``stack``."""
-    from safetensors import safe_open
-
     handles = {}
     index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
     for f in files:
-        h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+        h = stack.enter_context(open_safetensors(Path(f)))
         handles[str(f)] = h
         for key in h.keys():
             index[key] = (str(f), tuple(h.get_slice(key).get_shape()))

@@ -8,19 +8,47 @@ import sys
 __all__ = ["main"]
 
 
+# Exit codes of `tpfuse verify`: 0 every check passed, 1 a numerical check failed, 2 a usage or input error (bad
+# option, unreadable or incomplete checkpoint, a backend this machine lacks), 3 an internal error (traceback).
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+# Exceptions a rank raises for bad input (checkpoint, options) rather than a bug: reported in one line, exit 2.
+_INPUT_ERRORS = {"ValueError", "FileNotFoundError", "KeyError", "SafetensorError", "IsADirectoryError",
+                 "NotADirectoryError", "PermissionError", "JSONDecodeError", "HeaderTooLarge", "HeaderTooSmall"}
+
+
+def _error(msg: str) -> int:
+    print(f"tpfuse verify: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _verify(args: argparse.Namespace) -> int:
+    import traceback
+
+    import torch
+
+    from .launch import RankError
     from .verify import format_report, verify
 
+    if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
+        return _error(f"--backend nccl needs one CUDA device per rank: --world-size {args.world_size}, this machine "
+                      f"has {torch.cuda.device_count()} (use --backend gloo)")
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
     try:
         res = verify(preset=args.preset, world_size=args.world_size, blocks=blocks, img_tokens=args.img_tokens,
                      txt_tokens=args.txt_tokens, dtype=args.dtype, seed=args.seed, batch=args.batch,
                      backend=args.backend, model=args.model, subfolder=args.subfolder, block_index=args.block_index)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"tpfuse verify: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except RankError as exc:
+        if exc.exc_type in _INPUT_ERRORS:  # the rank's own message: its last traceback line
+            last = exc.tb.strip().splitlines()[-1] if exc.tb.strip() else exc.exc_type
+            return _error(f"rank {exc.rank}: {last}")
+        traceback.print_exc()
+        print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     print(format_report(res))
-    return 0 if res.ok else 1
+    return EXIT_OK if res.ok else EXIT_FAIL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpfuse", description="Tensor-parallel FLUX.2 layers and fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="shard FLUX.2 blocks over N ranks and check forward/backward against dense",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="exit status: 0 every check passed, 1 a numerical check failed, 2 a usage or input "
+                              "error (options, checkpoint, backend), 3 an internal error")
     v.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS))
     v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes)")
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")

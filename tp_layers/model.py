@@ -133,14 +133,12 @@ def _load_config(path: Path, subfolder: str | None) -> dict | None:
 
 def _infer_config(path: Path) -> dict:
     """A config from a single-file checkpoint's tensor shapes (BFL or diffusers keys)."""
-    from safetensors import safe_open
-
-    from .checkpoint import _weight_files, bfl_to_diffusers
+    from .checkpoint import _weight_files, bfl_to_diffusers, open_safetensors
 
     files, _ = _weight_files(path)
     shapes = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as h:
+        with open_safetensors(f) as h:
             for key in h.keys():
                 shape = tuple(h.get_slice(key).get_shape())
                 for name, _src in (bfl_to_diffusers(key, shape) or [(key, None)]):

@@ -129,7 +129,13 @@ def checkpoint_block(cfg: Flux2Config, kind: str, source, index: int, dtype=torc
     prefix = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{index}."
     with torch.device("meta"):
         block = (DoubleStreamBlock if kind == "double" else SingleStreamBlock)(cfg)
-    block.load_state_dict(load_block_state(source, prefix), strict=True, assign=True)
+    state = load_block_state(source, prefix)
+    expected = set(block.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:  # an input error, named by file and key (load_state_dict's RuntimeError names neither)
+        raise ValueError(f"{source}: block {prefix.rstrip('.')} does not match a FLUX.2 {kind} block of this config: "
+                         f"missing {[prefix + k for k in missing]}, unexpected {[prefix + k for k in unexpected]}")
+    block.load_state_dict(state, strict=True, assign=True)
     return block.to(device=device, dtype=dtype)
 
 
