@@ -236,3 +236,44 @@ def test_cli_input_errors_exit_2_with_one_line_naming_the_file(tmp_path, capsys)
     code, err = run("--model", str(tmp_path / "model.safetensors"))
     assert code == 2 and "model.safetensors: block transformer_blocks.0 does not match" in err
     assert "missing ['transformer_blocks.0.attn.to_k.weight']" in err
+
+
+def test_load_sharded_follows_the_index_and_refuses_ambiguous_keys(tmp_path):
+    """The index decides which file holds each key: a stale single-file copy beside indexed shards is ignored and
+    reported; a shard the index names but the folder lacks is named; without an index, a key in two files is an
+    error naming both."""
+    pytest.importorskip("diffusers")
+    import json
+
+    import safetensors.torch
+
+    from tpfuse.tp_layers import from_pretrained
+    from tpfuse.tp_layers.verify import random_diffusers_model
+
+    dense = random_diffusers_model(TINY, seed=0)
+    sharded = tmp_path / "sharded"
+    dense.save_pretrained(sharded, max_shard_size="100KB")
+    index = json.loads((sharded / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    stale = {k: (v + 1.0).contiguous() for k, v in dense.state_dict().items()}
+    safetensors.torch.save_file(stale, sharded / "diffusion_pytorch_model.safetensors")
+    model = from_pretrained(sharded, progress=False)
+    assert model.tp_load_report.ignored == [str(sharded / "diffusion_pytorch_model.safetensors")]
+    dense_state = dense.state_dict()
+    for name, p in model.state_dict().items():  # world size 1: the whole weights, from the indexed shards
+        assert torch.equal(p, dense_state[name]), name
+
+    first = sorted(set(index["weight_map"].values()))[0]
+    (sharded / first).rename(tmp_path / first)
+    with pytest.raises(ValueError, match=f"names shard file\\(s\\) \\['{first}'\\] that are not in"):
+        from_pretrained(sharded, progress=False)
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (sharded / "config.json").rename(loose / "config.json")
+    state = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    safetensors.torch.save_file(state, loose / "a.safetensors")
+    safetensors.torch.save_file({"x_embedder.weight": state["x_embedder.weight"]}, loose / "b.safetensors")
+    with pytest.raises(ValueError, match=r"key 'x_embedder.weight' is in two checkpoint files, .*a.safetensors and "
+                                         r".*b.safetensors"):
+        from_pretrained(loose, progress=False)

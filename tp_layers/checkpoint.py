@@ -36,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import json
+import logging
 import os
 import re
 import time
@@ -51,6 +53,8 @@ from .sharding import shard_ranges
 
 __all__ = ["load_sharded", "load_block_state", "LoadReport", "resolve_source", "bfl_to_diffusers",
            "WEIGHT_SUFFIXES"]
+
+logger = logging.getLogger("tpfuse.tp_layers")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
@@ -131,6 +135,7 @@ class LoadReport:
     key_format: str  # "diffusers" or "bfl"
     rank: int
     world_size: int
+    ignored: list[str] = dataclasses.field(default_factory=list)  # safetensors files the index leaves out
 
     def __str__(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read "
@@ -179,12 +184,47 @@ def _in_subfolder(path: Path, subfolder: str | None, source) -> Path:
 
 
 def _weight_files(path: Path) -> tuple[list[Path], list[Path]]:
-    """(safetensors files, other weight files) at ``path`` (a file, or a directory searched non-recursively)."""
+    """(safetensors files, other weight files) at ``path`` (a file, or a directory searched non-recursively). A
+    directory with a ``*.safetensors.index.json`` gives the files its ``weight_map`` names (see
+    :func:`_checkpoint_files`)."""
+    files, others, _, _ = _checkpoint_files(path)
+    return files, others
+
+
+def _checkpoint_files(path: Path) -> tuple[list[Path], list[Path], dict[str, str] | None, list[Path]]:
+    """(safetensors files to read, other weight files, the index's key -> file name map or ``None``, safetensors
+    files the index leaves out).
+
+    With an index (diffusers' and transformers' sharded layout), the index decides: only the files it names are
+    read, each key only from the file it names; a file it names that is absent is an error naming both; other
+    ``.safetensors`` files in the folder (a stale single-file copy, another variant) are ignored and returned, to be
+    reported. Several indexes in one folder are ambiguous and refused.
+    """
     if path.is_file():
-        files = [path]
+        candidates = [path]
+        indexes = []
     else:
-        files = sorted(Path(p) for p in glob.glob(str(path / "*")) if Path(p).suffix in WEIGHT_SUFFIXES)
-    return [f for f in files if f.suffix == ".safetensors"], [f for f in files if f.suffix != ".safetensors"]
+        candidates = sorted(Path(p) for p in glob.glob(str(path / "*")) if Path(p).suffix in WEIGHT_SUFFIXES)
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+    safetensors = [f for f in candidates if f.suffix == ".safetensors"]
+    others = [f for f in candidates if f.suffix != ".safetensors"]
+    if not indexes:
+        return safetensors, others, None, []
+    if len(indexes) > 1:
+        raise ValueError(f"{path}: several checkpoint indexes {[i.name for i in indexes]}; pass one variant's "
+                         "folder or file")
+    index = indexes[0]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {exc}") from None
+    named = sorted(set(weight_map.values()))
+    absent = [n for n in named if not (path / n).is_file()]
+    if absent:
+        raise ValueError(f"{index} names shard file(s) {absent} that are not in {path}")
+    files = [path / n for n in named]
+    ignored = [f for f in safetensors if f.name not in set(named)]
+    return files, [], dict(weight_map), ignored
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,15 +281,21 @@ def open_safetensors(path: Path):
                          f"{exc}") from None
 
 
-def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack):
+def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None):
     """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl); the handles close
-    with ``stack``."""
+    with ``stack``. ``key_map`` (an index's key -> file name): a key is read only from the file it names. Without
+    one, a key in two files is an error naming both."""
     handles = {}
     index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
     for f in files:
         h = stack.enter_context(open_safetensors(Path(f)))
         handles[str(f)] = h
         for key in h.keys():
+            if key_map is not None and key_map.get(key, Path(f).name) != Path(f).name:
+                continue  # the index puts this key in another file
+            if key in index:
+                raise ValueError(f"key {key!r} is in two checkpoint files, {index[key][0]} and {f}: which one "
+                                 "holds the weight is ambiguous (an index.json would decide)")
             index[key] = (str(f), tuple(h.get_slice(key).get_shape()))
     bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
     sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
@@ -269,11 +315,11 @@ def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[
     """The full (dense) tensors under ``prefix`` (e.g. ``"transformer_blocks.0."``), diffusers names with the
     prefix removed: one block of a checkpoint, for checking a sharded block against it."""
     path = resolve_source(source, subfolder)
-    files, _ = _weight_files(path)
+    files, _, key_map, _ = _checkpoint_files(path)
     if not files:
         raise ValueError(f"no .safetensors files at {path}")
     with contextlib.ExitStack() as stack:
-        handles, sources, _, _ = _open_checkpoint(files, stack)
+        handles, sources, _, _ = _open_checkpoint(files, stack, key_map)
         state = {name[len(prefix):]: _read(handles[f], src, None, None)
                  for name, (f, src, _) in sources.items() if name.startswith(prefix)}
     if not state:
@@ -300,7 +346,9 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
     group = resolve_group(group)
     rank, world_size = get_rank(group), get_world_size(group)
     path = resolve_source(source, subfolder, revision, token)
-    files, others = _weight_files(path)
+    files, others, key_map, ignored = _checkpoint_files(path)
+    if ignored:
+        logger.warning("load_sharded: %s is not in the checkpoint's index; ignored", [str(f) for f in ignored])
     problems = []
     if others:
         problems.append(f"non-safetensors weight files (only safetensors are read): {[str(f) for f in others]}")
@@ -309,11 +357,15 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
         raise ValueError("cannot load checkpoint:\n  " + "\n  ".join(problems))
 
     with contextlib.ExitStack() as stack:
-        return _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start)
+        report = _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
+                            key_map)
+    report.ignored = [str(f) for f in ignored]
+    return report
 
 
-def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start) -> LoadReport:
-    handles, sources, unexpected, bfl = _open_checkpoint(files, stack)
+def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
+               key_map=None) -> LoadReport:
+    handles, sources, unexpected, bfl = _open_checkpoint(files, stack, key_map)
     plan = _param_plan(model)
     missing = sorted(set(plan) - set(sources))
     unexpected = sorted(unexpected + [name for name in sources if name not in plan])
