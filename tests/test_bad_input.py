@@ -214,8 +214,8 @@ def test_cli_input_errors_exit_2_with_one_line_naming_the_file(tmp_path, capsys)
     pytest.importorskip("diffusers")
     import safetensors.torch
 
-    from tpfuse.tp_layers.cli import main
-    from tpfuse.tp_layers.verify import random_diffusers_model
+    from tpfuse.tp_layers.cli import _INPUT_ERRORS, main
+    from tpfuse.tp_layers.verify import checkpoint_block, random_diffusers_model
 
     def run(*args):
         code = main(["verify", "--preset", "tiny", *args])
@@ -230,12 +230,14 @@ def test_cli_input_errors_exit_2_with_one_line_naming_the_file(tmp_path, capsys)
     for name in ("cut", "empty"):
         code, err = run("--model", str(tmp_path / f"{name}.safetensors"))
         assert code == 2 and f"{name}.safetensors: not a readable safetensors file" in err, err
+    # A block missing a key: what each rank raises (checkpoint_block), which verify reports as an input error.
     state = {k: v.contiguous() for k, v in random_diffusers_model(TINY, 0).state_dict().items()}
     del state["transformer_blocks.0.attn.to_k.weight"]
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
-    code, err = run("--model", str(tmp_path / "model.safetensors"))
-    assert code == 2 and "model.safetensors: block transformer_blocks.0 does not match" in err
-    assert "missing ['transformer_blocks.0.attn.to_k.weight']" in err
+    with pytest.raises(ValueError, match=r"model.safetensors: block transformer_blocks.0 does not match a FLUX.2 "
+                                         r"double block .* missing \['transformer_blocks.0.attn.to_k.weight'\]"):
+        checkpoint_block(TINY, "double", tmp_path / "model.safetensors", 0)
+    assert "ValueError" in _INPUT_ERRORS
 
 
 def test_load_sharded_follows_the_index_and_refuses_ambiguous_keys(tmp_path):

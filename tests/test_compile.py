@@ -235,33 +235,18 @@ def test_tp_linear_layers_compile_fullgraph():
     _assert_same(run_ranks(_layers_rank, WS))
 
 
-def _dense_block(kind, source):
-    ours = random_dense_block(TINY, kind, seed=0)
-    if source == "ours":
-        return ours
-    from diffusers.models.transformers import transformer_flux2 as df
-
-    cls = df.Flux2TransformerBlock if kind == "double" else df.Flux2SingleTransformerBlock
-    block = cls(TINY.hidden_size, TINY.heads, TINY.head_dim, TINY.mlp_ratio, TINY.eps)
-    block.load_state_dict(ours.state_dict())
-    return block
-
-
-def _blocks_rank(source):
+def _blocks_rank():
+    """TP blocks built from ours (the parallelized model below builds them from diffusers' blocks)."""
     cases = []
     for kind, cls in (("single", TPSingleStreamBlock), ("double", TPDoubleStreamBlock)):
-        tp = cls.from_dense(_dense_block(kind, source))
+        tp = cls.from_dense(random_dense_block(TINY, kind, seed=0))
         tensors, rope = block_inputs(TINY, kind, batch=2, txt_tokens=3, img_tokens=7, seed=1)
-        cases.append(_compiled_vs_eager(f"{source} {kind}", tp, kwargs={**tensors, "image_rotary_emb": rope},
-                                        explain=source == "ours"))
+        cases.append(_compiled_vs_eager(f"TP {kind} block", tp, kwargs={**tensors, "image_rotary_emb": rope}))
     return cases
 
 
-@pytest.mark.parametrize("source", ["ours", "diffusers"])
-def test_tp_blocks_compile_fullgraph(source):
-    if source == "diffusers":
-        pytest.importorskip("diffusers")
-    _assert_same(run_ranks(_blocks_rank, WS, source))
+def test_tp_blocks_compile_fullgraph():
+    _assert_same(run_ranks(_blocks_rank, WS))
 
 
 def _model_inputs():
@@ -273,6 +258,7 @@ def _model_inputs():
 
 
 def _model_rank():
+    # parallelize builds its TP blocks from diffusers' Flux2TransformerBlock / Flux2SingleTransformerBlock.
     model = parallelize(random_diffusers_model(TINY, seed=0))
     inputs = _model_inputs()
     cases = [_compiled_vs_eager("parallelized Flux2Transformer2DModel", model, kwargs=inputs)]
