@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "in_layout_of"]
+__all__ = ["compute_dtype", "each_needs", "in_layout_of"]
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -24,3 +24,9 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.stride() == t.stride():
         return t
     return out.copy_(t)
+
+
+def each_needs(needs, n: int) -> list[bool]:
+    """A registered backward's ``needs_input_grad`` entry for a ``Tensor[]`` argument of ``n`` tensors: one flag per
+    tensor (torch gives a single bool when the list holds no tensor that requires grad)."""
+    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n

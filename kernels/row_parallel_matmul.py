@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ._autocast import _like, autocast_dtype, autocast_off
 from ._checks import check_int32_addressable
 from ._dispatch import select_backend
+from ._math import each_needs
 from ._tma import tma_ready
 from ._triton import tl, triton
 
@@ -347,8 +348,7 @@ def _rpm_setup(ctx, inputs, output):
 def _rpm_backward(ctx, grad):
     weight, gate, *parts = ctx.saved_tensors
     need_parts, need_w, need_gate, need_res = ctx.needs_input_grad[:4]
-    if not isinstance(need_parts, (list, tuple)):
-        need_parts = [bool(need_parts)] * len(parts)
+    need_parts = each_needs(need_parts, len(parts))
     *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad, parts, weight, gate,
                                                                  [*need_parts, need_w, need_gate, need_res])
     return dparts, dweight, dgate, dres, None, None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tpfuse.kernels import select_backend
 from tpfuse.kernels._autocast import _like, autocast_dtype, autocast_off
+from tpfuse.kernels._math import each_needs
 from tpfuse.kernels.row_parallel_matmul import (
     row_parallel_matmul_backward,
     row_parallel_matmul_forward,
@@ -96,11 +97,6 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, features: int, name: str)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _each(needs, n: int) -> list[bool]:
-    """``needs_input_grad`` of a list argument: one flag per element (a single bool when none is a tensor)."""
-    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * n
-
-
 @torch.library.custom_op("tpfuse::column_parallel_matmul", mutates_args=())
 def _column_parallel_matmul(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                             has_bias: list[bool], group: str) -> list[torch.Tensor]:
@@ -129,7 +125,7 @@ def _column_backward(ctx, grads):
     x, *weights = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     n_bias = sum(ctx.has_bias)
-    need_w, need_b = _each(need_w, len(grads)), _each(need_b, n_bias)
+    need_w, need_b = each_needs(need_w, len(grads)), each_needs(need_b, n_bias)
     dx = None
     if need_x:
         dx = sum(g @ w for g, w in zip(grads, weights) if g is not None)  # [..., in]
@@ -222,7 +218,7 @@ def _row_setup(ctx, inputs, output):
 def _row_backward(ctx, grad):
     weight, gate, *parts = ctx.saved_tensors
     need_parts, need_w, need_gate, need_res = ctx.needs_input_grad[:4]
-    need_parts = _each(need_parts, len(parts))
+    need_parts = each_needs(need_parts, len(parts))
     *dparts, dweight, dgate, dres = row_parallel_matmul_backward(grad.contiguous(), parts, weight, gate,
                                                                  [*need_parts, need_w, need_gate, need_res])
     if dgate is not None and ctx.group:  # every rank held a partial sum
