@@ -37,8 +37,9 @@ def _check_pairs(op: str, cos: torch.Tensor, sin: torch.Tensor) -> None:
         return
     if cos.device.type == "cpu":  # a synchronous check costs nothing on the host: name the offending tensor
         for name, t in (("cos", cos), ("sin", sin)):
-            if not _paired(t).all():
-                bad = (~_paired(t)).nonzero()[0].tolist()
+            paired = _paired(t)
+            if not paired.all():
+                bad = (~paired).nonzero()[0].tolist()
                 raise ValueError(f"{op}: {name}[:, 2i] != {name}[:, 2i+1] (first at row {bad[0]}, pair {bad[1]}); "
                                  "RoPE rotates each pair by one angle, so cos/sin must repeat each value twice (as "
                                  "Flux2PosEmbed returns them)")

@@ -61,8 +61,7 @@ def resolve_group(group=None):
         return group.get_group()
     if isinstance(group, dist.ProcessGroup):
         return group
-    if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, int) and not isinstance(group, bool)
-                                                      and group == dist.GroupMember.NON_GROUP_MEMBER):
+    if isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER:
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise ValueError(f"rank {rank} is not a member of the group it was given (dist.new_group returns "
                          "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out): build the tensor-parallel "
