@@ -279,3 +279,32 @@ def test_load_sharded_follows_the_index_and_refuses_ambiguous_keys(tmp_path):
     with pytest.raises(ValueError, match=r"key 'x_embedder.weight' is in two checkpoint files, .*a.safetensors and "
                                          r".*b.safetensors"):
         from_pretrained(loose, progress=False)
+
+
+def test_checkpoint_tensors_that_cannot_be_weights_are_refused_by_file_and_key(tmp_path):
+    """A 0-dim tensor under a BFL block key (NVFP4 files' ``*.input_scale``), a fused QKV with 3·D + 1 rows and an
+    integer tensor: each named with its file in the one load error, nothing cast or dropped silently."""
+    pytest.importorskip("diffusers")
+    import safetensors.torch
+
+    from tpfuse.tp_layers import load_sharded, parallelize
+    from tpfuse.tp_layers.verify import random_diffusers_model
+
+    D = TINY.hidden_size
+    path = tmp_path / "flux-2-bad.safetensors"
+    safetensors.torch.save_file({
+        "double_blocks.0.img_attn.qkv.weight": torch.zeros(3 * D + 1, D),
+        "double_blocks.0.img_attn.qkv.input_scale": torch.tensor(1.0),
+        "double_blocks.0.img_mlp.0.input_scale": torch.tensor(1.0),
+        "img_in.weight": torch.zeros(D, TINY.in_channels, dtype=torch.int32),
+    }, path)
+    model = parallelize(random_diffusers_model(TINY, 0, meta=True))
+    with pytest.raises(ValueError) as info:
+        load_sharded(model, path, progress=False)
+    msg = str(info.value)
+    assert (f"{path}: double_blocks.0.img_attn.qkv.weight: a fused Q/K/V tensor of shape ({3 * D + 1}, {D}), not 3 "
+            "equal row blocks") in msg
+    for key in ("double_blocks.0.img_attn.qkv.input_scale", "double_blocks.0.img_mlp.0.input_scale"):
+        assert f"{path}: {key}: a 0-dim tensor, not a weight" in msg
+    assert f"{path}: img_in.weight: dtype I32, not a floating-point weight" in msg
+    assert "missing keys" in msg  # the rest of the one report is still there

@@ -209,6 +209,45 @@ def test_per_head_attention_mask(kind):
     assert max(errs) <= tolerance(torch.float32)
 
 
+def _mask_like_dense(shapes):
+    """Per kind and mask shape: ("ok", max |TP - dense|) or the (dense, TP) exception types."""
+    results = {}
+    for kind in ("single", "double"):
+        dense = random_dense_block(TINY, kind, seed=0)
+        tp = (TPDoubleStreamBlock if kind == "double" else TPSingleStreamBlock).from_dense(dense)
+        tensors, rope = block_inputs(TINY, kind, 2, 3, 5, seed=1)
+        for shape in shapes:
+            mask = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+            outs = []
+            for block in (dense, tp):
+                try:
+                    with torch.no_grad():
+                        outs.append(_flatten(block(**tensors, image_rotary_emb=rope,
+                                                   joint_attention_kwargs={"attention_mask": mask})))
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    outs.append(exc)
+            if any(isinstance(o, Exception) for o in outs):
+                results[kind, shape] = tuple(type(o) if isinstance(o, Exception) else None for o in outs)
+            else:
+                results[kind, shape] = ("ok", max(rel_error(o, r) for o, r in zip(outs[1], outs[0])))
+    return results
+
+
+def test_attention_masks_are_accepted_and_refused_as_the_dense_block_does():
+    """Batch 2, 4 heads (2 per rank), 8 tokens: a 3-D mask's leading dim lines up with the heads, as in the dense
+    block; one that fits neither batch nor heads is refused on the TP block too, not applied per local head."""
+    from tpfuse.tp_layers.tp_flux2 import AttentionMaskError
+
+    B, H, S = 2, TINY.heads, 8
+    accepted = [(B, S), (S, S), (1, S, S), (H, S, S), (B, 1, S, S), (B, H, S, S), (1, H, S, S), (B, 1, 1, S)]
+    refused = [(B, S, S), (B, H // 2, S, S), (1, 1, 1, 1, S)]
+    for (kind, shape), res in run_ranks(_mask_like_dense, 2, accepted + refused)[1].items():
+        if shape in accepted:
+            assert res[0] == "ok" and res[1] <= tolerance(torch.float32), (kind, shape, res)
+        else:  # the dense block's attention raises RuntimeError; ours is also one
+            assert res[0] is RuntimeError and res[1] is AttentionMaskError, (kind, shape, res)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The TP blocks run the fused kernels (Triton in the interpreter here) and still match dense
 # ---------------------------------------------------------------------------------------------------------------

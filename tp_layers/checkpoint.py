@@ -104,7 +104,10 @@ class _Source:
 
 
 def bfl_to_diffusers(key: str, shape: Sequence[int]) -> list[tuple[str, _Source]] | None:
-    """The diffusers name(s) of a BFL checkpoint tensor (``None`` if the key is not a FLUX.2 BFL key)."""
+    """The diffusers name(s) of a BFL checkpoint tensor (``None`` if the key is not a FLUX.2 BFL key).
+
+    Raises ``ValueError`` naming the key for a fused ``qkv`` that cannot be split in three equal parts (0-dim, or
+    rows not a multiple of 3): splitting it anyway would drop rows silently."""
     stem, _, param = key.rpartition(".")
     param = "weight" if param == "scale" else param
     if stem in _BFL_TOP:
@@ -116,6 +119,8 @@ def bfl_to_diffusers(key: str, shape: Sequence[int]) -> list[tuple[str, _Source]
     if kind == "double":
         prefix = f"transformer_blocks.{idx}"
         if inner in _BFL_QKV:
+            if len(shape) == 0 or shape[0] % 3:
+                raise ValueError(f"{key}: a fused Q/K/V tensor of shape {tuple(shape)}, not 3 equal row blocks")
             third = shape[0] // 3
             return [(f"{prefix}.{name}.{param}", _Source(key, i * third, third))
                     for i, name in enumerate(_BFL_QKV[inner])]
@@ -281,12 +286,19 @@ def open_safetensors(path: Path):
                          f"{exc}") from None
 
 
+# safetensors dtype codes tpfuse reads: plain floating-point weights. Integer tensors and float8/fp4 ones
+# (quantized checkpoints: they need their scales) would be cast to the parameter's dtype into wrong values.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
 def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None):
-    """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl); the handles close
-    with ``stack``. ``key_map`` (an index's key -> file name): a key is read only from the file it names. Without
-    one, a key in two files is an error naming both."""
+    """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl, problems); the
+    handles close with ``stack``. ``key_map`` (an index's key -> file name): a key is read only from the file it
+    names. Without one, a key in two files is an error naming both. ``problems``: tensors that cannot be weights
+    (0-dim, not floating point, a fused QKV not in 3 parts), each named by file and key."""
     handles = {}
     index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
+    problems = []
     for f in files:
         h = stack.enter_context(open_safetensors(Path(f)))
         handles[str(f)] = h
@@ -296,19 +308,32 @@ def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map
             if key in index:
                 raise ValueError(f"key {key!r} is in two checkpoint files, {index[key][0]} and {f}: which one "
                                  "holds the weight is ambiguous (an index.json would decide)")
-            index[key] = (str(f), tuple(h.get_slice(key).get_shape()))
+            sl = h.get_slice(key)
+            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            if dtype not in _FLOAT_DTYPES:
+                problems.append(f"{f}: {key}: dtype {dtype}, not a floating-point weight (tpfuse reads "
+                                f"{sorted(_FLOAT_DTYPES)}; quantized checkpoints are not supported)")
+            elif len(shape) == 0:
+                problems.append(f"{f}: {key}: a 0-dim tensor, not a weight (a quantization scale? quantized "
+                                "checkpoints are not supported)")
+            else:
+                index[key] = (str(f), shape)
     bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
     sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
     unexpected = []
     for key, (f, shape) in index.items():
-        targets = bfl_to_diffusers(key, shape) if bfl else [(key, _Source(key, 0, None))]
+        try:
+            targets = bfl_to_diffusers(key, shape) if bfl else [(key, _Source(key, 0, None))]
+        except ValueError as exc:
+            problems.append(f"{f}: {exc}")
+            continue
         if targets is None:
             unexpected.append(key)
             continue
         for name, src in targets:
             rows = src.rows if src.rows is not None else shape[0]
             sources[name] = (f, src, (rows, *shape[1:]))
-    return handles, sources, unexpected, bfl
+    return handles, sources, unexpected, bfl, problems
 
 
 def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[str, torch.Tensor]:
@@ -319,7 +344,9 @@ def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[
     if not files:
         raise ValueError(f"no .safetensors files at {path}")
     with contextlib.ExitStack() as stack:
-        handles, sources, _, _ = _open_checkpoint(files, stack, key_map)
+        handles, sources, _, _, problems = _open_checkpoint(files, stack, key_map)
+        if problems:
+            raise ValueError(f"cannot read {path}:\n  " + "\n  ".join(problems))
         state = {name[len(prefix):]: _read(handles[f], src, None, None)
                  for name, (f, src, _) in sources.items() if name.startswith(prefix)}
     if not state:
@@ -365,7 +392,8 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
 
 def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
                key_map=None) -> LoadReport:
-    handles, sources, unexpected, bfl = _open_checkpoint(files, stack, key_map)
+    handles, sources, unexpected, bfl, bad = _open_checkpoint(files, stack, key_map)
+    problems.extend(bad)
     plan = _param_plan(model)
     missing = sorted(set(plan) - set(sources))
     unexpected = sorted(unexpected + [name for name in sources if name not in plan])

@@ -141,7 +141,11 @@ def _infer_config(path: Path) -> dict:
         with open_safetensors(f) as h:
             for key in h.keys():
                 shape = tuple(h.get_slice(key).get_shape())
-                for name, _src in (bfl_to_diffusers(key, shape) or [(key, None)]):
+                try:
+                    targets = bfl_to_diffusers(key, shape) or [(key, None)]
+                except ValueError as exc:
+                    raise ValueError(f"{f}: {exc}") from None
+                for name, _src in targets:
                     shapes[name] = shape if _src is None or _src.rows is None else (_src.rows, *shape[1:])
     try:
         hidden, in_channels = shapes["x_embedder.weight"]

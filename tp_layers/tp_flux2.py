@@ -157,6 +157,11 @@ def _shared_eps(a: HeadRMSNorm, b: HeadRMSNorm, dtype: torch.dtype) -> float | N
     return ea if ea == eb else None
 
 
+class AttentionMaskError(ValueError, RuntimeError):
+    """An attention mask that does not fit the attention scores. Also a ``RuntimeError``: what the dense block's
+    attention raises for the same mask, so code written against the dense block catches it."""
+
+
 class _TPHeadsMixin:
     """Attention over this rank's heads: ``heads`` stays the global count, ``local_heads`` is this rank's."""
 
@@ -164,14 +169,32 @@ class _TPHeadsMixin:
     heads: int
     local_heads: int
 
-    def _local_mask(self, mask):
-        if mask is not None and mask.dim() == 4 and mask.shape[1] == self.heads and self.local_heads != self.heads:
+    def _local_mask(self, mask, batch: int, q_len: int, kv_len: int):
+        """This rank's part of an attention mask, accepted and refused exactly as the dense block's attention
+        does: a mask of 3+ dims broadcasts against the scores ``[B, heads, Sq, Skv]`` with the *global* head
+        count (a ``[B, S, S]`` mask with B != 1 and B != heads is an error there, not a per-head mask here)."""
+        if mask is None or mask.dim() < 3 or self.local_heads == self.heads:
+            return mask  # 2-D masks are the backend's business, the same on every rank; one rank: dense's path
+        scores = (batch, self.heads, q_len, kv_len)
+        try:
+            ok = torch.broadcast_shapes(tuple(mask.shape), scores) == scores
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise AttentionMaskError(f"attention_mask of shape {tuple(mask.shape)} does not broadcast to the attention "
+                             f"scores [batch, heads, q_len, kv_len] = {list(scores)} (the dense block refuses it "
+                             "too)")
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(0)  # [heads|1, Sq, Skv]: the leading dim lines up with the heads
+        if mask.shape[1] == self.heads:
             start = get_rank(self.group) * self.local_heads
             mask = mask[:, start:start + self.local_heads]  # a per-head mask: keep this rank's heads
         return mask
 
     def _attend(self, q, k, v, mask, backend=None, parallel_config=None):
-        return super()._attend(q, k, v, self._local_mask(mask), backend, parallel_config)
+        # q, k, v: [B, S, H_local, Dh]
+        mask = self._local_mask(mask, q.shape[0], q.shape[1], k.shape[1])
+        return super()._attend(q, k, v, mask, backend, parallel_config)
 
 
 # diffusers' default FLUX.2 processors (and ours): replaced by tpfuse's fused default on parallelize. Any other
@@ -229,8 +252,8 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
             x, proj.weight, self.norm_q.tp_weight(), self.norm_k.tp_weight(), cos, sin,
             self.local_heads, self.head_dim, proj.local_blocks[3], eps,
         )
-        attn = attention_heads_major(q, k, v, self._local_mask(attention_mask), backend,
-                                     parallel_config)  # [B, S, H_local*Dh]
+        mask = self._local_mask(attention_mask, q.shape[0], q.shape[2], k.shape[2])
+        attn = attention_heads_major(q, k, v, mask, backend, parallel_config)  # [B, S, H_local*Dh]
         return [attn, mlp]  # to_out reads both without a cat
 
 
