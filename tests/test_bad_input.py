@@ -308,3 +308,61 @@ def test_checkpoint_tensors_that_cannot_be_weights_are_refused_by_file_and_key(t
         assert f"{path}: {key}: a 0-dim tensor, not a weight" in msg
     assert f"{path}: img_in.weight: dtype I32, not a floating-point weight" in msg
     assert "missing keys" in msg  # the rest of the one report is still there
+
+
+def test_hub_errors_name_the_source_and_the_cause(tmp_path, monkeypatch):
+    """Gated, unknown, a missing revision, unauthorized, offline and not cached, unreachable and not cached, a
+    typo'd relative path: each message names the source and the cause (huggingface_hub's own errors, built from
+    the Hub's HTTP answers, stand in for the network)."""
+    import sys
+
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import hf_raise_for_status
+
+    from tpfuse.tp_layers import from_pretrained
+    from tpfuse.tp_layers.checkpoint import CheckpointNotFoundError, resolve_source
+
+    http = sys.modules[HfHubHTTPError.__mro__[1].__module__]  # the HTTP client huggingface_hub raises with
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def answer(status, code):
+        def fake(repo_id, **kwargs):
+            url = f"https://huggingface.co/api/models/{repo_id}/revision/main"
+            hf_raise_for_status(http.Response(status, request=http.Request("GET", url), headers={
+                "X-Error-Code": code, "X-Error-Message": "Access is restricted."}))
+        return fake
+
+    cases = [((401, "GatedRepo"), PermissionError, r"Hub repo 'org/gated' is gated: accept its terms at "
+              r"https://huggingface.co/org/gated and pass token="),
+             ((404, "RepoNotFound"), CheckpointNotFoundError, r"'org/gated' is not a local path \(no .*org/gated\), "
+              r"and the Hub has no repo by that id that this token can read"),
+             ((404, "RevisionNotFound"), CheckpointNotFoundError, r"Hub repo 'org/gated' has no revision 'v9'"),
+             ((403, ""), PermissionError, r"Hub repo 'org/gated': not authorized \(403")]
+    for (status, code), exc_type, message in cases:
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", answer(status, code))
+        with pytest.raises(exc_type, match=message):
+            resolve_source("org/gated", revision="v9")
+
+    def unreachable(repo_id, **kwargs):
+        try:
+            raise http.ConnectError("[Errno -2] Name or service not known")
+        except http.ConnectError as exc:
+            raise LocalEntryNotFoundError("cannot find the appropriate snapshot folder") from exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(CheckpointNotFoundError, match=r"'org/klein' is not a local path .*, and Hub repo 'org/klein' "
+                                                      r"is not in the local cache .*hub\); the Hub is unreachable "
+                                                      r"\(ConnectError: \[Errno -2\] Name or service not known\)"):
+        resolve_source("org/klein")
+    monkeypatch.undo()  # the real snapshot_download, offline: never touches the network
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointNotFoundError, match=r"'org/klein' is not a local path .*not in the local cache "
+                                                      r".*; offline \(local_files_only=True or HF_HUB_OFFLINE=1\)"):
+        from_pretrained("org/klein", subfolder="transformer", local_files_only=True, progress=False)
+    with pytest.raises(CheckpointNotFoundError, match=r"'./checkpoints/klein' is neither a local path nor a Hub "
+                                                      r"repo id \(owner/name\): no such file or directory "
+                                                      r".*checkpoints/klein"):
+        resolve_source("./checkpoints/klein")

@@ -51,8 +51,8 @@ from .comm import get_rank, get_world_size, resolve_group
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .sharding import shard_ranges
 
-__all__ = ["load_sharded", "load_block_state", "LoadReport", "resolve_source", "bfl_to_diffusers",
-           "WEIGHT_SUFFIXES"]
+__all__ = ["load_sharded", "load_block_state", "LoadReport", "resolve_source", "CheckpointNotFoundError",
+           "bfl_to_diffusers", "WEIGHT_SUFFIXES"]
 
 logger = logging.getLogger("tpfuse.tp_layers")
 
@@ -156,25 +156,65 @@ def _is_hub_id(source: str) -> bool:
     return not os.path.exists(source) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint source that is neither a local path nor a Hub repo this process can read; the message says
+    which cause (no such path, no such repo, gated or unauthorized, offline and not cached)."""
+
+
 def resolve_source(source, subfolder: str | None = None, revision: str | None = None, token=None,
-                   allow_patterns: Sequence[str] = ("*.safetensors", "*.json")) -> Path:
+                   allow_patterns: Sequence[str] = ("*.safetensors", "*.json"),
+                   local_files_only: bool = False) -> Path:
     """A local file or directory for ``source``: a path, or a Hub repo id fetched with ``snapshot_download``
-    (only ``allow_patterns`` under ``subfolder``); offline (``HF_HUB_OFFLINE=1`` or no network) it is served from
-    the local cache."""
+    (only ``allow_patterns`` under ``subfolder``). ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``) serves it
+    from the local cache without touching the network; without it, an unreachable Hub also falls back to the cache.
+
+    Raises :class:`CheckpointNotFoundError` (a ``FileNotFoundError``; ``PermissionError`` for a gated or
+    unauthorized repo) naming the source and the cause."""
     source = os.fspath(source)
+    if os.path.exists(source):
+        return _in_subfolder(Path(source), subfolder, source)
+    where = os.path.abspath(source)
     if not _is_hub_id(source):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint source {source!r} is neither a local path nor a Hub repo id")
-        return _in_subfolder(path, subfolder, source)
-    from huggingface_hub import snapshot_download
+        raise CheckpointNotFoundError(f"checkpoint source {source!r} is neither a local path nor a Hub repo id "
+                                      f"(owner/name): no such file or directory {where}")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in allow_patterns]
-    kwargs = {"revision": revision, "token": token, "allow_patterns": patterns}
+    not_local = f"not a local path (no {where})"
     try:
-        root = snapshot_download(source, **kwargs)
-    except Exception:  # noqa: BLE001 - no network: fall back to what the cache holds
-        root = snapshot_download(source, local_files_only=True, **kwargs)
+        root = snapshot_download(source, revision=revision, token=token, allow_patterns=patterns,
+                                 local_files_only=local_files_only)
+    except GatedRepoError as exc:  # before RepositoryNotFoundError: a subclass of it
+        raise PermissionError(f"Hub repo {source!r} is gated: accept its terms at https://huggingface.co/{source} "
+                              "and pass token= (or log in with `hf auth login`)") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointNotFoundError(f"Hub repo {source!r} has no revision {revision!r}") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointNotFoundError(f"checkpoint source {source!r} is {not_local}, and the Hub has no repo "
+                                      "by that id that this token can read (a typo, or private: pass token=)"
+                                      ) from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        offline = local_files_only or constants.HF_HUB_OFFLINE
+        cause = exc.__cause__ or exc.__context__
+        why = ("offline (local_files_only=True or HF_HUB_OFFLINE=1)" if offline else
+               f"the Hub is unreachable ({type(cause).__name__ + ': ' + str(cause) if cause else 'no network'})")
+        raise CheckpointNotFoundError(f"checkpoint source {source!r} is {not_local}, and Hub repo {source!r} "
+                                      f"is not in the local cache ({constants.HF_HUB_CACHE}); {why}") from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if status in (401, 403):
+            raise PermissionError(f"Hub repo {source!r}: not authorized ({first}); pass token= or log in with "
+                                  "`hf auth login`") from exc
+        raise CheckpointNotFoundError(f"Hub repo {source!r} could not be fetched: {first}") from exc
     return _in_subfolder(Path(root), subfolder, source)
 
 
@@ -355,13 +395,14 @@ def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[
 
 
 def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: str | None = None,
-                 revision: str | None = None, token=None, progress: bool = True) -> LoadReport:
+                 revision: str | None = None, token=None, progress: bool = True,
+                 local_files_only: bool = False) -> LoadReport:
     """Fill ``model`` (parallelized by :func:`~tpfuse.tp_layers.parallelize`, real or ``meta``) with this rank's
     slices of a safetensors checkpoint.
 
     Args:
         source: a ``.safetensors`` file, a directory of them (diffusers' sharded layout or one file), or a Hub
-            repo id (see :func:`resolve_source`).
+            repo id (see :func:`resolve_source`; ``local_files_only=True`` never touches the network).
         device: where materialized ``meta`` parameters go (default: the current CUDA device under NCCL, else
             CPU); parameters that already have storage keep their device. Tensors are cast to each parameter's
             dtype.
@@ -372,7 +413,7 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
     start = time.perf_counter()
     group = resolve_group(group)
     rank, world_size = get_rank(group), get_world_size(group)
-    path = resolve_source(source, subfolder, revision, token)
+    path = resolve_source(source, subfolder, revision, token, local_files_only=local_files_only)
     files, others, key_map, ignored = _checkpoint_files(path)
     if ignored:
         logger.warning("load_sharded: %s is not in the checkpoint's index; ignored", [str(f) for f in ignored])

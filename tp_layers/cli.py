@@ -13,7 +13,8 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 # Exceptions a rank raises for bad input (checkpoint, options) rather than a bug: reported in one line, exit 2.
 _INPUT_ERRORS = {"ValueError", "FileNotFoundError", "KeyError", "SafetensorError", "IsADirectoryError",
-                 "NotADirectoryError", "PermissionError", "JSONDecodeError", "HeaderTooLarge", "HeaderTooSmall"}
+                 "NotADirectoryError", "PermissionError", "JSONDecodeError", "HeaderTooLarge", "HeaderTooSmall",
+                 "CheckpointNotFoundError", "AttentionMaskError"}
 
 
 def _error(msg: str) -> int:
@@ -37,7 +38,7 @@ def _verify(args: argparse.Namespace) -> int:
         res = verify(preset=args.preset, world_size=args.world_size, blocks=blocks, img_tokens=args.img_tokens,
                      txt_tokens=args.txt_tokens, dtype=args.dtype, seed=args.seed, batch=args.batch,
                      backend=args.backend, model=args.model, subfolder=args.subfolder, block_index=args.block_index)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
         return _error(str(exc))
     except RankError as exc:
         if exc.exc_type in _INPUT_ERRORS:  # the rank's own message: its last traceback line

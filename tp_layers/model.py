@@ -165,9 +165,10 @@ def _infer_config(path: Path) -> dict:
     ).to_diffusers_kwargs()
 
 
-def load_config(source, subfolder: str | None = None, revision: str | None = None, token=None) -> tuple[dict, Path]:
+def load_config(source, subfolder: str | None = None, revision: str | None = None, token=None,
+                local_files_only: bool = False) -> tuple[dict, Path]:
     """(diffusers config dict, the directory or file holding the weights) for a checkpoint source."""
-    path = resolve_source(source, subfolder, revision, token)
+    path = resolve_source(source, subfolder, revision, token, local_files_only=local_files_only)
     config = _load_config(path, subfolder)
     if config is None and not path.is_dir():
         config = _infer_config(path)
@@ -179,18 +180,20 @@ def load_config(source, subfolder: str | None = None, revision: str | None = Non
 
 
 def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfolder: str | None = None,
-                    revision: str | None = None, token=None, device=None, progress: bool = True) -> nn.Module:
+                    revision: str | None = None, token=None, device=None, progress: bool = True,
+                    local_files_only: bool = False) -> nn.Module:
     """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call.
 
     ``source``: a diffusers model directory (``config.json`` + safetensors; a pipeline directory's
     ``transformer/`` is found without ``subfolder``), a single safetensors file (diffusers or BFL keys; the config
     is inferred from the shapes, RoPE axes split evenly), or a Hub repo id (e.g.
-    ``black-forest-labs/FLUX.2-klein-4B`` with ``subfolder="transformer"``). The model comes back in ``eval()``
+    ``black-forest-labs/FLUX.2-klein-4B`` with ``subfolder="transformer"``; ``local_files_only=True`` reads only
+    the Hub cache, as in diffusers). The model comes back in ``eval()``
     mode; ``model.tp_load_report`` is the rank's :class:`LoadReport`.
     """
     from diffusers import Flux2Transformer2DModel
 
-    config, path = load_config(source, subfolder, revision, token)
+    config, path = load_config(source, subfolder, revision, token, local_files_only)
     with torch.device("meta"):
         model = Flux2Transformer2DModel.from_config(config)
     if dtype is not None:
