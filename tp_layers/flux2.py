@@ -491,6 +491,9 @@ class _BlockHooks:
     def _pre_forward(self) -> None:
         """Checks a block subclass runs before its forward (tensor-parallel blocks: adapters)."""
 
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """Checks of the inputs a block subclass runs (tensor-parallel blocks: the same inputs on every rank)."""
+
     def _norm_modulate(self, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
                        scale: torch.Tensor) -> torch.Tensor:
         """``(1 + scale) * norm(x) + shift`` (replicated on every rank; TP blocks fuse it into one kernel)."""
@@ -541,6 +544,9 @@ class SingleStreamBlock(_BlockHooks, nn.Module):
         text_seq_len: int | None = None,
     ):
         self._pre_forward()
+        self._check_inputs({"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                            "temb_mod": temb_mod, "image_rotary_emb": image_rotary_emb,
+                            "joint_attention_kwargs": joint_attention_kwargs, "text_seq_len": text_seq_len})
         ref = _weight_of(self.attn.to_out)
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
         if encoder_hidden_states is not None:
@@ -588,6 +594,9 @@ class DoubleStreamBlock(_BlockHooks, nn.Module):
         joint_attention_kwargs: dict[str, Any] | None = None,
     ):
         self._pre_forward()
+        self._check_inputs({"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                            "temb_mod_img": temb_mod_img, "temb_mod_txt": temb_mod_txt,
+                            "image_rotary_emb": image_rotary_emb, "joint_attention_kwargs": joint_attention_kwargs})
         ref = _weight_of(self.attn.to_add_out)
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
         _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")

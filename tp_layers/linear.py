@@ -41,6 +41,7 @@ from .comm import (
     resolve_group,
     scatter_to_tp_region,
 )
+from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from .sharding import check_blocks, local_blocks, shard_tensor
 
 __all__ = [
@@ -293,14 +294,18 @@ class _ParallelLinear(nn.Linear):
         raise ValueError(f"{type(self).__name__} has no parameter {name!r}")
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group=None, blocks: Sequence[int] | None = None, **layer_kwargs):
+    def from_dense(cls, linear: nn.Linear, group=None, blocks: Sequence[int] | None = None, *,
+                   check_weights: bool = True, broadcast_from: int | None = None, **layer_kwargs):
         """This rank's shard of a dense ``nn.Linear`` (``blocks``: packed sizes of the split dimension).
 
         Works on ``meta`` layers (only shapes are kept). The returned layer owns fresh storage, so the dense
-        layer can be freed afterwards.
+        layer can be freed afterwards. ``check_weights``: first verify that every rank holds the same dense
+        weight and bias (one checksum all-gather; :class:`~tpfuse.tp_layers.consistency.WeightMismatchError`
+        otherwise); ``broadcast_from``: copy that rank's instead.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got {type(linear).__name__}")
+        sync_or_check(linear, group, check_weights, broadcast_from, type(linear).__name__)
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -348,6 +353,8 @@ class ColumnParallelLinear(_ParallelLinear):
         self.out_features_per_partition = self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and inputs_check_due(self):
+            check_inputs_agree(self, self.group, {"x": x})  # the same input on every rank (first call)
         check_input(x, self.weight, self.input_size, type(self).__name__)
         y = column_parallel_linear(x, [self], self.group)[0]  # [..., out/N]
         if self.gather_output:
@@ -389,6 +396,9 @@ class RowParallelLinear(_ParallelLinear):
         self.in_features_per_partition = self.weight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and inputs_check_due(self):
+            # the same input on every rank (first call); a parallel input agrees but for its last dim
+            check_inputs_agree(self, self.group, {"x": x}, sharded=("x",) if self.input_is_parallel else ())
         if not self.input_is_parallel:
             check_input(x, self.weight, self.input_size, type(self).__name__)
             x = scatter_to_tp_region(x, self.group, self.blocks)
@@ -407,6 +417,9 @@ class RowParallelLinear(_ParallelLinear):
         reduce costs u |residual| (u = 2^-8). fp32 and N = 2 are unaffected in practice; pass ``residual=None``
         and add it afterwards if a bf16 run at large N needs the tighter bound.
         """
+        if not torch.compiler.is_compiling() and inputs_check_due(self):
+            check_inputs_agree(self, self.group, {"parts": parts, "gate": gate, "residual": residual},
+                               sharded=("parts",))
         parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
         name = type(self).__name__
         group_size = get_world_size(self.group)

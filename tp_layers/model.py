@@ -9,6 +9,7 @@ rank's slices. ``from_pretrained`` does config -> meta model -> parallelize -> l
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from .checkpoint import LoadReport, load_sharded, resolve_source
 from .comm import get_world_size, resolve_group
 from .config import Flux2Config
+from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from . import lora
 from ._flavour import flavour, resolve
 from .lora import is_lora_layer
@@ -94,7 +96,16 @@ def _model_flavour(model_cls: type) -> type:
     repeated = list(getattr(model_cls, "_repeated_blocks", None) or [])
     # Regional compilation (compile_repeated_blocks) finds blocks by class name.
     repeated += [c.__name__ for c in (TPDoubleStreamBlock, TPSingleStreamBlock) if c.__name__ not in repeated]
-    return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated},
+    dense_forward = model_cls.forward
+
+    @functools.wraps(dense_forward)  # the dense signature: diffusers' hooks bind arguments by it
+    def forward(self, *args, **kwargs):
+        # The first call (every call in debug mode) checks that every rank got the same input shapes.
+        if not torch.compiler.is_compiling() and inputs_check_due(self):
+            check_inputs_agree(self, self.tp_group, {"args": args, **kwargs})
+        return dense_forward(self, *args, **kwargs)
+
+    return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated, "forward": forward},
                    name=model_cls.__name__)
 
 
@@ -102,16 +113,24 @@ def __getattr__(name: str):  # pickle finds the model flavours by their __qualna
     return resolve(name, {TPModelMixin.__name__: TPModelMixin}, lambda _mixin, cls: _model_flavour(cls))
 
 
-def parallelize(model: nn.Module, group=None) -> nn.Module:
+def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
+                broadcast_from: int | None = None) -> nn.Module:
     """Shard a diffusers ``Flux2Transformer2DModel`` over ``group`` (a ProcessGroup or 1-D DeviceMesh; default:
-    the world) in place and return it."""
+    the world) in place and return it.
+
+    ``check_weights`` (default on): before sharding, verify that every rank holds the same weights — one
+    all-gather of a checksum per tensor (:func:`~tpfuse.tp_layers.consistency.check_weights_agree`; ``meta``
+    tensors are skipped) — and raise :class:`~tpfuse.tp_layers.consistency.WeightMismatchError` naming the first
+    tensor that differs. ``broadcast_from=r``: copy rank ``r``'s weights to every rank instead (the remedy when the
+    ranks built the model without a shared seed)."""
     group = resolve_group(group)
     world_size = get_world_size(group)
     check_parallelizable(model, world_size)
+    sync_or_check(model, group, check_weights, broadcast_from, type(model).__name__)
     for blocks, cls in ((model.transformer_blocks, TPDoubleStreamBlock),
                         (model.single_transformer_blocks, TPSingleStreamBlock)):
         for i in range(len(blocks)):
-            blocks[i] = cls.from_dense(blocks[i], group)  # the dense block is dropped here
+            blocks[i] = cls.from_dense(blocks[i], group, check_weights=False)  # the dense block is dropped here
     model.tp_world_size = world_size
     model.tp_group = group
     model.__class__ = _model_flavour(type(model))  # adapters sharded on load, gathered on save; _repeated_blocks

@@ -44,6 +44,7 @@ from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
 from ._flavour import flavour, resolve
 from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
+from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from .flux2 import (
     DoubleStreamBlock,
     FeedForward,
@@ -203,6 +204,11 @@ _DEFAULT_PROCESSORS = {"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor", "
                        "SingleAttnProcessor"}
 
 
+def _shard(cls, dense, group, blocks=None):
+    """A linear's shard inside a block: the block's ``from_dense`` already checked (or broadcast) its weights."""
+    return shard_linear(cls, dense, group, blocks, check_weights=False)
+
+
 def _init_heads(module, dense, group, world_size: int) -> None:
     nn.Module.__init__(module)
     module.group = resolve_group(group)
@@ -232,8 +238,8 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
         self = object.__new__(diffusers_flavour(cls, type(dense)))  # also the diffusers class it replaces
         _init_heads(self, dense, group, world_size)
         self.mlp_hidden_dim = dense.mlp_hidden_dim
-        self.to_qkv_mlp_proj = shard_linear(ColumnParallelLinear, dense.to_qkv_mlp_proj, group, self.col_blocks)
-        self.to_out = shard_linear(RowParallelLinear, dense.to_out, group, self.row_blocks)
+        self.to_qkv_mlp_proj = _shard(ColumnParallelLinear, dense.to_qkv_mlp_proj, group, self.col_blocks)
+        self.to_out = _shard(RowParallelLinear, dense.to_out, group, self.row_blocks)
         return self
 
     def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None, backend=None, parallel_config=None):
@@ -267,9 +273,9 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
         self.norm_added_k = HeadRMSNorm.from_dense(dense.norm_added_k, group)
         self.added_kv_proj_dim = dense.added_kv_proj_dim
         for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            setattr(self, name, shard_linear(ColumnParallelLinear, getattr(dense, name), group))
-        self.to_out = nn.ModuleList([shard_linear(RowParallelLinear, dense.to_out[0], group), nn.Dropout(0.0)])
-        self.to_add_out = shard_linear(RowParallelLinear, dense.to_add_out, group)
+            setattr(self, name, _shard(ColumnParallelLinear, getattr(dense, name), group))
+        self.to_out = nn.ModuleList([_shard(RowParallelLinear, dense.to_out[0], group), nn.Dropout(0.0)])
+        self.to_add_out = _shard(RowParallelLinear, dense.to_add_out, group)
         return self
 
     def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None, backend=None,
@@ -306,8 +312,8 @@ def _tp_feed_forward(dense, group) -> FeedForward:
     ff = FeedForward.__new__(FeedForward)
     nn.Module.__init__(ff)
     ff.mlp_hidden_dim = dense.linear_in.out_features // 2
-    ff.linear_in = shard_linear(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
-    ff.linear_out = shard_linear(RowParallelLinear, dense.linear_out, group)
+    ff.linear_in = _shard(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
+    ff.linear_out = _shard(RowParallelLinear, dense.linear_out, group)
     return ff
 
 
@@ -333,6 +339,12 @@ class _FusedBlockMixin:
             return out.proj.forward_fused(out.parts, gate, residual)
         return super()._gated_residual(residual, gate, out)
 
+    def _check_inputs(self, inputs):
+        # The first call (every call in debug mode) all-gathers the input shapes: ranks fed different batch splits
+        # or sequence lengths get an error instead of garbage or an abort inside the collective.
+        if not torch.compiler.is_compiling() and inputs_check_due(self):
+            check_inputs_agree(self, self.attn.group, inputs)
+
     def _pre_forward(self):
         # Direct _modules lookups (get_submodule costs ~10 us a name): the check runs on every block call.
         linears = []
@@ -352,11 +364,17 @@ class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
     _linear_paths = tuple(tuple(n.split(".")) for n in _linear_names)
 
     @classmethod
-    def from_dense(cls, block: nn.Module, group=None) -> TPSingleStreamBlock:
-        """This rank's shard of a dense block (ours or diffusers' ``Flux2SingleTransformerBlock``)."""
+    def from_dense(cls, block: nn.Module, group=None, *, check_weights: bool = True,
+                   broadcast_from: int | None = None) -> TPSingleStreamBlock:
+        """This rank's shard of a dense block (ours or diffusers' ``Flux2SingleTransformerBlock``).
+
+        ``check_weights``: first verify that every rank holds the same dense weights (one checksum all-gather,
+        :func:`~tpfuse.tp_layers.consistency.check_weights_agree`); ``broadcast_from``: copy that rank's weights to
+        every rank instead."""
         _check_block(block, _SINGLE_TYPES, _SINGLE_WEIGHTS, cls.__name__)
         world_size = get_world_size(group)
         _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
+        sync_or_check(block, group, check_weights, broadcast_from, type(block).__name__)
         self = object.__new__(diffusers_flavour(cls, type(block)))  # also the diffusers class it replaces
         nn.Module.__init__(self)
         self.dim = block.attn.to_out.out_features
@@ -374,12 +392,15 @@ class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
     _linear_paths = tuple(tuple(n.split(".")) for n in _linear_names)
 
     @classmethod
-    def from_dense(cls, block: nn.Module, group=None) -> TPDoubleStreamBlock:
-        """This rank's shard of a dense block (ours or diffusers' ``Flux2TransformerBlock``)."""
+    def from_dense(cls, block: nn.Module, group=None, *, check_weights: bool = True,
+                   broadcast_from: int | None = None) -> TPDoubleStreamBlock:
+        """This rank's shard of a dense block (ours or diffusers' ``Flux2TransformerBlock``); ``check_weights`` and
+        ``broadcast_from`` as in :meth:`TPSingleStreamBlock.from_dense`."""
         _check_block(block, _DOUBLE_TYPES, _DOUBLE_WEIGHTS, cls.__name__)
         world_size = get_world_size(group)
         mlp_hidden = block.ff.linear_in.out_features // 2
         _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=mlp_hidden)
+        sync_or_check(block, group, check_weights, broadcast_from, type(block).__name__)
         self = object.__new__(diffusers_flavour(cls, type(block)))  # also the diffusers class it replaces
         nn.Module.__init__(self)
         self.dim = block.attn.to_add_out.out_features
