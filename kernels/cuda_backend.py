@@ -165,16 +165,18 @@ def library_path(arch: int) -> Path:
 
 
 def build(arch: int | None = None, force: bool = False) -> Path:
-    """Compile ``csrc/*.cu`` into a shared library for ``arch`` (default: this GPU, else 90); cached."""
+    """Compile ``csrc/*.cu`` into a shared library for ``arch`` (default: this GPU, else 90); cached. ptxas's
+    resource report (registers, stack frame, spills per kernel) is kept beside it as ``ptxas.log``."""
     arch = arch or _default_arch()
     out = library_path(arch)
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
-    proc = subprocess.run(nvcc_command(arch, tmp), capture_output=True, text=True)
+    proc = subprocess.run(nvcc_command(arch, tmp, verbose_ptxas=True), capture_output=True, text=True)
     if proc.returncode != 0:
         raise CsrcError(f"nvcc failed building the csrc library for sm_{arch}:\n{proc.stderr[-4000:]}")
+    (out.parent / "ptxas.log").write_text(proc.stderr)
     tmp.replace(out)  # atomic: concurrent ranks building the same library never see half a file
     return out
 
