@@ -922,7 +922,9 @@ def format_compile_report(report: CompileReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import os
 
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as `tpfuse`: explicit, no Triton 3.9 warning
     parser = argparse.ArgumentParser(prog="tpfuse compile-report", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
@@ -930,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
+    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
+                        help="comma-separated FLUX.2 presets whose shapes the kernels are compiled for")
     parser.add_argument("--tp", default=",".join(map(str, DEFAULT_TP)), help="tensor-parallel degrees")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
     parser.add_argument("--dump", default=None, metavar="DIR",

@@ -55,9 +55,41 @@ def test_cli_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_console_script_runs():
-    proc = subprocess.run([sys.executable, "-m", "tpfuse.tp_layers.cli", "verify", "--preset", "tiny",
-                           "--world-size", "2", "--blocks", "single", "--txt-tokens", "3", "--img-tokens", "5"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "single-stream block, 2 ranks" in proc.stdout and "PASS" in proc.stdout
+def test_console_script_streams_each_block_and_labels_cpu_times():
+    """The header comes first, each block's report as soon as it is checked (rank 0 prints it, before the next
+    block runs), then the verdict; times are a median after a warm-up, labelled CPU; no Triton warning noise."""
+    import time
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    proc = subprocess.Popen([sys.executable, "-m", "tpfuse.tp_layers.cli", "verify", "--preset", "tiny",
+                             "--world-size", "2", "--txt-tokens", "3", "--img-tokens", "5", "--timing-runs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append((time.monotonic(), line.rstrip()))
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    lines = [text for _, text in seen]
+    order = [i for i, text in enumerate(lines) if text.startswith(("tpfuse verify:", "double-stream block",
+                                                                    "single-stream block", "PASS"))]
+    assert [lines[i].split()[0] for i in order] == ["tpfuse", "double-stream", "single-stream", "PASS"]
+    assert sum("CPU time fwd+bwd (median of 2 after a warm-up)" in text for text in lines) == 2
+    assert sum("they say nothing about GPU speed" in text for text in lines) == 2
+    assert "TRITON_DEFAULT_FP_FUSION" not in err and "Warning" not in err, err
+
+
+def test_every_option_has_help_and_shows_its_default_once():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    for name, sub in subparsers.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"tpfuse {name} {action.option_strings[0]} has no help"
+        assert "(default: None)" not in text and text.count("(default: this GPU, else 90)") <= 1, text
+        flat = " ".join(text.split())
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+                assert flat.count(f"(default: {action.default})") >= 1, (name, action.dest)
+    verify_help = " ".join(subparsers["verify"].format_help().split())
+    assert "seed of the random weights, inputs and output gradients (default: 0)" in verify_help

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -28,16 +29,20 @@ def _verify(args: argparse.Namespace) -> int:
     import torch
 
     from .launch import RankError
-    from .verify import format_report, verify
+    from .verify import default_backend, format_header, format_summary, verify
 
     if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
         return _error(f"--backend nccl needs one CUDA device per rank: --world-size {args.world_size}, this machine "
                       f"has {torch.cuda.device_count()} (use --backend gloo)")
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    what = args.model if args.model else args.preset
+    print(format_header(what, args.world_size, args.dtype, args.backend or default_backend(args.world_size),
+                        (args.txt_tokens, args.img_tokens)), flush=True)
     try:
         res = verify(preset=args.preset, world_size=args.world_size, blocks=blocks, img_tokens=args.img_tokens,
                      txt_tokens=args.txt_tokens, dtype=args.dtype, seed=args.seed, batch=args.batch,
-                     backend=args.backend, model=args.model, subfolder=args.subfolder, block_index=args.block_index)
+                     backend=args.backend, model=args.model, subfolder=args.subfolder, block_index=args.block_index,
+                     timing_runs=args.timing_runs, on_block=_print_block)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         return _error(str(exc))
     except RankError as exc:
@@ -48,8 +53,26 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
               file=sys.stderr)
         return EXIT_INTERNAL
-    print(format_report(res))
+    print(f"\n{format_summary(res)}", flush=True)
     return EXIT_OK if res.ok else EXIT_FAIL
+
+
+def _print_block(block) -> None:
+    """Each block's report as soon as it is checked (called in rank 0's process, which shares our stdout)."""
+    from .verify import format_block
+
+    print(f"\n{format_block(block)}", flush=True)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not for flags, ``None`` defaults or help that already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default" in text or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,17 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpfuse", description="Tensor-parallel FLUX.2 layers and fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="shard FLUX.2 blocks over N ranks and check forward/backward against dense",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter,
                        epilog="exit status: 0 every check passed, 1 a numerical check failed, 2 a usage or input "
                               "error (options, checkpoint, backend), 3 an internal error")
-    v.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS))
+    v.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS),
+                   help="the FLUX.2 model whose block shapes are checked, with random weights")
     v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes)")
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")
-    v.add_argument("--img-tokens", type=int, default=64)
-    v.add_argument("--txt-tokens", type=int, default=16)
-    v.add_argument("--batch", type=int, default=1)
-    v.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--img-tokens", type=int, default=64, help="image tokens per sample")
+    v.add_argument("--txt-tokens", type=int, default=16, help="text tokens per sample")
+    v.add_argument("--batch", type=int, default=1, help="samples per batch")
+    v.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights and inputs; the tolerance follows it")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and output gradients")
+    v.add_argument("--timing-runs", type=int, default=3,
+                   help="timed fwd+bwd calls after one warm-up call (the median is shown); 0: no timing")
     v.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="default: nccl with one CUDA device per rank, else gloo")
     v.add_argument("--model", default=None, help="check the blocks of a real checkpoint: a diffusers directory, "
@@ -82,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile-report", help="compile every Triton kernel ahead of time for a GPU arch (no GPU "
                        "needed) and report registers, shared memory, spills, wgmma",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     compile_report.add_arguments(c)
     c.set_defaults(func=compile_report.run)
 
     b = sub.add_parser("build-csrc", help="build the CUDA C++ backend (csrc/*.cu) with nvcc ahead of time",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     b.add_argument("--arch", type=int, default=None, help="compute capability (default: this GPU, else 90)")
     b.add_argument("--force", action="store_true", help="rebuild even if the cached library exists")
     b.set_defaults(func=_build_csrc)
@@ -106,6 +133,9 @@ def _build_csrc(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Triton 3.9 warns on every process that leaves this knob unset; tpfuse's kernels are written for FP fusion
+    # (FMA) on, the default so far, so its commands say so explicitly (inherited by the rank processes).
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -27,6 +27,7 @@ op at every call (and not on a CUDA-graph replay).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -82,14 +83,29 @@ def process_group(name: str):
     return dist.distributed_c10d._resolve_process_group(name)
 
 
+def _uninitialized() -> bool:
+    """True when there is no process group, after checking that the launcher did not expect one: under
+    ``torchrun -n 2`` without ``init_process_group`` every rank would otherwise keep the full model (a world size of
+    1) and nobody would notice."""
+    if dist.is_available() and dist.is_initialized():
+        return False
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:
+        raise RuntimeError(f"WORLD_SIZE={launched} in the environment (a torchrun launch?) but torch.distributed is "
+                           "not initialized: call torch.distributed.init_process_group(...) before parallelize, "
+                           "from_pretrained or building tensor-parallel layers, or every process keeps the whole "
+                           "model. (Unset WORLD_SIZE to run one process on purpose.)")
+    return True
+
+
 def get_world_size(group=None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+    if _uninitialized():
         return 1
     return dist.get_world_size(resolve_group(group))
 
 
 def get_rank(group=None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+    if _uninitialized():
         return 0
     return dist.get_rank(resolve_group(group))
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from .sharding import shard_tensor
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = ["verify", "VerifyResult", "BlockResult", "random_dense_block", "random_diffusers_model", "block_inputs",
-           "position_ids", "format_report", "DTYPES"]
+           "position_ids", "format_report", "format_header", "format_block", "format_summary", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK_KINDS = ("double", "single")
@@ -117,6 +118,13 @@ def _run_block(block: nn.Module, tensors: dict[str, torch.Tensor], rope, seed: i
     return {k: v.detach() for k, v in outs.items()}, in_grads, w_grads, seconds
 
 
+def _median_seconds(block: nn.Module, tensors, rope, seed: int, runs: int) -> float | None:
+    """Median wall time of ``runs`` fwd+bwd calls (the caller's first call was the warm-up); ``None`` for 0 runs."""
+    if runs <= 0:
+        return None
+    return statistics.median(_run_block(block, tensors, rope, seed)[3] for _ in range(runs))
+
+
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -140,26 +148,31 @@ def checkpoint_block(cfg: Flux2Config, kind: str, source, index: int, dtype=torc
 
 
 def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img: int, dtype_name: str,
-               seed: int, model_path: str | None = None, block_index: int = 0) -> dict:
+               seed: int, model_path: str | None = None, block_index: int = 0, timing_runs: int = 3,
+               on_block: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
+    """One rank's part; rank 0 returns the :class:`BlockResult` of every block kind (the others an empty list),
+    handing each to ``on_block`` as soon as it is done."""
     dtype = DTYPES[dtype_name]
     rank, world_size = get_rank(), get_world_size()
     device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
-    results = {}
+    done = []
     for kind in kinds:
         dense = (checkpoint_block(cfg, kind, model_path, block_index, dtype, device) if model_path else
                  random_dense_block(cfg, kind, seed, dtype, device))
         tensors, rope = block_inputs(cfg, kind, batch, txt, img, seed, dtype, device)
         ref = None
         if rank == 0:
-            d_out, d_in, d_w, d_sec = _run_block(dense, tensors, rope, seed)
-            ref = {"outputs": d_out, "in_grads": d_in, "seconds": d_sec}
+            d_out, d_in, d_w, _ = _run_block(dense, tensors, rope, seed)  # also the warm-up
+            ref = {"outputs": d_out, "in_grads": d_in,
+                   "seconds": _median_seconds(dense, tensors, rope, seed, timing_runs)}
         tp_cls = TPDoubleStreamBlock if kind == "double" else TPSingleStreamBlock
         tp = tp_cls.from_dense(dense, None)
         dense_bytes = _param_bytes(dense)
         del dense
         torch.distributed.barrier()  # rank 0 ran the dense block first: time the TP step from a common start
         with comm_stats() as stats:
-            outs, in_grads, w_grads, sec = _run_block(tp, tensors, rope, seed)
+            outs, in_grads, w_grads, _ = _run_block(tp, tensors, rope, seed)  # also the warm-up
+        sec = _median_seconds(tp, tensors, rope, seed, timing_runs)
         # Every rank's weight-gradient shard against the same shard of the dense gradient (rank 0 has the dense
         # gradients and scatters each rank its shard): a slicing bug on any rank shows.
         w_errors = {}
@@ -171,7 +184,7 @@ def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img
                       if rank == 0 else None)
             torch.distributed.scatter(mine, shards, src=0)
             w_errors[name] = (rel_error(grad, mine), max_abs_error(grad, mine))
-        results[kind] = {
+        mine = {
             "outputs": {k: v.cpu() for k, v in outs.items()},
             "in_grads": {k: v.cpu() for k, v in in_grads.items()},
             "w_errors": w_errors,
@@ -186,7 +199,41 @@ def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img
             "comm_bytes": {f"{op}.{phase}": v for (op, phase), v in stats.bytes.items()},
             "comm_calls": {f"{op}.{phase}": v for (op, phase), v in stats.calls.items()},
         }
-    return results
+        gathered = [None] * world_size if rank == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if rank == 0:
+            result = _block_result(kind, gathered, tolerance(dtype), "cuda" if device != "cpu" else "cpu",
+                                   timing_runs)
+            done.append(result)
+            if on_block is not None:
+                on_block(result)
+    return done
+
+
+def _block_result(kind: str, ranks: list[dict], tol: float, device: str, timing_runs: int) -> BlockResult:
+    r0 = ranks[0]
+    checks = [Check(k, max_abs_error(v, r0["ref"]["outputs"][k]), rel_error(v, r0["ref"]["outputs"][k]), tol)
+              for k, v in r0["outputs"].items()]
+    checks += [Check(k, max_abs_error(v, r0["ref"]["in_grads"][k]), rel_error(v, r0["ref"]["in_grads"][k]), tol)
+               for k, v in r0["in_grads"].items()]
+    # Weight gradients: every parameter of every rank's shard, reported as the worst one.
+    worst = max(((rel, abs_err, k) for r in ranks for k, (rel, abs_err) in r["w_errors"].items()),
+                default=(0.0, 0.0, "-"))
+    checks.append(Check(f"grad.weights (worst: {worst[2]})", worst[1], worst[0], tol))
+    identical = all(
+        torch.equal(r[part][k], r0[part][k]) for r in ranks[1:] for part in ("outputs", "in_grads")
+        for k in r0[part]
+    )
+    timed = timing_runs > 0
+    return BlockResult(
+        kind=kind, world_size=len(ranks), checks=checks, identical_across_ranks=identical,
+        param_bytes_per_rank=max(r["param_bytes"] for r in ranks), dense_param_bytes=r0["dense_param_bytes"],
+        all_reduce_bytes_fwd=r0["comm_bytes"].get("all_reduce.forward", 0),
+        all_reduce_calls_fwd=r0["comm_calls"].get("all_reduce.forward", 0),
+        all_reduce_bytes_bwd=r0["comm_bytes"].get("all_reduce.backward", 0),
+        seconds_tp=max(r["seconds"] for r in ranks) if timed else None,
+        seconds_dense=r0["ref"]["seconds"] if timed else None, timing_device=device, timing_runs=timing_runs,
+    )
 
 
 def _shard_like(dense_grad: torch.Tensor, name: str, rank: int, world_size: int, owner: nn.Module):
@@ -220,8 +267,10 @@ class BlockResult:
     all_reduce_bytes_fwd: int
     all_reduce_calls_fwd: int
     all_reduce_bytes_bwd: int
-    seconds_tp: float
-    seconds_dense: float
+    seconds_tp: float | None  # median fwd+bwd after a warm-up call, slowest rank; None: not timed
+    seconds_dense: float | None
+    timing_device: str = "cpu"
+    timing_runs: int = 0
 
     @property
     def failures(self) -> list[str]:
@@ -253,8 +302,12 @@ class VerifyResult:
 def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: Sequence[str] = BLOCK_KINDS,
            img_tokens: int = 64, txt_tokens: int = 16, dtype: str = "float32", seed: int = 0, batch: int = 1,
            backend: str | None = None, model: str | None = None, subfolder: str | None = None,
-           block_index: int = 0) -> VerifyResult:
+           block_index: int = 0, timing_runs: int = 3,
+           on_block: Callable[[BlockResult], None] | None = None) -> VerifyResult:
     """Shard dense blocks of ``preset`` over ``world_size`` ranks and compare against dense (see module doc).
+
+    ``on_block`` (a module-level function: it runs in rank 0's process) gets each block's result as soon as it is
+    done. ``timing_runs``: fwd+bwd calls timed after the first (warm-up) call, reported as their median.
 
     With ``model`` (a checkpoint directory, file or Hub repo id), the blocks hold that checkpoint's weights
     (block ``block_index`` of each kind) and its config replaces ``preset``.
@@ -288,33 +341,11 @@ def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: 
         if size % world_size:
             raise ValueError(f"preset {cfg.name!r}: {what}={size} is not divisible by --world-size {world_size}")
     backend = backend or default_backend(world_size)
+    if timing_runs < 0:
+        raise ValueError(f"--timing-runs must be >= 0, got {timing_runs}")
     per_rank = run_ranks(_rank_main, world_size, cfg, blocks, batch, txt_tokens, img_tokens, dtype, seed,
-                         model_path, block_index, backend=backend)
-    tol = tolerance(DTYPES[dtype])
-    results = []
-    for kind in blocks:
-        ranks = [r[kind] for r in per_rank]
-        r0 = ranks[0]
-        checks = [Check(k, max_abs_error(v, r0["ref"]["outputs"][k]), rel_error(v, r0["ref"]["outputs"][k]), tol)
-                  for k, v in r0["outputs"].items()]
-        checks += [Check(k, max_abs_error(v, r0["ref"]["in_grads"][k]), rel_error(v, r0["ref"]["in_grads"][k]), tol)
-                   for k, v in r0["in_grads"].items()]
-        # Weight gradients: every parameter of every rank's shard, reported as the worst one.
-        worst = max(((rel, abs_err, k) for r in ranks for k, (rel, abs_err) in r["w_errors"].items()),
-                    default=(0.0, 0.0, "-"))
-        checks.append(Check(f"grad.weights (worst: {worst[2]})", worst[1], worst[0], tol))
-        identical = all(
-            torch.equal(r[part][k], r0[part][k]) for r in ranks[1:] for part in ("outputs", "in_grads")
-            for k in r0[part]
-        )
-        results.append(BlockResult(
-            kind=kind, world_size=world_size, checks=checks, identical_across_ranks=identical,
-            param_bytes_per_rank=max(r["param_bytes"] for r in ranks), dense_param_bytes=r0["dense_param_bytes"],
-            all_reduce_bytes_fwd=r0["comm_bytes"].get("all_reduce.forward", 0),
-            all_reduce_calls_fwd=r0["comm_calls"].get("all_reduce.forward", 0),
-            all_reduce_bytes_bwd=r0["comm_bytes"].get("all_reduce.backward", 0),
-            seconds_tp=max(r["seconds"] for r in ranks), seconds_dense=r0["ref"]["seconds"],
-        ))
+                         model_path, block_index, timing_runs, on_block, backend=backend)
+    results = per_rank[0]
     return VerifyResult(cfg.name, world_size, dtype, backend, (txt_tokens, img_tokens), results)
 
 
@@ -322,24 +353,38 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def format_report(res: VerifyResult) -> str:
-    lines = [f"tpfuse verify: preset={res.preset} world_size={res.world_size} dtype={res.dtype} "
-             f"backend={res.backend} tokens={res.tokens[0]} txt + {res.tokens[1]} img"]
-    for b in res.blocks:
-        lines.append("")
-        lines.append(f"{b.kind}-stream block, {b.world_size} ranks")
-        width = max(len(c.name) for c in b.checks)
-        lines.append(f"  {'tensor':<{width}}  {'max |err|':>10}  {'rel err':>10}  {'tol':>8}  status")
-        for c in b.checks:
-            lines.append(f"  {c.name:<{width}}  {c.max_abs:>10.3e}  {c.rel:>10.3e}  {c.tol:>8.0e}  "
-                         f"{'ok' if c.ok else 'FAIL'}")
-        lines.append(f"  identical on all ranks: {'yes' if b.identical_across_ranks else 'NO'}")
-        lines.append(f"  parameters per rank: {_mib(b.param_bytes_per_rank)} of {_mib(b.dense_param_bytes)} dense "
-                     f"({b.param_bytes_per_rank / b.dense_param_bytes:.3f}x)")
-        lines.append(f"  all-reduced per forward: {_mib(b.all_reduce_bytes_fwd)} in {b.all_reduce_calls_fwd} calls; "
-                     f"per backward: {_mib(b.all_reduce_bytes_bwd)}")
-        lines.append(f"  wall time fwd+bwd: tensor-parallel {b.seconds_tp * 1e3:.1f} ms (slowest rank), "
-                     f"dense {b.seconds_dense * 1e3:.1f} ms")
-    lines.append("")
-    lines.append("PASS" if res.ok else "FAIL:\n  " + "\n  ".join(res.failures))
+def format_header(preset: str, world_size: int, dtype: str, backend: str, tokens: tuple[int, int]) -> str:
+    return (f"tpfuse verify: preset={preset} world_size={world_size} dtype={dtype} backend={backend} "
+            f"tokens={tokens[0]} txt + {tokens[1]} img")
+
+
+def format_block(b: BlockResult) -> str:
+    lines = [f"{b.kind}-stream block, {b.world_size} ranks"]
+    width = max(len(c.name) for c in b.checks)
+    lines.append(f"  {'tensor':<{width}}  {'max |err|':>10}  {'rel err':>10}  {'tol':>8}  status")
+    for c in b.checks:
+        lines.append(f"  {c.name:<{width}}  {c.max_abs:>10.3e}  {c.rel:>10.3e}  {c.tol:>8.0e}  "
+                     f"{'ok' if c.ok else 'FAIL'}")
+    lines.append(f"  identical on all ranks: {'yes' if b.identical_across_ranks else 'NO'}")
+    lines.append(f"  parameters per rank: {_mib(b.param_bytes_per_rank)} of {_mib(b.dense_param_bytes)} dense "
+                 f"({b.param_bytes_per_rank / b.dense_param_bytes:.3f}x)")
+    lines.append(f"  all-reduced per forward: {_mib(b.all_reduce_bytes_fwd)} in {b.all_reduce_calls_fwd} calls; "
+                 f"per backward: {_mib(b.all_reduce_bytes_bwd)}")
+    if b.seconds_tp is not None:
+        where = b.timing_device.upper()
+        lines.append(f"  {where} time fwd+bwd (median of {b.timing_runs} after a warm-up): tensor-parallel "
+                     f"{b.seconds_tp * 1e3:.1f} ms (slowest rank), dense {b.seconds_dense * 1e3:.1f} ms")
+        if b.timing_device == "cpu":
+            lines.append("  (CPU times with gloo ranks sharing this machine's cores: they say nothing about GPU "
+                         "speed; see bench/ for that)")
     return "\n".join(lines)
+
+
+def format_summary(res: VerifyResult) -> str:
+    return "PASS" if res.ok else "FAIL:\n  " + "\n  ".join(res.failures)
+
+
+def format_report(res: VerifyResult) -> str:
+    parts = [format_header(res.preset, res.world_size, res.dtype, res.backend, res.tokens)]
+    parts += ["", *("\n\n".join(format_block(b) for b in res.blocks),)]
+    return "\n".join(parts + ["", format_summary(res)])
