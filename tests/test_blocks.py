@@ -241,7 +241,8 @@ def test_attention_masks_are_accepted_and_refused_as_the_dense_block_does():
     B, H, S = 2, TINY.heads, 8
     accepted = [(B, S), (S, S), (1, S, S), (H, S, S), (B, 1, S, S), (B, H, S, S), (1, H, S, S), (B, 1, 1, S)]
     refused = [(B, S, S), (B, H // 2, S, S), (1, 1, 1, 1, S)]
-    for (kind, shape), res in run_ranks(_mask_like_dense, 2, accepted + refused)[1].items():
+    for (kind, shape), res in [item for rank in run_ranks(_mask_like_dense, 2, accepted + refused)
+                               for item in rank.items()]:  # every rank
         if shape in accepted:
             assert res[0] == "ok" and res[1] <= tolerance(torch.float32), (kind, shape, res)
         else:  # the dense block's attention raises RuntimeError; ours is also one

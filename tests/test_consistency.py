@@ -55,10 +55,21 @@ def test_checksum_sees_every_changed_and_moved_element(dtype, n):
 
 
 def test_checksum_reads_bits_and_ignores_layout():
-    assert not torch.equal(tensor_checksum(torch.tensor([0.0])), tensor_checksum(torch.tensor([-0.0])))
+    for n in (1, 3, 1000):  # a sign bit (the top bit of a word) flipped anywhere is seen
+        for i in range(0, n, max(1, n // 50)):
+            z = torch.zeros(n)
+            w = z.clone()
+            w[i] = -0.0
+            assert not torch.equal(tensor_checksum(z), tensor_checksum(w)), (n, i)
     t = torch.randn(6, 10)
     assert torch.equal(tensor_checksum(t.t()), tensor_checksum(t.t().contiguous()))
     assert tensor_checksum(torch.empty(0)).tolist() == [0, 0]
+    # Views whose bytes do not start 8-byte aligned or have a non-unit stride: read through a copy, same sums.
+    b = torch.randn(17).bfloat16()
+    for view in (b[1:], b[3], torch.tensor(0.5).expand(1), torch.randn(4, 5)[0:1, 2], b[1:].view(2, 8)):
+        assert torch.equal(tensor_checksum(view), tensor_checksum(view.clone())), view.shape
+    c = torch.randn(7, dtype=torch.complex64)
+    assert torch.equal(tensor_checksum(c.conj()), tensor_checksum(c.conj().resolve_conj()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,6 +83,18 @@ def _model_with_rank_seed(broadcast_from, check=True):
 
     model = random_diffusers_model(TINY, seed=dist.get_rank())  # no shared seed: every rank's weights differ
     return _caught(lambda: parallelize(model, broadcast_from=broadcast_from, check_weights=check) and None)
+
+
+def test_ranks_with_different_weights_are_refused_on_every_rank_and_broadcast_fixes_it():
+    pytest.importorskip("diffusers")
+    for kind, msg in run_ranks(_model_with_rank_seed, 2, None):
+        assert kind == "WeightMismatchError"
+        assert msg.startswith("Flux2Transformer2DModel: the 2 ranks of the tensor-parallel group hold different "
+                              "weights; first: 'time_guidance_embed.timestep_embedder.linear_1.weight': values "
+                              "differ (ranks grouped by equal values: [[0], [1]])")
+        assert "pass broadcast_from=0" in msg
+    assert run_ranks(_model_with_rank_seed, 2, 0) == [("ok", None)] * 2
+    assert run_ranks(_model_with_rank_seed, 2, None, False) == [("ok", None)] * 2  # the opt-out
 
 
 def _blocks_with_rank_seed():

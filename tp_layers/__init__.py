@@ -23,6 +23,7 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 from .lora import adapt_lora, lora_state_dict, shard_lora_state_dict
 from .sharding import check_blocks, local_blocks, shard_ranges, shard_tensor, unshard_tensors
 from .model import from_pretrained, parallelize
+from .save import save_pretrained
 from .tp_flux2 import HeadRMSNorm, TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "parallelize",
     "load_sharded",
     "from_pretrained",
+    "save_pretrained",
     "LoadReport",
     "adapt_lora",
     "lora_state_dict",

@@ -17,19 +17,22 @@ the collective library. These checks turn each into a clear error raised on ever
   mode (:func:`set_debug_checks` or ``TPFUSE_DEBUG_CHECKS=1``) every call is checked, and the checksums of the
   replicated inputs' values are compared too. Calls traced by ``torch.compile`` are never checked (run one eager
   call first).
+
+Under NCCL the checks' all-gather stages its data on ``torch.cuda.current_device()``: call
+``torch.cuda.set_device(local_rank)`` before ``parallelize`` (the README's recipe does), or every rank uses GPU 0.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import get_world_size, resolve_group
+from .comm import get_rank, get_world_size, resolve_group
 
 __all__ = ["WeightMismatchError", "InputMismatchError", "check_weights_agree", "broadcast_weights",
            "check_inputs_agree", "inputs_check_due", "set_debug_checks", "debug_checks_enabled",
@@ -68,23 +71,39 @@ def debug_checks_enabled() -> bool:
 
 def tensor_checksum(t: torch.Tensor) -> torch.Tensor:
     """Two int64 sums of ``t``'s bytes read as int64 words (wrapping), ``[2]`` on ``t``'s device: rows of
-    :data:`_FOLD` words weighted by row index, and columns weighted by column index. Exact (bit patterns, no float
-    rounding, the same on every rank whatever the reduction order); a changed value or a moved element changes
-    it. Equal tensors give equal sums, so different sums prove different bytes."""
-    raw = t.detach().reshape(-1).view(torch.uint8)  # [nbytes]; reshape copies only a non-contiguous tensor
+    :data:`_FOLD` words weighted by odd row numbers, and columns weighted by odd column numbers. Exact (bit
+    patterns, no float rounding, the same on every rank whatever the reduction order). Odd weights are
+    invertible mod 2^64, so any change to a single word (a sign bit included) changes both sums; a moved element
+    changes the weighted ones. Equal tensors give equal sums, so different sums prove different bytes."""
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)  # [numel]; copies only a non-contiguous tensor
+    if flat.numel() and (flat.stride(0) != 1 or flat.storage_offset() * flat.element_size() % 8):
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)  # unit stride, aligned
+    raw = flat.view(torch.uint8)  # [nbytes]
     head = raw.numel() // 8 * 8
     words = raw[:head].view(torch.int64)  # [nbytes // 8]
     full = words.numel() // _FOLD * _FOLD
     table = words[:full].view(-1, _FOLD)  # [R, FOLD]
     dev = t.device
-    rows = torch.arange(1, table.shape[0] + 1, device=dev, dtype=torch.int64)
-    cols = torch.arange(1, _FOLD + 1, device=dev, dtype=torch.int64)
+    rows = 2 * torch.arange(table.shape[0], device=dev, dtype=torch.int64) + 1
+    cols = 2 * torch.arange(_FOLD, device=dev, dtype=torch.int64) + 1
     by_row = (table.sum(1) * rows).sum()
     by_col = (table.sum(0) * cols).sum()
     rest = torch.cat([words[full:], raw[head:].to(torch.int64)])  # < FOLD words + < 8 bytes
-    by_col = by_col + (rest * torch.arange(_FOLD + 1, _FOLD + 1 + rest.numel(), device=dev,
-                                           dtype=torch.int64)).sum()
-    return torch.stack([by_row, by_col])
+    weights = 2 * torch.arange(_FOLD, _FOLD + rest.numel(), device=dev, dtype=torch.int64) + 1
+    rest_sum = (rest * weights).sum()
+    return torch.stack([by_row + rest_sum, by_col + rest_sum])
+
+
+def _to_host(sums: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``[2]`` checksums on any devices -> Python ints, one transfer per device."""
+    out: list[Any] = [None] * len(sums)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(sums):
+        by_device.setdefault(s.device, []).append(i)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([sums[i] for i in idx]).cpu().tolist()):
+            out[i] = tuple(v)
+    return out
 
 
 def _describe(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple, str, tuple | None]]:
@@ -94,11 +113,31 @@ def _describe(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tupl
         items.append([name, tuple(t.shape), str(t.dtype).removeprefix("torch."), None])
         if t.device.type != "meta":
             sums.append((len(items) - 1, tensor_checksum(t)))
-    if sums:
-        stacked = torch.stack([s.cpu() for _, s in sums]).tolist()  # one device sync for all tensors
-        for (i, _), value in zip(sums, stacked):
-            items[i][3] = tuple(value)
+    for (i, _), value in zip(sums, _to_host([s for _, s in sums])):
+        items[i][3] = value
     return [tuple(it) for it in items]
+
+
+class _LocalError:
+    """An exception one rank hit while preparing its part of a check: sent in place of the data so that every
+    rank raises it together (a rank raising alone would leave the others blocked in the collective)."""
+
+    def __init__(self, exc: BaseException):
+        self.text = f"{type(exc).__name__}: {exc}"
+
+
+def _gather_or_raise(make: Callable[[], Any], group, what: str) -> list[Any]:
+    try:
+        mine = make()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        mine = _LocalError(exc)
+    everyone = _gather(mine, group)
+    bad = [(r, x) for r, x in enumerate(everyone) if isinstance(x, _LocalError)]
+    if bad:
+        if isinstance(mine, _LocalError):
+            raise RuntimeError(f"{what}: rank {get_rank(group)} failed: {mine.text}")
+        raise RuntimeError(f"{what}: rank {bad[0][0]} failed: {bad[0][1].text}")
+    return everyone
 
 
 def _gather(obj: Any, group) -> list[Any]:
@@ -132,8 +171,7 @@ def check_weights_agree(module_or_named, group=None, what: str | None = None) ->
         return
     named = _named_state(module_or_named)
     what = what or (type(module_or_named).__name__ if isinstance(module_or_named, nn.Module) else "weights")
-    mine = _describe(named)
-    everyone = _gather(mine, group)
+    everyone = _gather_or_raise(lambda: _describe(named), group, f"{what}: checking weights across ranks")
     by_rank = [{n: (shape, dtype, s) for n, shape, dtype, s in desc} for desc in everyone]
     problems = []
     for name, shape, dtype, _ in everyone[0]:
@@ -173,8 +211,20 @@ def broadcast_weights(module_or_named, group=None, src: int = 0) -> None:
         raise ValueError(f"broadcast_from={src} is not a rank of the {world}-rank tensor-parallel group")
     global_src = src if group is None else dist.get_global_rank(group, src)
     nccl = dist.get_backend(group) == "nccl"
+    named = _named_state(module_or_named)
+    # Broadcasts pair up by position: every rank must walk the same tensors, so their names, shapes, dtypes and
+    # meta-ness are compared first (an error on every rank, instead of a size error or a wrong pairing).
+    layout = [(n, tuple(t.shape), str(t.dtype), t.device.type == "meta") for n, t in named]
+    everyone = _gather(layout, group)
+    if any(x != everyone[0] for x in everyone[1:]):
+        first = next((a, b) for x in everyone[1:] for a, b in zip(everyone[0], x) if a != b) if all(
+            len(x) == len(everyone[0]) for x in everyone) else None
+        detail = (f"first: rank 0 {first[0]} vs {first[1]}" if first else
+                  f"tensor counts per rank {[len(x) for x in everyone]}")
+        raise WeightMismatchError(f"broadcast_from={src}: the ranks' models differ in their tensors' names, shapes, "
+                                  f"dtypes or meta-ness ({detail}); build the same model on every rank")
     with torch.no_grad():
-        for _, t in _named_state(module_or_named):
+        for _, t in named:
             if t.device.type == "meta":
                 continue
             buf = t if t.is_contiguous() else t.contiguous()
@@ -238,6 +288,14 @@ def check_inputs_agree(module: nn.Module, group, inputs: Mapping[str, Any], shar
 
 
 def _compare_inputs(module, group, world, inputs, sharded) -> None:
+    everyone = _gather_or_raise(lambda: _describe_inputs(inputs, sharded), group,
+                                f"{type(module).__name__}: checking inputs across ranks")
+    if all(d == everyone[0] for d in everyone[1:]):
+        return
+    _raise_input_mismatch(module, world, everyone)
+
+
+def _describe_inputs(inputs, sharded) -> list[tuple]:
     desc, sums = [], []
     for name, x in _flat_tensors(inputs):
         root = name.split("[", 1)[0].split(".", 1)[0]
@@ -250,13 +308,12 @@ def _compare_inputs(module, group, world, inputs, sharded) -> None:
                 sums.append((len(desc) - 1, tensor_checksum(x)))
         else:
             desc.append([name, repr(x), None])
-    if sums:
-        values = torch.stack([s.cpu() for _, s in sums]).tolist()  # one device sync
-        for (i, _), v in zip(sums, values):
-            desc[i][2] = tuple(v)
-    everyone = _gather([tuple(d) for d in desc], group)
-    if all(d == everyone[0] for d in everyone[1:]):
-        return
+    for (i, _), v in zip(sums, _to_host([s for _, s in sums])):
+        desc[i][2] = v
+    return [tuple(d) for d in desc]
+
+
+def _raise_input_mismatch(module, world, everyone) -> None:
     lines = []
     tables = [{n: (shown, checksum) for n, shown, checksum in d} for d in everyone]
     for name in dict.fromkeys(n for d in everyone for n, _, _ in d):

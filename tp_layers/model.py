@@ -71,6 +71,15 @@ class TPModelMixin:
     ``class Flux2Transformer2DModel(TPModelMixin, Flux2Transformer2DModel)``; ``__name__`` and the config are
     unchanged): adapters are sharded on load and gathered on save, and regional compilation finds the TP blocks."""
 
+    def save_pretrained(self, *args, **kwargs):
+        """Refused: each rank holds 1/N of the block weights under the dense config, which diffusers cannot load
+        back. :func:`tpfuse.tp_layers.save_pretrained` writes the dense checkpoint instead."""
+        raise RuntimeError(
+            f"{type(self).__name__} is tensor-parallel over {self.tp_world_size} rank(s): each holds 1/N of the block "
+            "weights under the dense config, so diffusers' save_pretrained would write a checkpoint nobody can load. "
+            "Call tpfuse.tp_layers.save_pretrained(model, path) on every rank instead (rank 0 writes a normal "
+            "diffusers checkpoint). For a pipeline, save the other components with their own save_pretrained.")
+
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
                           **kwargs):
         """diffusers' ``load_lora_adapter``, with a LoRA made for the dense model sharded for this rank first."""
