@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default="flux2_klein_tp.png")
+    parser.add_argument("--out", default="flux2_klein_tp.png",
+                        help="where rank 0 writes the image (default: %(default)s, in the working directory)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds a rank waits in a collective for the others before failing (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -12,8 +12,10 @@ def _commands():
 
 def test_ci_runs_the_readme_test_command():
     commands = _commands()
-    assert commands[0] == "pip install . && tpfuse verify"
-    test_command = commands[1]
+    # The CPU torch wheel comes first (before any command that would pull torch), then the main job, then tests.
+    assert commands[0] == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert commands[1] == "pip install . && tpfuse verify"
+    test_command = commands[2]
     assert "pytest" in test_command
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines
@@ -40,3 +42,13 @@ def test_every_process_group_in_the_docs_and_examples_has_a_timeout():
              for call in re.findall(r"init_process_group\((.*?)\)\n", text)]
     assert calls
     assert all("timeout=" in call for _, call in calls), [c for c in calls if "timeout=" not in c[1]]
+
+
+def test_diffusers_extra_brings_the_real_model_path_and_the_test_extra_includes_it():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ;]", r)[0] for r in extras["diffusers"]}
+    assert {"diffusers", "transformers"} <= names
+    assert "tpfuse[diffusers]" in extras["test"]
+    assert 'pip install ".[diffusers]"' in (ROOT / "README.md").read_text()
