@@ -3,7 +3,9 @@
 One GPU (the only kind this project is lent):
 
 (a) chunking overhead: the row-parallel GEMM (``row_parallel_matmul``, gate + residual epilogue) in C token
-    chunks against one launch, at klein-4B, klein-9B and dev local shapes. Target: <= 5% overhead.
+    chunks against one launch, at klein-4B, klein-9B and dev local shapes: equal chunks (C = 2, 4) and the
+    wave-aligned schedule ``overlap="auto"`` uses (``tpfuse.tp_layers.schedule.wave_schedule``, row ``wave``).
+    Target: <= 5% overhead for the schedule.
 (b) simulated link: after each chunk's GEMM, a side stream "transfers" the chunk's ring all-reduce volume
     ``2(N-1)/N * bytes`` at ``--bus-gbps`` (default 360 GB/s, NVLink-class NCCL bus bandwidth) by copying a buffer
     sized so that the copy takes that long (calibrated against this GPU's copy speed). Sequential = every
@@ -31,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_info, format_table, init_distributed, median_ms, model_shapes, write_results  # noqa: E402
 
 from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_forward  # noqa: E402
-from tpfuse.tp_layers.linear import AUTO_ROW_ALIGN, choose_chunks, chunk_bounds  # noqa: E402
+from tpfuse.tp_layers.linear import AUTO_ROW_ALIGN, chunk_bounds  # noqa: E402
+from tpfuse.tp_layers.schedule import DEFAULT_SM_COUNT, wave_schedule  # noqa: E402
 
 
 def ring_bytes(nbytes: int, world_size: int) -> float:
@@ -120,11 +123,15 @@ def single_gpu(args, device, dtype, backend) -> list[dict]:
         one = median_ms(lambda: _gemm_chunks(parts, weight, gate, res, [(0, tokens)], out, backend), device)
         flops = 2 * tokens * n * weight.shape[1]
         msg = tokens * n * out.element_size()
-        auto = choose_chunks(tokens, n, out.element_size(), max(tp, 2))
-        for c in sorted({1, 2, 4, auto}):
-            chunks = chunk_bounds(tokens, c, AUTO_ROW_ALIGN if not args.dry_run else 1)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else DEFAULT_SM_COUNT
+        sched = wave_schedule(tokens, n, weight.shape[1], max(tp, 2), out.element_size(), sms)
+        plans = [(str(c), chunk_bounds(tokens, c, AUTO_ROW_ALIGN if not args.dry_run else 1)) for c in (1, 2, 4)]
+        plans.append(("wave", list(zip(sched.edges, sched.edges[1:]))))
+        for name, chunks in plans:
+            c = len(chunks)
             t_c = median_ms(lambda: _gemm_chunks(parts, weight, gate, res, chunks, out, backend), device)
-            row = {"shape": label, "chunks": c, "auto": c == auto, "gemm_1_ms": one, "gemm_c_ms": t_c,
+            row = {"shape": label, "plan": name, "chunks": c, "auto": name == "wave", "gemm_1_ms": one,
+                   "gemm_c_ms": t_c, "rows_per_chunk": [r1 - r0 for r0, r1 in chunks],
                    "chunk_overhead_pct": 100 * (t_c / one - 1), "tflops": flops / (t_c * 1e-3) / 1e12,
                    "message_mb": msg / 1e6,
                    "ring_comm_ms_est": ring_bytes(msg, max(tp, 2)) / (args.bus_gbps * 1e9) * 1e3}
@@ -134,7 +141,7 @@ def single_gpu(args, device, dtype, backend) -> list[dict]:
     return rows
 
 
-SINGLE_COLUMNS = [("shape", "shape", ""), ("chunks", "C", "d"), ("gemm_1_ms", "GEMM ms", ".3f"),
+SINGLE_COLUMNS = [("shape", "shape", ""), ("plan", "plan", ""), ("chunks", "C", "d"), ("gemm_1_ms", "GEMM ms", ".3f"),
                   ("gemm_c_ms", "C GEMMs ms", ".3f"), ("chunk_overhead_pct", "overhead %", ".1f"),
                   ("tflops", "TFLOP/s", ".1f"), ("message_mb", "msg MB", ".1f"),
                   ("ring_comm_ms_est", "ring AR ms", ".3f"), ("sequential_ms", "seq ms", ".3f"),

@@ -84,7 +84,7 @@ step gpu-tests 107 "pytest tpfuse.kernels cuda" python -m pytest -q -p no:cachep
 # only if the library built above: otherwise the benchmark would spend its time in nvcc again.
 csrc=()
 [[ ${status_of[build-csrc]} == ok ]] || csrc=(--no-csrc)
-step bench-kernels 110 "tpfuse.kernels triton cuda" python bench/bench_kernels.py --presets klein-4b,dev \
+step bench-kernels 105 "tpfuse.kernels triton cuda" python bench/bench_kernels.py --presets klein-4b,dev \
     --tp 1,8 --tokens 512+4096 "${csrc[@]}" --out "$out/kernels-$date.json"
 step bench-overlap 45 "tpfuse.kernels triton cuda" python bench/bench_overlap.py --presets klein-4b,dev --tp 2,8 \
     --out "$out/overlap-$date.json"
@@ -93,9 +93,11 @@ step bench-overlap 45 "tpfuse.kernels triton cuda" python bench/bench_overlap.py
 step bench-model 20 "tpfuse.kernels cuda" python bench/bench_model.py --no-compile --out "$out/model-$date.json"
 # Eager vs torch.compile vs reduce-overhead (CUDA graphs) of a klein-4B-shaped stack of TP blocks (regional
 # compilation: one compile per block kind); the JSON is rewritten after each mode.
-step bench-compile 80 "tpfuse.kernels triton cuda" python bench/bench_compile.py --out "$out/compile-$date.json"
+step bench-compile 75 "tpfuse.kernels triton cuda" python bench/bench_compile.py --out "$out/compile-$date.json"
 step compile-report 35 "tpfuse.kernels triton" python -m tpfuse.tp_layers.cli compile-report --arch 90 \
     --json "$out/compile-report.json"
+# The TP scaling model (CPU arithmetic, seconds), now reading this session's kernel and overlap measurements.
+step scaling-model 10 "" python bench/scaling_model.py --results "$out" --out "$out/scaling-model"
 
 echo "== summary (${SECONDS}s)"
 cat "$summary"

@@ -173,3 +173,41 @@ def test_bench_compile_dry_run(tmp_path):
     rows = _dry_run("bench_compile.py", tmp_path / "compile.json", args=("--blocks", "0,1"))[1]["rows"]
     assert [r["mode"] for r in rows] == ["eager", "torch.compile aot_eager"]
     assert rows[0]["host_sync_free"] and rows[1]["rel_err"] == 0.0 and rows[1]["within_tolerance"]
+
+
+def test_scaling_model_writes_table_plot_and_reads_measurements(tmp_path):
+    """`python bench/scaling_model.py` runs on CPU in seconds and writes JSON, Markdown and a PNG; its numbers hang
+    together (TP 1 is 1x, more GPUs never slower on NVLink, exposed communication within the communication);
+    measurements in a results folder replace the GEMM-rate and chunking assumptions."""
+    import json
+
+    results = tmp_path / "results"
+    results.mkdir()
+    info = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "date": "2026-11-29"}
+    (results / "kernels-h100-2026-11-29.json").write_text(json.dumps({"info": info, "dry_run": False, "rows": [
+        {"op": "fused_qkv_mlp_proj", "tflops": 600.0}, {"op": "row_parallel_matmul", "tflops": 620.0}]}))
+    (results / "overlap-h100-2026-11-29.json").write_text(json.dumps({"info": info, "dry_run": False, "rows": [
+        {"plan": "wave", "chunks": 4, "chunk_overhead_pct": 3.0}]}))
+    out = tmp_path / "scaling-model"
+    proc = subprocess.run([sys.executable, str(BENCH / "scaling_model.py"), "--out", str(out), "--results",
+                           str(results)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    md = out.with_suffix(".md").read_text()
+    assert "| klein-4b | 1024^2 |" in md and "modelled, not measured" in md and "Hybrid TP x Ulysses" in md
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    combos = {(r["gpu"], r["allreduce"], r["model"], r["image"]) for r in rows}
+    assert len(combos) == 5 * 3 * 2  # (H100 ring/nvls, H200 ring/nvls, L40S ring) x 3 models x 2 images
+    for combo in combos:
+        mine = sorted((r for r in rows if (r["gpu"], r["allreduce"], r["model"], r["image"]) == combo),
+                      key=lambda r: r["tp"])
+        assert [r["tp"] for r in mine] == [1, 2, 4, 8] and mine[0]["speedup"] == 1.0
+        assert all(0 <= r["exposed_ms"] <= r["comm_ms"] + 1e-9 for r in mine)
+        if combo[0] != "L40S":
+            assert all(b["speedup"] > a["speedup"] for a, b in zip(mine, mine[1:])), combo
+    h100 = [r for r in rows if r["gpu"] == "H100 SXM"]
+    assert all(r["gemm_rate"] == "measured (bench_kernels)" for r in h100)
+    assert all(r["chunk_overhead"] == "measured (bench_overlap)" for r in h100)
+    assert all(r["gemm_rate"].startswith("assumed") for r in rows if r["gpu"] == "L40S")
+    assert {h["gpus"] for h in data["hybrid"]} == {4, 8} and data["tp_limits"]

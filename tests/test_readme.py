@@ -50,5 +50,5 @@ def test_diffusers_extra_brings_the_real_model_path_and_the_test_extra_includes_
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {re.split(r"[<>=\[ ;]", r)[0] for r in extras["diffusers"]}
     assert {"diffusers", "transformers"} <= names
-    assert "tpfuse[diffusers]" in extras["test"]
+    assert "tpfuse[diffusers,bench]" in extras["test"]
     assert 'pip install ".[diffusers]"' in (ROOT / "README.md").read_text()

@@ -21,10 +21,9 @@ from tpfuse.tp_layers import (
     comm_stats,
     run_ranks,
 )
+from tpfuse.tp_layers.schedule import gemm_waves, wave_schedule
 from tpfuse.tp_layers.linear import (
-    AUTO_MIN_BYTES,
     chunk_bounds,
-    choose_chunks,
     column_parallel_linear,
 )
 from tpfuse.tp_layers.numerics import rel_error, tolerance
@@ -133,13 +132,44 @@ def test_chunk_bounds_cover_ragged_rows():
         chunk_bounds(10, 0)
 
 
-def test_auto_chunks_follow_message_size():
-    assert choose_chunks(4608, 3072, 2, world_size=1) == 1  # nothing to overlap
-    small_rows = AUTO_MIN_BYTES // (3072 * 2) - 1
-    assert choose_chunks(small_rows, 3072, 2, world_size=2) == 1  # latency-bound message: no chunking
-    assert choose_chunks(4608, 3072, 2, world_size=2) == 4  # klein-4B, 4096+512 tokens: 28 MB -> 4 chunks
-    assert choose_chunks(1536, 3072, 2, world_size=2) == 2  # 9.4 MB -> 2 chunks
-    assert choose_chunks(300, 6144, 4, world_size=8) == 1  # too few rows for two chunks of >= 256
+def test_wave_schedule_klein_4b_single_stream_out_projection():
+    """The issue's worked example: 4,608 tokens x 3,072 features, 128 x 128 tiles, 132 SMs: 7 waves unchunked.
+    Equal chunks would take 8 waves and leave 25% of the all-reduce exposed; the schedule takes 7 and 8%."""
+    for tp in (2, 4, 8):
+        s = wave_schedule(4608, 3072, (3072 + 9216) // tp, tp, 2, 132)
+        assert [r // 128 for r in s.rows] == [11, 11, 11, 3] and s.waves == (2, 2, 2, 1)
+        assert s.unchunked_waves == 7 and s.extra_waves == 0 and s.edges == [0, 1408, 2816, 4224, 4608]
+        assert s.last_share == pytest.approx(3 / 36)
+    equal = [gemm_waves(r1 - r0, 3072, 132) for r0, r1 in chunk_bounds(4608, 4, align=128)]
+    assert sum(equal) == 8  # what the equal split cost
+    # dev at 2048^2 (16,896 tokens x 6,144): exactly 48 waves, no partial one: whole granules of 11 row tiles
+    s = wave_schedule(16896, 6144, 6144 * 4 // 8, 8, 2, 132)
+    assert [r // 128 for r in s.rows] == [44, 44, 33, 11] and sum(s.waves) == s.unchunked_waves == 48
+
+
+@pytest.mark.parametrize("sms", [132, 142, 114, 78, 16])
+def test_wave_schedule_properties(sms):
+    """For many shapes: the chunks cover the rows, boundaries sit on the row tile, the waves add up to the
+    unchunked count (at most one more where no split is wave-exact), chunks are front-loaded, and small or
+    single-rank messages are not chunked."""
+    import random
+
+    rng = random.Random(sms)
+    for _ in range(300):
+        rows, n = rng.randint(1, 20000), rng.choice([64, 200, 3072, 4096, 6144])
+        k, tp = rng.choice([384, 1536, 6144]), rng.choice([1, 2, 4, 8])
+        s = wave_schedule(rows, n, k, tp, 2, sms)
+        assert sum(s.rows) == rows and min(s.rows) >= 1
+        assert all(e % 128 == 0 for e in s.edges[1:-1])
+        assert s.unchunked_waves == gemm_waves(rows, n, sms) and 0 <= s.extra_waves <= 1
+        assert all(w == gemm_waves(r, n, sms) for r, w in zip(s.rows, s.waves))
+        if len(s.rows) > 1:
+            assert s.rows[-1] <= min(s.rows[:-1]) and list(s.rows[:-1]) == sorted(s.rows[:-1], reverse=True)
+            assert len(s.rows) <= 4 and rows * n * 2 >= 4 * 2**20 and tp > 1
+    assert len(wave_schedule(4608, 3072, 6144, 1, 2).rows) == 1  # one rank: nothing to overlap
+    assert len(wave_schedule(300, 3072, 6144, 2, 2).rows) == 1  # 1.8 MB: latency-bound, one chunk
+    with pytest.raises(ValueError, match="wave_schedule: out_features must be a positive int, got 0"):
+        wave_schedule(10, 0, 8, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,6 +228,30 @@ def _row_overlap(chunk_counts, widths, n, tokens):
 def test_overlapped_row_parallel_matches_dense_and_unchunked(world_size, widths):
     outs = run_ranks(_row_overlap, world_size, [1, 2, 3, 5], widths, 20, 37)  # 37 tokens: no C divides it
     assert all(torch.equal(o, outs[0]) for o in outs)  # replicated, bitwise, on every rank
+
+
+def _auto_schedule_vs_one_chunk():
+    import tpfuse.tp_layers.linear as linear_mod
+
+    linear_mod.DEFAULT_SM_COUNT = 8  # a small "GPU", so that a CPU-sized layer gets several waves to schedule
+    torch.manual_seed(0)
+    dense = nn.Linear(1024, 1536, bias=False)  # 4,608 tokens x 1,536 fp32 features: a 28 MB all-reduce
+    x = shard_tensor(_rand(1, 4608, 1024, seed=1), -1, dist.get_rank(), dist.get_world_size())
+    gate, res = _rand(1, 1536, seed=2), _rand(1, 4608, 1536, seed=3)
+    outs = {}
+    with torch.no_grad():
+        for overlap in ("auto", 1):
+            layer = RowParallelLinear.from_dense(dense, overlap=overlap, check_weights=False)
+            outs[overlap] = (layer.forward_fused([x], gate, res), layer.last_chunks)
+    expected = wave_schedule(4608, 1536, 512, 2, 4, 8)
+    return torch.equal(outs["auto"][0], outs[1][0]), outs["auto"][1], len(expected.rows)
+
+
+def test_auto_overlap_uses_the_wave_schedule_and_stays_exact():
+    """overlap="auto" cuts where wave_schedule says (4 chunks here) and is bitwise the one-chunk output on 2
+    ranks."""
+    for same, used, expected in run_ranks(_auto_schedule_vs_one_chunk, 2, timeout=300):
+        assert same and used == expected == 4
 
 
 def _block_overlap(kind, chunks, backend="torch"):

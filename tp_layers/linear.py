@@ -42,38 +42,34 @@ from .comm import (
     scatter_to_tp_region,
 )
 from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
+from .schedule import DEFAULT_SM_COUNT, ROW_TILE, wave_schedule
 from .sharding import check_blocks, local_blocks, shard_tensor
 
 __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "check_input",
-    "choose_chunks",
     "chunk_bounds",
     "column_parallel_linear",
 ]
 
 logger = logging.getLogger("tpfuse.tp_layers")
 
-# "auto" overlap (see choose_chunks). Below AUTO_MIN_BYTES the all-reduce is latency-bound and chunking only adds
-# launches; above it, aim at AUTO_CHUNK_BYTES per message, at most AUTO_MAX_CHUNKS, and keep every chunk at least
-# AUTO_MIN_ROWS tokens so each chunk's GEMM still fills the GPU (2+ row tiles of 128 per column tile). Starting
-# points from the usual NCCL message-size curves; the one-GPU benchmark (bench/bench_overlap.py) is where they
-# get checked.
-AUTO_MIN_BYTES = 4 * 2**20
-AUTO_CHUNK_BYTES = 8 * 2**20
-AUTO_MAX_CHUNKS = 4
-AUTO_MIN_ROWS = 256
-AUTO_ROW_ALIGN = 128  # chunk boundaries on the GEMM's row tile
+# The GEMM row tile that chunk boundaries are aligned to (explicit chunk counts; "auto" uses .schedule).
+AUTO_ROW_ALIGN = ROW_TILE
+_SM_COUNTS: dict[int, int] = {}
 
 
-def choose_chunks(rows: int, out_features: int, element_size: int, world_size: int) -> int:
-    """The number of token chunks "auto" overlap uses for an all-reduce of ``rows x out_features``."""
-    nbytes = rows * out_features * element_size
-    if world_size == 1 or nbytes < AUTO_MIN_BYTES:
-        return 1
-    chunks = min(AUTO_MAX_CHUNKS, math.ceil(nbytes / AUTO_CHUNK_BYTES), max(1, rows // AUTO_MIN_ROWS))
-    return max(1, chunks)
+def _sm_count(device: torch.device) -> int:
+    """The SM count "auto" overlap schedules for: the CUDA device's, else H100/H200's 132 (CPU runs and tests)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        if torch.compiler.is_compiling():
+            return DEFAULT_SM_COUNT  # not queried while tracing; an eager call fills the cache
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def chunk_bounds(rows: int, chunks: int, align: int = 1) -> list[tuple[int, int]]:
@@ -371,7 +367,9 @@ class RowParallelLinear(_ParallelLinear):
         blocks: packed layout of the input features, e.g. ``[D, M]`` for ``cat(attn, mlp)``.
         overlap: ``"auto"`` or a number of token chunks C: the output is computed in C chunks and each chunk's
             all-reduce runs while the next chunk computes. ``"auto"`` picks C from the message size
-            (:func:`choose_chunks`; 1 below 4 MiB); ``last_chunks`` holds the count the last eager call used
+            (:func:`~tpfuse.tp_layers.schedule.wave_schedule`: chunk boundaries on the GEMM's row tile, as many
+            GEMM waves as one launch, front-loaded so the last chunk, whose all-reduce nothing hides, is small; 1
+            below 4 MiB); ``last_chunks`` holds the count the last eager call used
             (calls traced by ``torch.compile`` leave it alone).
             The chunked GEMM is exact, so on 2 ranks any C gives bitwise the C=1 output; on 3+ ranks the
             all-reduce itself (gloo's and NCCL's ring) orders each element's sum by its position in the message,
@@ -448,8 +446,10 @@ class RowParallelLinear(_ParallelLinear):
             raise ValueError(f"{name}: gate must be [B, out] or [B, 1, out] with B={B}, got {tuple(gate.shape)}")
         rows = B * S
         if self.overlap == "auto":
-            chunks = chunk_bounds(rows, choose_chunks(rows, self.out_features, self.weight.element_size(),
-                                                      self.world_size), AUTO_ROW_ALIGN)
+            # Wave-aligned, front-loaded chunks: as many GEMM waves as one launch, a small exposed last chunk.
+            edges = wave_schedule(rows, self.out_features, self.in_features_per_partition, self.world_size,
+                                  self.weight.element_size(), _sm_count(self.weight.device)).edges
+            chunks = [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
         else:
             chunks = chunk_bounds(rows, self.overlap)
         if not torch.compiler.is_compiling():  # eager only: a traced side effect would run once, at trace time
