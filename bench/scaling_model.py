@@ -8,9 +8,11 @@ images (4,096 and 16,384 image tokens + 512 text tokens), on H100 SXM, H200 (NVL
 * **GEMMs** in 128 x 128 output tiles: ``waves x time per wave`` on the GPU's SMs (1 CTA per SM, what
   ``tpfuse compile-report`` finds for the GEMM kernels), so wave quantization at high TP shows. Each SM runs its
   tile at ``GEMM_EFFICIENCY`` of the dense bf16 tensor-core peak, or at the rate ``bench/bench_kernels.py``
-  measured (median TFLOP/s of the fused GEMM kernels) when a ``bench/results/kernels-*.json`` exists for that GPU.
+  measured (the best TFLOP/s of the fused GEMM kernels, the closest to a full wave) when a
+  ``bench/results/kernels-*.json`` exists for that GPU.
 * **Attention**: ``4 S^2 D`` FLOPs over the local heads at ``ATTENTION_EFFICIENCY`` of peak (FlashAttention-3
-  reaches ~60% of H100's bf16 peak at head dim 128 and long sequences; FA2 on Ada ~45%).
+  reaches ~60% of H100's bf16 peak at head dim 128 and long sequences; FA2 on Ada ~45%), in waves of one CTA per
+  (head, 128-query tile).
 * **Memory-bound ops** (LayerNorm+modulate, the double block's joint QK-norm/RoPE and SwiGLU; the single block
   fuses the latter into its GEMM epilogue): bytes / (``COPY_EFFICIENCY`` x HBM bandwidth), at least
   ``MIN_KERNEL_US`` each. LayerNorm+modulate runs on the replicated activation: TP does not shrink it.
@@ -44,17 +46,12 @@ import glob
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from tpfuse.tp_layers.config import PRESETS  # needs `pip install .`, as every script in bench/
+from tpfuse.tp_layers.schedule import COL_TILE, ROW_TILE, wave_schedule
 
-try:
-    from tpfuse.tp_layers.config import PRESETS
-    from tpfuse.tp_layers.schedule import COL_TILE, ROW_TILE, wave_schedule
-except ImportError:  # run from a checkout without `pip install .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    raise
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Assumptions (each a stated guess until a GPU measures it; see the module doc).
 GEMM_EFFICIENCY = 0.70  # of the dense bf16 tensor-core peak, per SM running a 128 x 128 tile
@@ -75,12 +72,17 @@ class GPU:
     bf16_tflops: float  # dense tensor-core peak
     mem_gbps: float
     links: dict  # algorithm -> (busbw GB/s, latency us)
+    match: str = ""  # a measurement's device name must contain this ...
+    exclude: tuple = ()  # ... and none of these
+
+    def measured_on(self, device: str) -> bool:
+        return self.match in device and not any(x in device for x in self.exclude)
 
 
 GPUS = [
-    GPU("H100 SXM", 132, 989.0, 3350.0, {"ring": (360.0, 15.0), "nvls": (470.0, 10.0)}),
-    GPU("H200", 132, 989.0, 4800.0, {"ring": (360.0, 15.0), "nvls": (470.0, 10.0)}),
-    GPU("L40S", 142, 362.0, 864.0, {"ring": (20.0, 30.0)}),
+    GPU("H100 SXM", 132, 989.0, 3350.0, {"ring": (360.0, 15.0), "nvls": (470.0, 10.0)}, "H100", ("PCIe", "NVL")),
+    GPU("H200", 132, 989.0, 4800.0, {"ring": (360.0, 15.0), "nvls": (470.0, 10.0)}, "H200"),
+    GPU("L40S", 142, 362.0, 864.0, {"ring": (20.0, 30.0)}, "L40S"),
 ]
 
 
@@ -95,15 +97,17 @@ def _payloads(prefix: str, gpu: GPU):
                 payload = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if not payload.get("dry_run") and gpu.name.split()[0] in payload.get("info", {}).get("device", ""):
+            if not payload.get("dry_run") and gpu.measured_on(payload.get("info", {}).get("device", "")):
                 yield payload
 
 
 def _measured_gemm_tflops(gpu: GPU) -> float | None:
-    """The median TFLOP/s bench_kernels measured for the fused GEMM kernels on this GPU, if it ran."""
+    """The best TFLOP/s bench_kernels measured for the fused GEMM kernels on this GPU, if it ran: the model applies
+    wave quantization itself, so it wants the full-wave rate, which the largest shapes come closest to (a median
+    over all shapes would count their partial waves twice)."""
     values = [r["tflops"] for p in _payloads("kernels", gpu) for r in p.get("rows", [])
               if r.get("op") in ("fused_qkv_mlp_proj", "row_parallel_matmul") and r.get("tflops")]
-    return statistics.median(values) if values else None
+    return max(values) if values else None
 
 
 def _measured_chunk_overhead(gpu: GPU) -> float | None:
@@ -151,8 +155,14 @@ def gemm_us(r: Rates, rows: int, out: int, k: int) -> float:
     return waves * 2.0 * ROW_TILE * COL_TILE * k / r.per_sm_flops * 1e6
 
 
-def attention_us(r: Rates, tokens: int, hidden_local: int) -> float:
-    return 4.0 * tokens * tokens * hidden_local / (ATTENTION_EFFICIENCY[r.gpu.name] * r.gpu.bf16_tflops * 1e12) * 1e6
+def attention_us(r: Rates, tokens: int, heads_local: int, head_dim: int) -> float:
+    """FlashAttention over ``heads_local`` heads of the full sequence: one CTA per (head, 128-query tile), each
+    ``4 x 128 x tokens x head_dim`` FLOPs, in waves over the SMs (3 heads x 36 tiles = 108 CTAs on 132 SMs: one
+    wave, 82% busy)."""
+    ctas = heads_local * math.ceil(tokens / ROW_TILE)
+    waves = math.ceil(ctas / r.gpu.sms)
+    per_sm = ATTENTION_EFFICIENCY[r.gpu.name] * r.gpu.bf16_tflops * 1e12 / r.gpu.sms
+    return waves * 4.0 * ROW_TILE * tokens * head_dim / per_sm * 1e6
 
 
 def memory_us(r: Rates, nbytes: float) -> float:
@@ -203,7 +213,7 @@ def single_block(cfg, r: Rates, img: int, tp: int, sp: int = 1) -> dict:
     s = (img + TEXT_TOKENS) // sp  # tokens on this GPU
     d, m = cfg.hidden_size, cfg.mlp_hidden
     col = gemm_us(r, s, (3 * d + 2 * m) // tp, d)  # fused QKV + MLP-in, epilogue fused
-    attn = attention_us(r, (img + TEXT_TOKENS), d // tp) / sp  # full sequence over this GPU's heads
+    attn = attention_us(r, img + TEXT_TOKENS, cfg.heads // (tp * sp), cfg.head_dim)  # full sequence, local heads
     mem = memory_us(r, 2 * s * d * ELEMENT)  # LayerNorm + modulate: read x, write x
     row = row_layer(r, s, d, (d + m) // tp, tp)
     a2a = 4 * alltoall_us(r, s * d // tp * ELEMENT, sp)
@@ -216,7 +226,7 @@ def double_block(cfg, r: Rates, img: int, tp: int, sp: int = 1) -> dict:
     d, m = cfg.hidden_size, cfg.mlp_hidden
     streams = [img // sp, TEXT_TOKENS // sp]
     s = sum(streams)
-    compute = attention_us(r, img + TEXT_TOKENS, d // tp) / sp
+    compute = attention_us(r, img + TEXT_TOKENS, cfg.heads // (tp * sp), cfg.head_dim)
     comm = exposed = 0.0
     for rows in streams:
         compute += gemm_us(r, rows, 3 * d // tp, d) + gemm_us(r, rows, 2 * m // tp, d)  # QKV, MLP-in

@@ -92,29 +92,36 @@ def _tp_vs_dense(cfg, kind, source, dtype):
 
 
 CASES = [(TINY, 1), (TINY, 2), (TINY, 4), (SIX_HEADS, 2)]
+KINDS = ("single", "double")
 
 
-@pytest.mark.parametrize("kind", ["single", "double"])
+def _both_kinds(cfg, source, dtype):
+    """Both block kinds in one set of rank processes (a spawn costs more than the blocks)."""
+    return [_tp_vs_dense(cfg, kind, source, dtype) for kind in KINDS]
+
+
+def _identical_on_every_rank(results):
+    for i in range(len(KINDS)):
+        out0, grads0 = results[0][i]
+        for r in results[1:]:  # replicated outputs and input gradients, bitwise identical on every rank
+            out, grads = r[i]
+            assert all(torch.equal(a, b) for a, b in zip(out, out0))
+            assert all(torch.equal(grads[k], grads0[k]) for k in grads0)
+
+
 @pytest.mark.parametrize("cfg,world_size", CASES, ids=[f"{c.name}-ws{w}" for c, w in CASES])
-def test_tp_block_matches_dense_fp32(kind, cfg, world_size):
-    results = run_ranks(_tp_vs_dense, world_size, cfg, kind, "ours", torch.float32)
-    out0, grads0 = results[0]
-    for out, grads in results[1:]:  # replicated outputs and input gradients, bitwise identical on every rank
-        assert all(torch.equal(a, b) for a, b in zip(out, out0))
-        assert all(torch.equal(grads[k], grads0[k]) for k in grads0)
+def test_tp_block_matches_dense_fp32(cfg, world_size):
+    _identical_on_every_rank(run_ranks(_both_kinds, world_size, cfg, "ours", torch.float32))
 
 
-@pytest.mark.parametrize("kind", ["single", "double"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_tp_block_from_diffusers_matches_diffusers(kind, world_size):
+def test_tp_block_from_diffusers_matches_diffusers(world_size):
     pytest.importorskip("diffusers")
-    results = run_ranks(_tp_vs_dense, world_size, TINY, kind, "diffusers", torch.float32)
-    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(r[0], results[0][0]))
+    _identical_on_every_rank(run_ranks(_both_kinds, world_size, TINY, "diffusers", torch.float32))
 
 
-@pytest.mark.parametrize("kind", ["single", "double"])
-def test_tp_block_fp64_is_exact_to_reordering(kind):
-    run_ranks(_tp_vs_dense, 2, TINY, kind, "ours", torch.float64)
+def test_tp_block_fp64_is_exact_to_reordering():
+    run_ranks(_both_kinds, 2, TINY, "ours", torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,9 +210,12 @@ def _masked(kind):
     return max(rel_error(o, r) for o, r in zip(out, ref))
 
 
-@pytest.mark.parametrize("kind", ["single", "double"])
-def test_per_head_attention_mask(kind):
-    errs = run_ranks(_masked, 2, kind)
+def _masked_both():
+    return [_masked(kind) for kind in KINDS]
+
+
+def test_per_head_attention_mask():
+    errs = [e for rank in run_ranks(_masked_both, 2) for e in rank]
     assert max(errs) <= tolerance(torch.float32)
 
 
@@ -269,18 +279,22 @@ def _tp_with_triton(kind):
     return out, ran
 
 
-@pytest.mark.parametrize("kind", ["single", "double"])
-def test_tp_block_with_triton_kernels_matches_dense(kind):
+def _tp_with_triton_both():
+    return [_tp_with_triton(kind) for kind in KINDS]
+
+
+def test_tp_block_with_triton_kernels_matches_dense():
     from tpfuse.kernels._dispatch import interpreting
 
     if not (interpreting() or torch.cuda.is_available()):
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
-    results = run_ranks(_tp_with_triton, 2, kind)
-    (out0, grads0), ran = results[0]
-    expected = ({"layernorm_modulate", "fused_qkv_mlp_proj", "row_parallel_matmul"} if kind == "single"
-                else {"layernorm_modulate", "qk_norm_rope_joint", "row_parallel_matmul"})
-    assert {op for op, _ in ran} == expected and {b for _, b in ran} == {"triton"}
-    assert all(torch.equal(a, b) for (out, _), _ in results[1:] for a, b in zip(out, out0))
+    results = run_ranks(_tp_with_triton_both, 2)
+    for i, kind in enumerate(KINDS):
+        (out0, grads0), ran = results[0][i]
+        expected = ({"layernorm_modulate", "fused_qkv_mlp_proj", "row_parallel_matmul"} if kind == "single"
+                    else {"layernorm_modulate", "qk_norm_rope_joint", "row_parallel_matmul"})
+        assert {op for op, _ in ran} == expected and {b for _, b in ran} == {"triton"}
+        assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(r[i][0][0], out0))
 
 
 def _double_block_aten_ops(backend):

@@ -163,15 +163,20 @@ def _block_inputs_per_rank(kind, case):
             set_debug_checks(False)
 
 
-@pytest.mark.parametrize("kind", ["single", "double"])
-def test_different_input_shapes_are_an_error_on_every_rank(kind):
-    for case, expect in (("seq", "hidden_states: rank 0 [2, 6, 64] float32, rank 1 [2, 7, 64] float32"),
-                         ("split", "hidden_states: rank 0 [2, 6, 64] float32, rank 1 [1, 12, 64] float32")):
-        for name, msg in run_ranks(_block_inputs_per_rank, 2, kind, case, timeout=120):
-            assert name == "InputMismatchError"
-            assert msg.startswith(f"{'TPDoubleStreamBlock' if kind == 'double' else 'TPSingleStreamBlock'}: the 2 "
-                                  "ranks of the tensor-parallel group got different inputs at the first call: ")
-            assert expect in msg and "tensor parallelism shards the weights, not the data" in msg
+def _shape_cases():
+    return {(kind, case): _block_inputs_per_rank(kind, case) for kind in ("single", "double")
+            for case in ("seq", "split")}
+
+
+def test_different_input_shapes_are_an_error_on_every_rank():
+    expect = {"seq": "hidden_states: rank 0 [2, 6, 64] float32, rank 1 [2, 7, 64] float32",
+              "split": "hidden_states: rank 0 [2, 6, 64] float32, rank 1 [1, 12, 64] float32"}
+    for results in run_ranks(_shape_cases, 2, timeout=120):
+        for (kind, case), (name, msg) in results.items():
+            assert name == "InputMismatchError", (kind, case)
+            assert msg.startswith(f"{'TPDoubleStreamBlock' if kind == 'double' else 'TPSingleStreamBlock'}: the "
+                                  "2 ranks of the tensor-parallel group got different inputs at the first call: ")
+            assert expect[case] in msg and "tensor parallelism shards the weights, not the data" in msg
 
 
 def test_debug_mode_compares_values():

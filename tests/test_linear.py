@@ -72,28 +72,34 @@ def _row(in_f, out_f, bias, blocks, input_is_parallel):
     return out.detach()
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("bias,blocks,gather_output", [
+COLUMN_CASES = [
     (True, None, False),
     (False, [12, 12, 12, 20, 20], False),  # [Q, K, V, gate, up]
     (True, [12, 12, 12, 20, 20], True),
-])
-def test_column_parallel_matches_linear(world_size, bias, blocks, gather_output):
-    results = run_ranks(_column, world_size, 13, 76, bias, blocks, gather_output)
-    if gather_output:
-        assert all(torch.equal(r[0], results[0][0]) for r in results)
-    assert all(torch.equal(r[1], results[0][1]) for r in results)  # input gradient identical on every rank
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("bias,blocks,input_is_parallel", [
+]
+ROW_CASES = [
     (True, None, True),
     (False, [12, 20], True),  # cat(attn, mlp)
     (True, [12, 20], False),
-])
-def test_row_parallel_matches_linear(world_size, bias, blocks, input_is_parallel):
-    outs = run_ranks(_row, world_size, 32, 11, bias, blocks, input_is_parallel)
-    assert all(torch.equal(o, outs[0]) for o in outs)  # replicated output, bitwise
+]
+
+
+def _all_cases():
+    """Every column and row case in one set of rank processes (a spawn costs more than the cases)."""
+    return ([_column(13, 76, *case) for case in COLUMN_CASES], [_row(32, 11, *case) for case in ROW_CASES])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_parallel_linears_match_linear(world_size):
+    results = run_ranks(_all_cases, world_size)
+    for i, (_bias, _blocks, gather_output) in enumerate(COLUMN_CASES):
+        column = [r[0][i] for r in results]
+        if gather_output:
+            assert all(torch.equal(c[0], column[0][0]) for c in column)
+        assert all(torch.equal(c[1], column[0][1]) for c in column)  # input gradient identical on every rank
+    for i in range(len(ROW_CASES)):
+        outs = [r[1][i] for r in results]
+        assert all(torch.equal(o, outs[0]) for o in outs)  # replicated output, bitwise
 
 
 def test_single_process_layers_are_plain_linears():

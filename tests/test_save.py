@@ -74,18 +74,29 @@ def test_save_keeps_the_dtype_and_replaces_an_earlier_save(source, tmp_path):
     assert all(state[k].dtype == torch.bfloat16 and torch.equal(state[k], t.bfloat16()) for k, t in dense.items())
 
 
-def _diffusers_save_is_refused(path):
+def _diffusers_save_is_refused(path, blocked):
     model = parallelize(random_diffusers_model(TINY, seed=0))
-    try:
-        model.save_pretrained(path)
-    except RuntimeError as exc:
-        return str(exc)
+    messages = []
+    for save in (lambda: model.save_pretrained(path), lambda: save_pretrained(model, blocked)):
+        try:
+            save()
+        except RuntimeError as exc:
+            messages.append(str(exc))
+    return messages
 
 
-def test_diffusers_save_pretrained_points_to_ours(tmp_path):
-    for msg in run_ranks(_diffusers_save_is_refused, 2, str(tmp_path), timeout=120):
-        assert "tensor-parallel over 2 rank(s)" in msg and "tpfuse.tp_layers.save_pretrained(model, path)" in msg
-    assert not any(tmp_path.iterdir())
+def test_diffusers_save_pretrained_points_to_ours_and_a_failed_write_fails_every_rank(tmp_path):
+    """diffusers' save_pretrained is refused with a pointer; when rank 0 cannot write (a file where the folder
+    should be), every rank raises its error instead of waiting in a gather."""
+    (tmp_path / "blocked").write_text("not a folder")
+    out = tmp_path / "out"
+    for refused, failed in run_ranks(_diffusers_save_is_refused, 2, str(out), str(tmp_path / "blocked"),
+                                     timeout=120):
+        assert "tensor-parallel over 2 rank(s)" in refused
+        assert "tpfuse.tp_layers.save_pretrained(model, path)" in refused
+        assert failed.startswith("save_pretrained: rank 0 could not write the checkpoint: ValueError: ")
+        assert "blocked is a file, not a directory" in failed
+    assert not out.exists()
 
 
 def test_bad_save_arguments(source, tmp_path):

@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger("tpfuse.tp_layers")
 
-# The GEMM row tile that chunk boundaries are aligned to (explicit chunk counts; "auto" uses .schedule).
+# The GEMM row tile (bench_overlap aligns its equal chunks to it; "auto" uses .schedule, also tile-aligned).
 AUTO_ROW_ALIGN = ROW_TILE
 _SM_COUNTS: dict[int, int] = {}
 

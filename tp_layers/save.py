@@ -107,6 +107,16 @@ def _write_dense(f, pieces: list[torch.Tensor], dim: int, blocks: Sequence[int])
         _write(f, torch.cat([part[r0:r0 + _ROWS_PER_WRITE] for part in ordered], dim=1))
 
 
+def _raise_shared(error: str | None, world: int, src: int, group) -> None:
+    """Rank 0's error (or None) on every rank, raised everywhere: a collective every rank reaches."""
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=src, group=group)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(f"save_pretrained: rank 0 could not write the checkpoint: {error}")
+
+
 def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str = "10GB", group=None) -> list[Path]:
     """Write ``model`` (parallelized by :func:`~tpfuse.tp_layers.parallelize`, or dense) to ``save_directory`` as
     the dense diffusers checkpoint: ``config.json`` and ``diffusion_pytorch_model.safetensors``, or numbered
@@ -141,47 +151,62 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str 
              [f"{WEIGHTS_NAME}-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
     out = Path(save_directory)
     dst = 0 if group is None or world == 1 else dist.get_global_rank(group, 0)
+    # Where the gathers run: NCCL moves CUDA tensors, gloo CPU ones (a CPU-offloaded model under NCCL still saves).
+    comm_device = (torch.device("cuda", torch.cuda.current_device())
+                   if world > 1 and dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    # Only rank 0 touches the disk. Its failure (a file in the way, a full disk) is shared before the first gather
+    # and at the end, so every rank raises it instead of the others waiting in a gather that never comes.
+    error = None
     if rank == 0:
-        if out.is_file():
-            raise ValueError(f"save_pretrained: {out} is a file, not a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob(f"{WEIGHTS_NAME}*.safetensors*"):  # an earlier save's shards and index
-            old.unlink()
-        if hasattr(model, "save_config"):
-            model.save_config(out)
+        try:
+            if out.is_file():
+                raise ValueError(f"{out} is a file, not a directory")
+            out.mkdir(parents=True, exist_ok=True)
+            for old in out.glob(f"{WEIGHTS_NAME}*.safetensors*"):  # an earlier save's shards and index
+                old.unlink()
+            if hasattr(model, "save_config"):
+                model.save_config(out)
+        except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+            error = f"{type(exc).__name__}: {exc}"
+    _raise_shared(error, world, dst, group)
     for file_name, indices in zip(names, files):
         handle = None
-        if rank == 0:
-            tmp = out / f"{file_name}.tmp"
-            handle = open(tmp, "wb")
-            handle.write(_header(entries, indices))
-        try:
-            for i in indices:
-                name = entries[i][0]
-                module, attr, _shape, dim, _ranges = plan[name]
-                local = getattr(module, attr).detach()
-                if dim is None or world == 1:
-                    if rank == 0:
-                        _write(handle, local)
-                    continue
-                local = local.contiguous()
+        if rank == 0 and error is None:
+            try:
+                handle = open(out / f"{file_name}.tmp", "wb")
+                handle.write(_header(entries, indices))
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        for i in indices:
+            module, attr, _shape, dim, _ranges = plan[entries[i][0]]
+            local = getattr(module, attr).detach()
+            pieces = None
+            if dim is not None and world > 1:
+                local = local.to(comm_device).contiguous()
                 pieces = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
                 dist.gather(local, pieces, dst=dst, group=group)  # one tensor's shards, to rank 0 only
-                if rank == 0:
-                    _write_dense(handle, pieces, dim, module.blocks)
-                del pieces
-        finally:
-            if handle is not None:
-                handle.close()
-        if rank == 0:
-            os.replace(out / f"{file_name}.tmp", out / file_name)
-    if rank == 0 and len(files) > 1:
+            if handle is not None and error is None:
+                try:
+                    if pieces is None:
+                        _write(handle, local)
+                    else:
+                        _write_dense(handle, pieces, dim, module.blocks)
+                except OSError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            del pieces
+        if handle is not None:
+            handle.close()
+            if error is None:
+                os.replace(out / f"{file_name}.tmp", out / file_name)
+    if rank == 0 and error is None and len(files) > 1:
         weight_map = {entries[i][0]: file_name for file_name, indices in zip(names, files) for i in indices}
         total = sum(_nbytes(shape, dtype) for _, shape, dtype in entries)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True)
-                                                                     + "\n")
-    if world > 1:
-        dist.barrier(group=group)  # every rank returns once the files exist
+        try:
+            (out / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    _raise_shared(error, world, dst, group)  # also: every rank returns once the files exist
     written = [out / n for n in names] + ([out / f"{WEIGHTS_NAME}.safetensors.index.json"] if len(files) > 1 else [])
     return written + ([out / "config.json"] if hasattr(model, "save_config") else [])
