@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_info, format_table, init_distributed, median_ms, model_shapes, write_results  # noqa: E402
 
 from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_forward  # noqa: E402
-from tpfuse.tp_layers.linear import AUTO_ROW_ALIGN, chunk_bounds  # noqa: E402
-from tpfuse.tp_layers.schedule import DEFAULT_SM_COUNT, wave_schedule  # noqa: E402
+from tpfuse.tp_layers.linear import AUTO_ROW_ALIGN, _sm_count, chunk_bounds  # noqa: E402
+from tpfuse.tp_layers.schedule import wave_schedule  # noqa: E402
 
 
 def ring_bytes(nbytes: int, world_size: int) -> float:
@@ -123,8 +123,8 @@ def single_gpu(args, device, dtype, backend) -> list[dict]:
         one = median_ms(lambda: _gemm_chunks(parts, weight, gate, res, [(0, tokens)], out, backend), device)
         flops = 2 * tokens * n * weight.shape[1]
         msg = tokens * n * out.element_size()
-        sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else DEFAULT_SM_COUNT
-        sched = wave_schedule(tokens, n, weight.shape[1], max(tp, 2), out.element_size(), sms)
+        # the SM count RowParallelLinear(overlap="auto") schedules for on this device
+        sched = wave_schedule(tokens, n, weight.shape[1], max(tp, 2), out.element_size(), _sm_count(weight.device))
         plans = [(str(c), chunk_bounds(tokens, c, AUTO_ROW_ALIGN if not args.dry_run else 1)) for c in (1, 2, 4)]
         plans.append(("wave", list(zip(sched.edges, sched.edges[1:]))))
         for name, chunks in plans:

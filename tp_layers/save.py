@@ -10,6 +10,7 @@ and so does tpfuse's at any TP degree.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -68,10 +69,7 @@ def _file_plan(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_byte
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _header(entries, indices) -> bytes:
