@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -17,6 +20,26 @@ def check_tensors(op: str, named: dict, device: torch.device, ref_name: str, las
             raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
         if last_contiguous and t.dim() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def check_eps(op: str, eps, name: str = "eps") -> float:
+    """``eps`` as a float: a real number (a Python or numpy scalar, not a bool or a tensor), finite and >= 0 (0 as
+    torch's LayerNorm and RMSNorm accept it, and as a model config may say). ``inf`` would normalize every row to
+    zero, a negative value NaN the rows whose mean square is below it, NaN every row."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float, got {eps!r} ({type(eps).__name__})")
+    if not eps >= 0:  # NaN too
+        raise ValueError(f"{op}: {name} must be >= 0, got {eps}")
+    if not math.isfinite(eps):
+        raise ValueError(f"{op}: {name} must be finite, got {eps}")
+    return float(eps)
+
+
+def check_dim(op: str, name: str, value) -> int:
+    """A positive int size argument (numpy ints too; not a bool), as a Python int for the ops' schemas."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def check_rope_pair(op: str, cos, sin, named: dict) -> None:

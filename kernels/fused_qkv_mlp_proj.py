@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autocast import autocast_dtype, autocast_off
-from ._checks import check_int32_addressable, check_rope_pair, check_tensors
+from ._checks import check_dim, check_eps, check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._rope import angle_table
@@ -333,9 +333,6 @@ def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidd
     named = {"x": x, "weight": weight, "q_weight": q_weight, "k_weight": k_weight}
     check_rope_pair("fused_qkv_mlp_proj", cos, sin, named)
     check_tensors("fused_qkv_mlp_proj", named, x.device if isinstance(x, torch.Tensor) else None, "x")
-    for name, v in (("heads", heads), ("head_dim", head_dim), ("mlp_hidden", mlp_hidden)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"fused_qkv_mlp_proj: {name} must be a positive int, got {v!r}")
     if head_dim % 2:
         raise ValueError(f"fused_qkv_mlp_proj: head_dim={head_dim} must be even (RoPE rotates pairs)")
     if x.dim() != 3:
@@ -356,8 +353,7 @@ def _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidd
             if t.shape != (S, head_dim):
                 raise ValueError(f"fused_qkv_mlp_proj: {name} must be [S, head_dim] = [{S}, {head_dim}], got "
                                  f"shape {tuple(t.shape)}")
-    if not eps > 0:
-        raise ValueError(f"fused_qkv_mlp_proj: eps must be positive, got {eps}")
+    check_eps("fused_qkv_mlp_proj", eps)
 
 
 def fused_qkv_mlp_proj(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -380,6 +376,9 @@ def fused_qkv_mlp_proj(x: torch.Tensor, weight: torch.Tensor, q_weight: torch.Te
         with autocast_off(x.device):
             return fused_qkv_mlp_proj(x.to(cast), weight.to(cast), q_weight, k_weight, cos, sin, heads, head_dim,
                                       mlp_hidden, eps, backend)
+    # Python ints for the op's schema (a numpy int is accepted; a bool is not a size).
+    heads, head_dim, mlp_hidden = (check_dim("fused_qkv_mlp_proj", name, v) for name, v in
+                                   (("heads", heads), ("head_dim", head_dim), ("mlp_hidden", mlp_hidden)))
     _validate(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps)
     chosen = select_backend("fused_qkv_mlp_proj", x.device, backend)
     if chosen == "triton" and head_dim not in SUPPORTED_HEAD_DIMS:

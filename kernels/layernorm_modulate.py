@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autocast import _like, autocast_dtype, autocast_off
-from ._checks import check_int32_addressable, check_tensors
+from ._checks import check_eps, check_int32_addressable, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype
 from ._triton import tl, triton
@@ -157,8 +157,7 @@ def _validate(x, shift, scale, eps):
         raise ValueError(f"layernorm_modulate: x has shape {tuple(x.shape)}: D=0 features, nothing to normalize over")
     if D > MAX_D:
         raise ValueError(f"layernorm_modulate: D={D} exceeds the supported maximum {MAX_D}")
-    if not eps > 0:
-        raise ValueError(f"layernorm_modulate: eps must be positive, got {eps}")
+    check_eps("layernorm_modulate", eps)
 
 
 def _layernorm_modulate_triton(x, shift, scale, eps):

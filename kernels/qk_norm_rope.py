@@ -29,11 +29,14 @@ per (token, head)), recomputed after a csrc forward.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from ._autocast import _like, autocast_dtype, autocast_off
-from ._checks import check_int32_addressable, check_rope_pair, check_tensors
+from ._checks import check_eps, check_int32_addressable, check_rope_pair, check_tensors
 from ._dispatch import select_backend
 from ._math import compute_dtype, in_layout_of
 from ._rope import angle_table
@@ -586,8 +589,7 @@ def _validate(q, k, q_weight, k_weight, cos, sin, eps):
         for name, t in (("cos", cos), ("sin", sin)):
             if t.shape != (S, D):
                 raise ValueError(f"qk_norm_rope: {name} must be [S, D] = [{S}, {D}], got shape {tuple(t.shape)}")
-    if not eps > 0:
-        raise ValueError(f"qk_norm_rope: eps must be positive, got {eps}")
+    check_eps("qk_norm_rope", eps)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -643,24 +645,44 @@ def qk_norm_rope_joint(qs, ks, vs, q_weights, k_weights, cos, sin, eps, backend:
     no csrc version: ``TPFUSE_BACKEND=cuda`` runs Triton here (``backend="cuda"`` raises). Returns contiguous
     ``(q, k, v)``.
     """
+    for name, seq in (("qs", qs), ("ks", ks), ("vs", vs), ("q_weights", q_weights), ("k_weights", k_weights)):
+        if not isinstance(seq, Sequence) or isinstance(seq, str):
+            raise TypeError(f"qk_norm_rope_joint: {name} must be a list of the two segments' tensors, got "
+                            f"{type(seq).__name__}")
+        for i, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"qk_norm_rope_joint: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     qs, ks, vs, q_weights, k_weights = (list(t) for t in (qs, ks, vs, q_weights, k_weights))
-    ref = qs[0] if qs and isinstance(qs[0], torch.Tensor) else None
+    ref = qs[0] if qs else None
     if ref is not None and autocast_dtype(ref.device) is not None:  # see kernels/_autocast.py
         with autocast_off(ref.device):
             return qk_norm_rope_joint([_like(t, ref) for t in qs], [_like(t, ref) for t in ks],
                                       [_like(t, ref) for t in vs], q_weights, k_weights, cos, sin, eps, backend)
-    eps = [eps, eps] if isinstance(eps, (int, float)) else list(eps)
+    # One eps for both segments, or one each (numpy scalars included).
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        eps = [eps, eps]
+    elif isinstance(eps, Sequence) and not isinstance(eps, str):
+        eps = list(eps)
+    else:
+        raise TypeError(f"qk_norm_rope_joint: eps must be a float or one per segment, got {eps!r}")
     if not all(len(t) == 2 for t in (qs, ks, vs, q_weights, k_weights, eps)):
         raise ValueError("qk_norm_rope_joint: pass two segments of qs, ks, vs, q_weights, k_weights (and eps)")
-    total = sum(q.shape[1] for q in qs if isinstance(q, torch.Tensor) and q.dim() == 4)
+    for i, q in enumerate(qs):  # before the token count below is read from them
+        if q.dim() != 4:
+            raise ValueError(f"qk_norm_rope_joint: qs[{i}] must be [B, S_{i}, H, D], got shape {tuple(q.shape)}")
+    total = qs[0].shape[1] + qs[1].shape[1]
+    check_rope_pair("qk_norm_rope_joint", cos, sin, {})
+    if cos is not None:
+        # Both whole tables: each segment's check below sees only its rows, and the kernels read the whole table.
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != total:
+                raise ValueError(f"qk_norm_rope_joint: {name} must be [S_0 + S_1, D] = [{total}, D], got "
+                                 + (f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__))
     for i in range(2):
         seg_cos = seg_sin = None
         if cos is not None:
-            if not isinstance(cos, torch.Tensor) or cos.dim() != 2 or cos.shape[0] != total:
-                raise ValueError(f"qk_norm_rope_joint: cos must be [S_0 + S_1, D] = [{total}, D], got shape "
-                                 f"{tuple(getattr(cos, 'shape', ()))}")
             rows = slice(0, qs[0].shape[1]) if i == 0 else slice(qs[0].shape[1], total)
-            seg_cos, seg_sin = cos[rows], (sin[rows] if isinstance(sin, torch.Tensor) else sin)
+            seg_cos, seg_sin = cos[rows], sin[rows]
         _validate(qs[i], ks[i], q_weights[i], k_weights[i], seg_cos, seg_sin, eps[i])
         if vs[i].shape != qs[i].shape or vs[i].dtype != qs[i].dtype or vs[i].stride(-1) != 1:
             raise ValueError(f"qk_norm_rope_joint: vs[{i}] must match qs[{i}] ({tuple(qs[i].shape)}, {qs[i].dtype}, "

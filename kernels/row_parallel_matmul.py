@@ -32,7 +32,7 @@ row-parallel layer in :mod:`tpfuse.tp_layers.linear`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,15 +182,21 @@ def row_parallel_matmul_reference(parts: Sequence[torch.Tensor], weight: torch.T
 def _validate(parts, weight, gate, residual, add_residual):
     if isinstance(parts, torch.Tensor):
         raise TypeError("row_parallel_matmul: parts must be a list of tensors, got a single tensor")
+    if not isinstance(parts, Iterable) or isinstance(parts, str):
+        raise TypeError(f"row_parallel_matmul: parts must be a list of tensors, got {type(parts).__name__}")
     parts = list(parts)
     if not 1 <= len(parts) <= MAX_PARTS:
         raise ValueError(f"row_parallel_matmul: 1 to {MAX_PARTS} parts are supported, got {len(parts)}")
+    if not isinstance(add_residual, bool):
+        raise TypeError(f"row_parallel_matmul: add_residual must be a bool, got {add_residual!r}")
     named = {f"parts[{i}]": p for i, p in enumerate(parts)} | {"weight": weight}
     if gate is not None:
         named["gate"] = gate
-    if add_residual:
-        if residual is None:
-            raise ValueError("row_parallel_matmul: add_residual=True needs a residual")
+    if add_residual and residual is None:
+        raise ValueError("row_parallel_matmul: add_residual=True needs a residual")
+    if residual is not None:
+        # Checked also where it is not added (the ranks but one of a row-parallel layer): the same call must not
+        # pass on one rank and fail on another.
         named["residual"] = residual
     ref = parts[0]
     for name, t in named.items():
@@ -198,6 +204,8 @@ def _validate(parts, weight, gate, residual, add_residual):
             raise TypeError(f"row_parallel_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != ref.device:
             raise ValueError(f"row_parallel_matmul: {name} is on {t.device}, parts[0] is on {ref.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"row_parallel_matmul: {name} must be floating point, got {t.dtype}")
         if t.dtype != ref.dtype:
             raise TypeError(f"row_parallel_matmul: {name} has dtype {t.dtype}, parts[0] has {ref.dtype}")
     if ref.dim() != 3:
@@ -214,14 +222,15 @@ def _validate(parts, weight, gate, residual, add_residual):
     if gate is not None and not (gate.shape in ((B, N), (B, 1, N)) or gate.shape in ((1, N), (1, 1, N))):
         raise ValueError(f"row_parallel_matmul: gate must be [B, N] or [B, 1, N] with B={B}, N={N}, got shape "
                          f"{tuple(gate.shape)}")
-    if add_residual and residual.shape != (B, S, N):
+    if residual is not None and residual.shape != (B, S, N):
         raise ValueError(f"row_parallel_matmul: residual must be [{B}, {S}, {N}], got shape {tuple(residual.shape)}")
     return parts
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[B, S, K] -> [B*S, K] with a contiguous last dim (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    """[B, S, K] -> [B*S, K] with a contiguous last dim (a view when possible). The row count is explicit: ``-1``
+    is ambiguous for K = 0."""
+    t2 = t.reshape(t.shape[0] * t.shape[1], t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
@@ -247,7 +256,7 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
     check_int32_addressable("row_parallel_matmul", {**{f"parts[{i}]": p for i, p in enumerate(a)},
                                                      "weight": weight, "residual": res, "out": out})
     M = r1 - r0
-    if M == 0:
+    if M == 0 or N == 0:  # nothing to write (a grid of 0 programs)
         return out
     ks = [p.shape[-1] for p in parts]
     # The tile shape follows the whole row count, not the chunk's: every chunk of an overlapped layer then runs the

@@ -153,8 +153,8 @@ def test_bad_input_qk_norm_rope_joint():
     with pytest.raises(ValueError, match="segments differ beyond their token counts"):
         q2 = torch.randn(1, 5, 4, 8)
         qk_norm_rope_joint([q0, q2], [q0, q2], [q0, q2], [w, w], [w, w], None, None, 1e-6)
-    with pytest.raises(ValueError, match="eps must be positive, got 0"):
-        qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1], [w, w], [w, w], None, None, (1e-6, 0))
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1e-06"):
+        qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1], [w, w], [w, w], None, None, (1e-6, -1e-6))
     with pytest.raises(ValueError, match="vs\\[1\\] is on meta, qs\\[0\\] is on cpu"):
         qk_norm_rope_joint([q0, q1], [q0, q1], [q0, q1.to("meta")], [w, w], [w, w], None, None, 1e-6)
 
@@ -337,8 +337,10 @@ def test_bad_input_layernorm_modulate():
         layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8, device="meta"))
     with pytest.raises(TypeError, match="shift must be floating point, got torch.int64"):
         layernorm_modulate(x, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8))
-    with pytest.raises(ValueError, match="eps must be positive, got 0"):
-        layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8), eps=0)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1e-06"):
+        layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8), eps=-1e-6)
+    torch.testing.assert_close(layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8), eps=0),
+                               torch.nn.functional.layer_norm(x, (8,), eps=0), rtol=0, atol=0)
     with pytest.raises(ValueError, match="x must be contiguous in its last dim"):
         layernorm_modulate(torch.randn(2, 8, 3).transpose(1, 2), torch.zeros(2, 8), torch.zeros(2, 8),
                            backend="triton")
@@ -442,3 +444,135 @@ def test_tp_block_unfused_when_the_kernel_does_not_fit(monkeypatch):
     assert "fused_qkv_mlp_proj" not in {op for op, _ in ran}
     with torch.no_grad():
         assert rel_error(out, dense(**tensors, image_rotary_emb=rope)) <= TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eps_must_be_a_positive_finite_float_on_every_op(backend):
+    """Not a bare "'>' not supported" from deep inside, and not inf (every row normalized to zero, silently)."""
+    from tpfuse.kernels import qk_norm_rope_joint
+
+    q, w = torch.randn(1, 3, 2, 32), torch.ones(32)
+    x, wp = torch.randn(1, 3, 16), torch.randn(3 * 2 * 32 + 2 * 8, 16)
+    ops = {
+        "qk_norm_rope": lambda eps: qk_norm_rope(q, q, w, w, None, None, eps, backend=backend),
+        "qk_norm_rope_joint": lambda eps: qk_norm_rope_joint([q, q], [q, q], [q, q], [w, w], [w, w], None, None, eps,
+                                                             backend=backend),
+        "fused_qkv_mlp_proj": lambda eps: fused_qkv_mlp_proj(x, wp, w, w, None, None, 2, 32, 8, eps, backend=backend),
+        "layernorm_modulate": lambda eps: layernorm_modulate(x, torch.zeros(1, 16), torch.zeros(1, 16), eps,
+                                                             backend=backend),
+    }
+    for name, call in ops.items():
+        op = "qk_norm_rope" if name == "qk_norm_rope_joint" else name  # the joint op checks each segment's eps
+        with pytest.raises(ValueError, match=f"{op}: eps must be finite, got inf"):
+            call(float("inf"))
+        for bad in ("1e-6", None, torch.tensor(1e-6), True):
+            with pytest.raises(TypeError, match="eps must be a float"):
+                call(bad)
+        import numpy as np
+
+        call(np.float32(1e-6))  # a numpy scalar is a float
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_joint_inputs_are_named_and_the_angles_checked_whole(backend):
+    from tpfuse.kernels import qk_norm_rope_joint
+
+    q0, q1, w = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.ones(8)
+    cos, sin = torch.ones(8, 8), torch.zeros(8, 8)
+
+    def call(qs=(q0, q1), vs=(q0, q1), cos=cos, sin=sin):
+        return qk_norm_rope_joint(qs, [q0, q1], vs, [w, w], [w, w], cos, sin, 1e-6, backend=backend)
+
+    with pytest.raises(TypeError, match="qs must be a list of the two segments' tensors, got NoneType"):
+        call(qs=None)
+    with pytest.raises(TypeError, match=r"vs\[1\] must be a torch.Tensor, got NoneType"):
+        call(vs=[q0, None])
+    with pytest.raises(ValueError, match=r"qs\[0\] must be \[B, S_0, H, D\], got shape \(3, 2, 8\)"):
+        call(qs=[q0[0], q1])
+    # sin with more rows than the joint sequence: the torch path used its first rows, the triton path crashed
+    with pytest.raises(ValueError, match=r"sin must be \[S_0 \+ S_1, D\] = \[8, D\], got shape \(9, 8\)"):
+        call(sin=torch.zeros(9, 8))
+    # sin without cos was ignored
+    with pytest.raises(ValueError, match="pass both cos and sin, or neither"):
+        call(cos=None)
+
+
+def test_fused_projection_sizes_take_numpy_ints_but_not_bools():
+    import numpy as np
+
+    x, w, nw = torch.randn(1, 4, 16), torch.randn(3 * 1 * 32 + 2 * 8, 16), torch.ones(32)
+    with pytest.raises(ValueError, match="heads must be a positive int, got True"):
+        fused_qkv_mlp_proj(x, w, nw, nw, None, None, True, 32, 8)  # was taken as heads=1
+    q = fused_qkv_mlp_proj(x, w, nw, nw, None, None, np.int64(1), np.int64(32), np.int64(8))[0]
+    assert q.shape == (1, 1, 4, 32)
+
+
+@pytest.mark.parametrize("where", ["cos", "sin"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_angle_pairs_propagate_on_every_rope_path(where, value):
+    """A pair holding NaN (or +-inf) twice is a pair: on the Triton path of each RoPE op, forward and backward, the
+    non-finite values land where the torch path puts them. NaN in one element only is unpaired and refused."""
+    from tpfuse.kernels import qk_norm_rope_joint
+
+    cos, sin = (t.cpu() for t in _angles(3, 32))
+    (cos if where == "cos" else sin)[1, 4:6] = value
+    q, k, w = torch.randn(1, 3, 2, 32), torch.randn(1, 3, 2, 32), torch.rand(32) + 0.5
+    x, wp = torch.randn(1, 3, 16), torch.randn(3 * 2 * 32 + 2 * 8, 16) / 4
+    ops = {
+        "qk_norm_rope": lambda c, s, be, t: qk_norm_rope(t, k, w, w, c, s, backend=be),
+        "qk_norm_rope_joint": lambda c, s, be, t: qk_norm_rope_joint([t[:, :1], t[:, 1:]], [k[:, :1], k[:, 1:]],
+                                                                     [k[:, :1], k[:, 1:]], [w, w], [w, w], c, s,
+                                                                     1e-6, backend=be),
+        "fused_qkv_mlp_proj": lambda c, s, be, t: fused_qkv_mlp_proj(t, wp, w, w, c, s, 2, 32, 8, backend=be),
+    }
+    for name, op in ops.items():
+        got = {}
+        for be in ("torch", "triton"):
+            t = (x if name == "fused_qkv_mlp_proj" else q).clone().requires_grad_()
+            angles = [a.clone().requires_grad_() for a in (cos, sin)]
+            outs = op(*angles, be, t)
+            sum(o.sum() for o in outs).backward()
+            got[be] = [*outs, t.grad, *(a.grad for a in angles)]
+        for ref, out in zip(got["torch"], got["triton"]):
+            assert torch.equal(ref.isnan(), out.isnan()) and torch.equal(ref.isinf(), out.isinf()), name
+            torch.testing.assert_close(out.nan_to_num(0, 0, 0), ref.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)
+        assert any(o.isnan().any() or o.isinf().any() for o in got["triton"]), name
+        half = (cos if where == "cos" else sin).clone()
+        half[1, 4:6] = torch.tensor([float("nan"), 0.5])
+        with pytest.raises(ValueError, match=rf"{where}\[:, 2i\] != {where}\[:, 2i\+1\] \(first at row 1, pair 2\)"):
+            op(*((half, sin) if where == "cos" else (cos, half)), "triton", q if name != "fused_qkv_mlp_proj" else x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["fake", "meta"])
+def test_every_op_traces_from_shapes_alone(backend, mode):
+    """Shape-only tracing (a FakeTensorMode, as torch.compile traces; meta tensors): no guard of any op reads a
+    value (an ``.item()`` there raises), forward and backward, on both backends."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tpfuse.kernels import qk_norm_rope_joint
+    from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul
+
+    dev = "meta" if mode == "meta" else "cpu"
+    with FakeTensorMode() if mode == "fake" else torch.device("meta"):
+        def t(*shape):
+            return torch.randn(*shape, device=dev, requires_grad=True)
+
+        cos, sin = t(3, 32), t(3, 32)
+        q, w, x = t(2, 3, 2, 32), t(32), t(2, 3, 16)
+        outs = {
+            "qk_norm_rope": qk_norm_rope(q, q, w, w, cos, sin, backend=backend),
+            "qk_norm_rope_joint": qk_norm_rope_joint([q[:, :1], q[:, 1:]], [q[:, :1], q[:, 1:]], [q[:, :1], q[:, 1:]],
+                                                     [w, w], [w, w], cos, sin, 1e-6, backend=backend),
+            "fused_qkv_mlp_proj": fused_qkv_mlp_proj(x, t(3 * 2 * 32 + 2 * 8, 16), w, w, cos, sin, 2, 32, 8,
+                                                     backend=backend),
+            "layernorm_modulate": (layernorm_modulate(x, t(2, 1, 16), t(2, 1, 16), backend=backend),),
+            "row_parallel_matmul": (row_parallel_matmul([x, t(2, 3, 8)], t(12, 24), t(2, 12), t(2, 3, 12), True,
+                                                        backend=backend),),
+        }
+        sum(o.sum() for out in outs.values() for o in out).backward()
+    shapes = {name: [tuple(o.shape) for o in out] for name, out in outs.items()}
+    assert shapes == {"qk_norm_rope": [(2, 3, 2, 32)] * 2, "qk_norm_rope_joint": [(2, 3, 2, 32)] * 3,
+                      "fused_qkv_mlp_proj": [(2, 2, 3, 32)] * 3 + [(2, 3, 8)], "layernorm_modulate": [(2, 3, 16)],
+                      "row_parallel_matmul": [(2, 3, 12)]}
+    assert q.grad.shape == q.shape and cos.grad.shape == cos.shape and x.grad.shape == x.shape
