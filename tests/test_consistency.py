@@ -1,6 +1,8 @@
 """Ranks holding different weights or getting different inputs: a clear error on every rank, never a wrong answer
 or an abort inside gloo (issue 13, items 5 and 6)."""
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ from tpfuse.tp_layers import (
     TPSingleStreamBlock,
     run_ranks,
 )
+from tpfuse.tp_layers import consistency
 from tpfuse.tp_layers.consistency import (
     InputMismatchError,
     WeightMismatchError,
@@ -70,6 +73,128 @@ def test_checksum_reads_bits_and_ignores_layout():
         assert torch.equal(tensor_checksum(view), tensor_checksum(view.clone())), view.shape
     c = torch.randn(7, dtype=torch.complex64)
     assert torch.equal(tensor_checksum(c.conj()), tensor_checksum(c.conj().resolve_conj()))
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.equal(tensor_checksum(a), tensor_checksum(b))
+
+
+def test_checksum_sees_changes_that_cancelled_in_the_old_wrapping_sums():
+    # Issue 21 item 8: the old int64 sums mod 2^64 saw a sign bit at the top of a word as +-2^63, and two of them
+    # (times any odd weight) cancel.
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    v = w.clone()
+    v[2, 5], v[7, 9] = -v[2, 5], -v[7, 9]  # two fp32 sign flips at odd indices: the top bits of two int64 words
+    assert _differs(w, v)
+    d = torch.randn(6, 10, dtype=torch.float64)
+    assert _differs(d, -d)  # a whole fp64 tensor negated: 60 changes of 2^63
+    for dtype in (torch.float16, torch.bfloat16):
+        b = torch.randn(40, 24).to(dtype)
+        two, every4th, pair = b.clone(), b.clone(), b.clone()
+        two.view(-1)[[3, 7]] *= -1
+        every4th.view(-1)[3::4] *= -1  # 240 sign flips
+        pair.view(-1)[[10, 11]] *= -1  # two elements of one old int64 word
+        assert _differs(b, two) and _differs(b, every4th) and _differs(b, pair) and _differs(b, -b), dtype
+    # Two values swapped far apart (1.0 and 2.0 differ by 2^7 in bf16 bits, 2^8 rows of the old fold apart).
+    t = torch.full((4 * 251 * 260,), 0.5).bfloat16()
+    i, j = 3, 4 * 251 * 256 + 3
+    t[i], t[j] = 1.0, 2.0
+    u = t.clone()
+    u[i], u[j] = t[j], t[i]
+    assert _differs(t, u)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int32])
+def test_checksum_sees_every_pair_of_sign_flips_and_swaps(dtype):
+    n = 64  # every pair of sign flips, every swap of two different elements: at every distance
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1000).to(dtype)
+    sign = None if dtype.is_floating_point else torch.tensor(1, dtype=dtype) << (8 * x.element_size() - 1)
+    base = tuple(tensor_checksum(x).tolist())
+    for i in range(n):
+        for j in range(i + 1, n):
+            u = x.clone()
+            if sign is None:
+                u[[i, j]] = -u[[i, j]]
+            else:
+                u[[i, j]] ^= sign  # an int's sign bit
+            assert tuple(tensor_checksum(u).tolist()) != base, (i, j)
+            if x[i] != x[j]:
+                u = x.clone()
+                u[i], u[j] = x[j], x[i]
+                assert tuple(tensor_checksum(u).tolist()) != base, (i, j)
+
+
+def _reference_checksum(t: torch.Tensor) -> list[int]:
+    """The documented hash, in Python: signed 16-bit words (zero-padded odd byte), then the byte count."""
+    data = t.detach().resolve_conj().contiguous().view(-1).view(torch.uint8).tolist() if t.numel() else []
+    nbytes = len(data)
+    data += [0] * (nbytes % 2)
+    words = [int.from_bytes(bytes(data[k:k + 2]), "little", signed=True) for k in range(0, len(data), 2)]
+    out = []
+    for x, p in zip(consistency._BASES, consistency._PRIMES):
+        h = nbytes
+        for w in reversed(words):  # Horner: sum_i w_i x^i + nbytes x^n
+            h = (h * x + w) % p
+        out.append(h)
+    return out
+
+
+def test_checksum_is_the_documented_hash_across_chunks(monkeypatch):
+    # 3-row matmuls, 2 per reduction, so that small tensors cross every boundary (a short matmul, the Horner step
+    # between reductions, the short last row, an odd byte).
+    monkeypatch.setitem(consistency._MM_ROWS, "cpu", 3)
+    monkeypatch.setitem(consistency._MMS_PER_REDUCTION, "cpu", 2)
+    row = 2 * consistency._COLS  # bytes
+    for n in (0, 1, 2, row - 1, row, row + 1, 3 * row, 6 * row + 1, 13 * row + 77):
+        for dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.complex64):
+            t = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 100).to(dtype)
+            assert tensor_checksum(t).tolist() == _reference_checksum(t), (n, dtype)
+    monkeypatch.undo()
+    t = torch.randn(5000).bfloat16()
+    assert tensor_checksum(t).tolist() == _reference_checksum(t)
+
+
+def _factor(n: int) -> set[int]:
+    out, d = set(), 2
+    while d * d <= n:
+        while n % d == 0:
+            out.add(d)
+            n //= d
+        d += 1
+    return out | ({n} if n > 1 else set())
+
+
+def test_checksum_constants_give_its_guarantees():
+    """The primes are prime and each base is a primitive root, so x^k != +-1 for 0 < k < (p-1)/2 (two changes by
+    equal or opposite amounts never cancel); and no change confined to two adjacent 16-bit words (one 32-bit
+    element) vanishes modulo both primes: the lattice {(a, b): a + b x = 0 mod p, both primes} has no nonzero
+    vector with |a|, |b| < 2^16 (its shortest, found by Lagrange-Gauss reduction, is far longer)."""
+    (p1, p2), (x1, x2) = consistency._PRIMES, consistency._BASES
+    assert p1 != p2 and 2**30 < p1 < 2**31 and 2**30 < p2 < 2**31
+    for x, p in ((x1, p1), (x2, p2)):
+        assert _factor(p) == {p}
+        assert all(pow(x, (p - 1) // q, p) != 1 for q in _factor(p - 1))  # order p - 1
+    m = p1 * p2
+    step = (x1 * p2 * pow(p2, -1, p1) + x2 * p1 * pow(p1, -1, p2)) % m  # x mod both primes
+    u, v = (m, 0), (-step % m, 1)  # basis: (a, b) = b (-x, 1) + k (m, 0)
+    norm = lambda w: w[0] ** 2 + w[1] ** 2  # noqa: E731
+    while True:  # Lagrange-Gauss reduction, exact integers
+        if norm(u) < norm(v):
+            u, v = v, u
+        k = (2 * (u[0] * v[0] + u[1] * v[1]) + norm(v)) // (2 * norm(v))
+        u = (u[0] - k * v[0], u[1] - k * v[1])
+        if norm(u) >= norm(v):
+            break
+    assert norm(v) > 2 * (2**16) ** 2, v  # shortest vector v: longer than any (a, b) with |a|, |b| < 2^16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checksum_is_the_same_on_cuda():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.uint8, torch.bool):
+        for n in (0, 1, 3, 129, 5000, 3 * 2**20 + 5):
+            t = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 50).to(dtype)
+            assert torch.equal(tensor_checksum(t.cuda()).cpu(), tensor_checksum(t)), (dtype, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,6 +260,32 @@ def test_blocks_and_layers_check_or_broadcast_before_sharding():
         assert res["row_broadcast_exact"]
 
 
+def _model_with_rank1_sign_flips(case):
+    from tpfuse.tp_layers import parallelize
+    from tpfuse.tp_layers.verify import random_diffusers_model
+
+    model = random_diffusers_model(TINY, seed=0)
+    if case == "fp64":
+        model = model.double()
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            if case == "two":  # two sign flips at odd indices of to_q's rows (the top bits of two int64 words)
+                model.transformer_blocks[0].attn.to_q.weight[[1, 4], [3, 7]] *= -1
+            else:
+                model.single_transformer_blocks[0].attn.to_out.weight.neg_()  # a whole fp64 weight negated
+    kind, res = _caught(parallelize, model)
+    return kind, res if kind != "ok" else None
+
+
+def test_parallelize_sees_sign_flips_that_used_to_cancel():
+    pytest.importorskip("diffusers")
+    for case, name in (("two", "transformer_blocks.0.attn.to_q.weight"),
+                       ("fp64", "single_transformer_blocks.0.attn.to_out.weight")):
+        for kind, msg in run_ranks(_model_with_rank1_sign_flips, 2, case, timeout=120):
+            assert kind == "WeightMismatchError", (case, msg)
+            assert f"first: {name!r}: values differ (ranks grouped by equal values: [[0], [1]]) (1 of " in msg, msg
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs: the first call checks shapes on every rank; debug mode every call, values too
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,12 +347,21 @@ def _layers_first_call():
         set_debug_checks(False)
     col_err = _caught(col, torch.randn(2, 5 + rank, 8))
     again = col(x)  # a failed check is repeated at the next call; this one agrees
-    return ok.shape, col_err[0], "x: rank 0 [2, 5, 8] float32, rank 1 [2, 6, 8] float32" in col_err[1], again.shape
+    # Out of step: rank 1 skips the column layer and goes straight to a fresh row layer's first call.
+    torch.manual_seed(1)  # the uneven randn above left the ranks' generators apart
+    col2 = ColumnParallelLinear.from_dense(torch.nn.Linear(8, 6))
+    row2 = RowParallelLinear.from_dense(torch.nn.Linear(6, 4))
+    step = _caught(col2, x) if rank == 0 else _caught(row2, torch.randn(2, 5, row2.in_features))
+    return (ok.shape, col_err[0], "x: rank 0 [2, 5, 8] float32, rank 1 [2, 6, 8] float32" in col_err[1],
+            again.shape, step)
 
 
 def test_layers_check_their_first_call():
-    for row_shape, err, named, again in run_ranks(_layers_first_call, 2, timeout=120):
+    for row_shape, err, named, again, step in run_ranks(_layers_first_call, 2, timeout=120):
         assert row_shape == (3, 4) and err == "InputMismatchError" and named and again == (2, 5, 3)
+        assert step[0] == "InputMismatchError" and ("out of step: they are checking the inputs of different "
+                                                    "modules (rank 0 ColumnParallelLinear, rank 1 "
+                                                    "RowParallelLinear)") in step[1], step
 
 
 def _model_inputs_per_rank():
@@ -223,3 +383,47 @@ def test_parallelized_model_checks_its_first_call():
     for name, msg in run_ranks(_model_inputs_per_rank, 2, timeout=120):
         assert name == "InputMismatchError" and msg.startswith("Flux2Transformer2DModel: the 2 ranks")
         assert "hidden_states: rank 0 [1, 5, 8] float32, rank 1 [1, 6, 8] float32" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# broadcast_from: a rank number of the group, checked at every world size
+# ---------------------------------------------------------------------------------------------------------------
+
+_BAD_SOURCES = [("0", TypeError, "broadcast_from must be a rank number (an int) or None, got '0' (str)"),
+                (True, TypeError, "got True (bool)"), (1.5, TypeError, "got 1.5 (float)"),
+                (5, ValueError, "broadcast_from=5 is not a rank of the 1-rank tensor-parallel group (valid: 0)"),
+                (-1, ValueError, "broadcast_from=-1 is not a rank of the 1-rank tensor-parallel group (valid: 0)")]
+
+
+@pytest.mark.parametrize("value,error,text", _BAD_SOURCES)
+def test_broadcast_from_is_checked_on_one_process(value, error, text):
+    pytest.importorskip("diffusers")
+    from tpfuse.tp_layers import parallelize
+    from tpfuse.tp_layers.verify import random_diffusers_model
+
+    # Used to be accepted silently at world size 1 (no broadcast to do), failing only on the cluster.
+    with pytest.raises(error, match=re.escape(text)):
+        parallelize(random_diffusers_model(TINY, seed=0), broadcast_from=value)
+    for cls, kind in ((TPSingleStreamBlock, "single"), (TPDoubleStreamBlock, "double")):
+        with pytest.raises(error, match=re.escape(text)):
+            cls.from_dense(random_dense_block(TINY, kind, seed=0), broadcast_from=value)
+    with pytest.raises(error, match=re.escape(text)):
+        RowParallelLinear.from_dense(torch.nn.Linear(4, 4), broadcast_from=value)
+    assert RowParallelLinear.from_dense(torch.nn.Linear(4, 4), broadcast_from=0).weight.shape == (4, 4)
+
+
+def _bad_sources_on_ranks():
+    out = []
+    for value in (2, "0"):
+        try:
+            ColumnParallelLinear.from_dense(torch.nn.Linear(4, 4), broadcast_from=value)
+            out.append("ok")
+        except (TypeError, ValueError) as exc:
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def test_broadcast_from_outside_the_group_is_an_error_on_every_rank():
+    for res in run_ranks(_bad_sources_on_ranks, 2):
+        assert res == ["ValueError: broadcast_from=2 is not a rank of the 2-rank tensor-parallel group (valid: 0 to 1)",
+                       "TypeError: broadcast_from must be a rank number (an int) or None, got '0' (str)"]

@@ -29,6 +29,7 @@ from torch.nn.modules import module as torch_module
 from tpfuse.kernels.qk_norm_rope import rope_reference
 
 from ._checks import check_like
+from ._flavour import flavour, resolve
 from .config import Flux2Config
 
 __all__ = [
@@ -158,15 +159,29 @@ def _check_stream(x: torch.Tensor, ref: torch.Tensor | None, dim: int, name: str
         raise ValueError(f"{name} must be [B, S, {dim}], got shape {tuple(x.shape)}")
 
 
+class BatchMismatchError(ValueError, RuntimeError):
+    """Batches (latents, text, timesteps, modulation) that do not broadcast to one. Also a ``RuntimeError``: what
+    the dense model raises for the same inputs (a failed broadcast), so code written against it catches it."""
+
+
 def _check_mod(mod: torch.Tensor, ref: torch.Tensor | None, width: int, name: str, seq: int,
                batch: int) -> None:
     _check_like(mod, ref, name)
     if mod.shape[-1] != width or mod.dim() not in (2, 3) or (mod.dim() == 3 and mod.shape[1] not in (1, seq)):
         raise ValueError(f"{name} must be [B, {width}], [B, 1, {width}] or per token [B, {seq}, {width}], got shape "
                          f"{tuple(mod.shape)}")
-    if mod.shape[0] not in (1, batch):
-        raise ValueError(f"{name} has batch {mod.shape[0]} but the hidden states have batch {batch} (shape "
-                         f"{tuple(mod.shape)}; 1 broadcasts)")
+    if mod.shape[0] not in (1, batch) and batch != 1:
+        raise BatchMismatchError(f"{name} has batch {mod.shape[0]} but the hidden states have batch {batch} (shape "
+                         f"{tuple(mod.shape)}; a batch of 1 on either side broadcasts)")
+
+
+def _broadcast_batch(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    """A stream of batch 1 repeated to its modulation's batch M (M timesteps for one latent): the dense block
+    broadcasts it, ``(1 + scale) * norm(x)`` and ``x + gate * out`` having M rows, so every op runs on M rows here
+    too. A copy, not a stride-0 view: the fused kernels read rows with unit strides."""
+    if x.shape[0] == mod.shape[0] or mod.shape[0] == 1:
+        return x
+    return x.expand(mod.shape[0], *x.shape[1:]).contiguous()
 
 
 def hooked(module: nn.Module) -> bool:
@@ -180,6 +195,19 @@ def hooked(module: nn.Module) -> bool:
             or bool(torch_module._global_backward_hooks) or bool(torch_module._global_backward_pre_hooks))
 
 
+def transparent_base(module: nn.Module) -> nn.Module:
+    """What calling ``module`` computes exactly: the base layer of a peft LoRA ``Linear`` whose forward is just
+    ``self.base_layer(x)`` (peft's ``LoraLayer.forward``: adapters merged into the weight by ``fuse_lora`` and not
+    disabled, or disabled with none merged; disabled *and* merged unmerges first, a side effect), recursively;
+    otherwise ``module`` itself. Fused paths gate on this, so that a fused LoRA takes the fused kernels; a wrapper
+    with hooks is not transparent."""
+    # peft's own class only, by name (peft stays optional): a subclass may compute something else.
+    while (type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer"
+           and not hooked(module) and bool(module.merged) != bool(module.disable_adapters)):
+        module = module.base_layer
+    return module
+
+
 class Projection:
     """An out-projection not applied yet: ``proj(cat(parts))``. Blocks fold their gate and residual into it."""
 
@@ -189,9 +217,11 @@ class Projection:
         self.proj, self.parts = proj, list(parts)
 
     def materialize(self) -> torch.Tensor:
-        # The class's own method only: a wrapper (peft) forwarding attribute lookups must not be bypassed.
-        if hasattr(type(self.proj), "forward_fused") and not hooked(self.proj):
-            return self.proj.forward_fused(self.parts)  # a row-parallel layer reads the parts without a cat
+        # The class's own method only: a wrapper (peft) forwarding attribute lookups must not be bypassed, unless
+        # it computes exactly its base layer (a fused LoRA).
+        proj = transparent_base(self.proj)
+        if hasattr(type(proj), "forward_fused") and not hooked(proj):
+            return proj.forward_fused(self.parts)  # a row-parallel layer reads the parts without a cat
         return self.proj(self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1))
 
 
@@ -239,9 +269,43 @@ def _diffusers_kv_processor(name: str):
     return getattr(transformer_flux2, name)()
 
 
+# diffusers' processor that each default processor stands for, by class name: looked up once, on first use
+# (diffusers stays optional and is not imported with tpfuse).
+_DIFFUSERS_PROCESSORS = {"JointAttnProcessor": "Flux2AttnProcessor",
+                         "SingleAttnProcessor": "Flux2ParallelSelfAttnProcessor"}
+_DIFFUSERS_FLUX2: Any = _UNLOADED
+
+
+def _processor_flavour(cls: type) -> type:
+    """``cls`` also deriving from the diffusers processor it stands for (tpfuse's ``__call__``/``parts`` first in
+    the MRO), so that code selecting "every ``Flux2AttnProcessor``" finds it; ``cls`` itself without diffusers."""
+    global _DIFFUSERS_FLUX2
+    if _DIFFUSERS_FLUX2 is _UNLOADED:
+        try:
+            from diffusers.models.transformers import transformer_flux2 as found
+        except ImportError:
+            found = None
+        except Exception as exc:  # noqa: BLE001 - a broken diffusers: plain processors now, retried next time
+            logger.warning("tpfuse: diffusers' FLUX.2 processors could not be imported (%s: %s); tpfuse's processors "
+                           "do not derive from them", type(exc).__name__, exc)
+            return cls
+        _DIFFUSERS_FLUX2 = found
+    dense = getattr(_DIFFUSERS_FLUX2, _DIFFUSERS_PROCESSORS[cls.__name__], None)
+    return cls if dense is None else flavour(cls, dense, __name__)
+
+
+def __getattr__(name: str):  # pickle finds the processor flavours by their __qualname__
+    return resolve(name, {"JointAttnProcessor": JointAttnProcessor, "SingleAttnProcessor": SingleAttnProcessor},
+                   lambda cls, dense: flavour(cls, dense, __name__))
+
+
 class _TPFuseProcessor:
     """Base of tpfuse's default processors. ``parts`` returns the out-projection's inputs as :class:`Projection`
     objects (the block folds gate and residual into it); ``__call__`` applies them, as a diffusers processor does.
+
+    With diffusers installed, ``JointAttnProcessor()`` and ``SingleAttnProcessor()`` are also instances of
+    diffusers' ``Flux2AttnProcessor`` and ``Flux2ParallelSelfAttnProcessor`` (a class deriving from both; a user's
+    subclass of tpfuse's class is left as written).
 
     With ``kv_cache_mode`` set (``Flux2KleinKVPipeline``), the call goes to diffusers' KV processor of the same
     kind, which works per local head (each rank caches its own heads' reference K/V).
@@ -250,6 +314,12 @@ class _TPFuseProcessor:
     _attention_backend = None
     _parallel_config = None
     _kv_processor: str
+
+    def __new__(cls, *args, **kwargs):
+        # Unpickling and copying build the flavour class directly (cls is then the flavour, left alone).
+        if cls in (JointAttnProcessor, SingleAttnProcessor):
+            cls = _processor_flavour(cls)
+        return object.__new__(cls)
 
     def _kv(self, attn, *args, **kwargs):
         proc = _diffusers_kv_processor(self._kv_processor)
@@ -551,9 +621,13 @@ class SingleStreamBlock(_BlockHooks, nn.Module):
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
         if encoder_hidden_states is not None:
             _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
+            if encoder_hidden_states.shape[0] != hidden_states.shape[0]:  # torch.cat does not broadcast
+                raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, hidden_states "
+                                 f"has batch {hidden_states.shape[0]}")
             text_seq_len = encoder_hidden_states.shape[1]
             hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, St+Si, D]
         _check_mod(temb_mod, ref, 3 * self.dim, "temb_mod", hidden_states.shape[1], hidden_states.shape[0])
+        hidden_states = _broadcast_batch(hidden_states, temb_mod)
         kwargs = dict(joint_attention_kwargs or {})
 
         (shift, scale, gate), = split_modulation(temb_mod, 1)
@@ -600,12 +674,18 @@ class DoubleStreamBlock(_BlockHooks, nn.Module):
         ref = _weight_of(self.attn.to_add_out)
         _check_stream(hidden_states, ref, self.dim, "hidden_states")
         _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
-        if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
-            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, hidden_states has "
-                             f"batch {hidden_states.shape[0]}")
         _check_mod(temb_mod_img, ref, 6 * self.dim, "temb_mod_img", hidden_states.shape[1], hidden_states.shape[0])
         _check_mod(temb_mod_txt, ref, 6 * self.dim, "temb_mod_txt", encoder_hidden_states.shape[1],
                    encoder_hidden_states.shape[0])
+        # Each stream broadcasts against its own modulation first (as in the dense block); the joint attention then
+        # needs one batch.
+        batches = (hidden_states.shape[0], encoder_hidden_states.shape[0])
+        hidden_states = _broadcast_batch(hidden_states, temb_mod_img)
+        encoder_hidden_states = _broadcast_batch(encoder_hidden_states, temb_mod_txt)
+        if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            raise BatchMismatchError(f"encoder_hidden_states has batch {batches[1]}, hidden_states has batch "
+                                     f"{batches[0]} (temb_mod_txt has batch {temb_mod_txt.shape[0]}, temb_mod_img "
+                                     f"batch {temb_mod_img.shape[0]}): the joint attention needs one batch")
         kwargs = dict(joint_attention_kwargs or {})
 
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(temb_mod_img, 2)

@@ -349,7 +349,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.out_features_per_partition = self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and inputs_check_due(self):
+        if inputs_check_due(self, {"x": x}):
             check_inputs_agree(self, self.group, {"x": x})  # the same input on every rank (first call)
         check_input(x, self.weight, self.input_size, type(self).__name__)
         y = column_parallel_linear(x, [self], self.group)[0]  # [..., out/N]
@@ -394,7 +394,7 @@ class RowParallelLinear(_ParallelLinear):
         self.in_features_per_partition = self.weight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and inputs_check_due(self):
+        if inputs_check_due(self, {"x": x}):
             # the same input on every rank (first call); a parallel input agrees but for its last dim
             check_inputs_agree(self, self.group, {"x": x}, sharded=("x",) if self.input_is_parallel else ())
         if not self.input_is_parallel:
@@ -415,17 +415,28 @@ class RowParallelLinear(_ParallelLinear):
         reduce costs u |residual| (u = 2^-8). fp32 and N = 2 are unaffected in practice; pass ``residual=None``
         and add it afterwards if a bf16 run at large N needs the tighter bound.
         """
-        if not torch.compiler.is_compiling() and inputs_check_due(self):
+        name = type(self).__name__
+        if isinstance(parts, torch.Tensor):
+            parts = [parts]
+        elif isinstance(parts, (list, tuple)):
+            parts = list(parts)
+        else:
+            raise TypeError(f"{name}: parts must be a tensor or a list of tensors, got {type(parts).__name__}")
+        if inputs_check_due(self, {"parts": parts, "gate": gate, "residual": residual}):
             check_inputs_agree(self, self.group, {"parts": parts, "gate": gate, "residual": residual},
                                sharded=("parts",))
-        parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
-        name = type(self).__name__
         group_size = get_world_size(self.group)
         if self.weight.shape[1] * group_size != self.input_size:
             raise ValueError(f"{name}: the weight shard has {self.weight.shape[1]} of {self.input_size} input "
                              f"features, which does not match a group of size {group_size}")
-        widths = [p.shape[-1] if isinstance(p, torch.Tensor) and p.dim() else None for p in parts]
-        if not parts or None in widths or sum(widths) != self.in_features_per_partition:
+        for i, p in enumerate(parts):  # the input itself first: "widths [None]" would not say what is wrong
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name}: input {i} must be a torch.Tensor, got {type(p).__name__}")
+            if p.dim() == 0:
+                raise ValueError(f"{name}: input {i} is a 0-dim tensor; it needs a feature dim "
+                                 f"(local in_features {self.in_features_per_partition})")
+        widths = [p.shape[-1] for p in parts]
+        if not parts or sum(widths) != self.in_features_per_partition:
             raise ValueError(f"{name}: input widths {widths} must sum to the local in_features "
                              f"{self.in_features_per_partition}")
         for i, p in enumerate(parts):

@@ -55,6 +55,7 @@ from .flux2 import (
     _dispatch_attention_fn,
     attention_heads_major,
     hooked,
+    transparent_base,
 )
 from .linear import (
     ColumnParallelLinear,
@@ -82,11 +83,35 @@ _DOUBLE_WEIGHTS = (
 )
 
 
+def _tied_parameters(module: nn.Module) -> list[list[str]]:
+    """The names of each Parameter that ``module`` holds under two or more names (tied weights), one list per
+    Parameter, sorted."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return sorted(sorted(n) for n in names.values() if len(n) > 1)
+
+
+def _describe_ties(ties: list[list[str]]) -> str:
+    """Why tied weights are refused, and the remedy. Supporting them is not possible in general: the two uses may
+    be sharded differently (a column and a row layer, a block weight and a replicated module), and where the shards
+    would coincide every loader, checksum, save and LoRA path would still have to keep the tie; FLUX.2 ties no
+    weights."""
+    shown = "; ".join(" is ".join(t) for t in ties[:3]) + (" ..." if len(ties) > 3 else "")
+    return (f"tied weights (one Parameter under several names) cannot be sharded: {shown}. Each tensor-parallel "
+            "layer holds its own copy or shard of its weight and cannot keep the tie; untie them before sharding "
+            "by giving each name its own Parameter (e.g. `attn.to_k.weight = "
+            "nn.Parameter(attn.to_k.weight.detach().clone())`)")
+
+
 def _check_block(block: nn.Module, types: set[tuple[str, str]], weights: list[str], what: str) -> None:
     kind = (type(block).__module__, type(block).__name__)
     if kind not in types or isinstance(block, (TPSingleStreamBlock, TPDoubleStreamBlock)):
         names = sorted(f"{m}.{n}" for m, n in types)
         raise TypeError(f"{what}.from_dense expects one of {names}, got {kind[0]}.{kind[1]}")
+    ties = _tied_parameters(block)
+    if ties:
+        raise ValueError(f"{what}.from_dense: {_describe_ties(ties)}")
     present = {n.replace(".base_layer.", "."): p for n, p in block.named_parameters()}  # through LoRA wrappers
     missing = [w for w in weights if present.get(w) is None]
     if missing:
@@ -227,8 +252,10 @@ def _init_heads(module, dense, group, world_size: int) -> None:
 
 
 def _plain(*linears) -> bool:
-    """Tensor-parallel linears that fused code may read directly: not wrapped (LoRA) and not hooked."""
-    return all(isinstance(lin, (ColumnParallelLinear, RowParallelLinear)) and not hooked(lin) for lin in linears)
+    """Tensor-parallel linears that fused code may read directly (through :func:`transparent_base`: a LoRA wrapper
+    whose adapters are merged counts as its base layer): not wrapped by an active adapter, and not hooked."""
+    return all(isinstance(lin, (ColumnParallelLinear, RowParallelLinear)) and not hooked(lin)
+               for lin in map(transparent_base, linears))
 
 
 class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
@@ -243,7 +270,7 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
         return self
 
     def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None, backend=None, parallel_config=None):
-        proj = self.to_qkv_mlp_proj
+        proj = transparent_base(self.to_qkv_mlp_proj)
         eps = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
         kernel_fits = (self.head_dim in SUPPORTED_HEAD_DIMS or
                        resolve_backend("fused_qkv_mlp_proj", hidden_states.device) != "triton")
@@ -302,6 +329,7 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
     def _qkv(self, x, linears):
         if not _plain(*linears):
             return [lin(x) for lin in linears]  # LoRA or hooks: each module called
+        linears = [transparent_base(lin) for lin in linears]
         # Q, K and V read the same input: the backward all-reduces their summed input gradient once per stream
         # (instead of three times), overlapped with the three weight-gradient GEMMs.
         check_input(x, linears[0].weight, linears[0].input_size, type(self).__name__)
@@ -336,13 +364,13 @@ class _FusedBlockMixin:
         if isinstance(out, Projection) and _plain(out.proj) and _per_batch(gate):
             # gate applied before the (chunked, overlapped) all-reduce and residual added by rank 0: the reduced
             # sum is already residual + gate * out.
-            return out.proj.forward_fused(out.parts, gate, residual)
+            return transparent_base(out.proj).forward_fused(out.parts, gate, residual)
         return super()._gated_residual(residual, gate, out)
 
     def _check_inputs(self, inputs):
         # The first call (every call in debug mode) all-gathers the input shapes: ranks fed different batch splits
         # or sequence lengths get an error instead of garbage or an abort inside the collective.
-        if not torch.compiler.is_compiling() and inputs_check_due(self):
+        if inputs_check_due(self, inputs):
             check_inputs_agree(self, self.attn.group, inputs)
 
     def _pre_forward(self):
