@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from .comm import get_rank, get_world_size, resolve_group
+from .config import Flux2Config, json_kind
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .sharding import shard_ranges
 
@@ -140,7 +140,8 @@ class LoadReport:
     key_format: str  # "diffusers" or "bfl"
     rank: int
     world_size: int
-    ignored: list[str] = dataclasses.field(default_factory=list)  # safetensors files the index leaves out
+    # safetensors files in the folder not read: left out by the index, or another variant's
+    ignored: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read "
@@ -170,7 +171,14 @@ def resolve_source(source, subfolder: str | None = None, revision: str | None = 
 
     Raises :class:`CheckpointNotFoundError` (a ``FileNotFoundError``; ``PermissionError`` for a gated or
     unauthorized repo) naming the source and the cause."""
+    if not isinstance(source, (str, os.PathLike)):  # os.fspath's TypeError names neither the argument nor its use
+        raise TypeError(f"checkpoint source must be a path or a Hub repo id (str or os.PathLike), not "
+                        f"{type(source).__name__} {source!r}")
+    if subfolder is not None and not isinstance(subfolder, (str, os.PathLike)):
+        raise TypeError(f"subfolder must be a str (e.g. 'transformer') or None, not {type(subfolder).__name__} "
+                        f"{subfolder!r}")
     source = os.fspath(source)
+    subfolder = os.fspath(subfolder) if subfolder is not None else None
     if os.path.exists(source):
         return _in_subfolder(Path(source), subfolder, source)
     where = os.path.abspath(source)
@@ -188,10 +196,13 @@ def resolve_source(source, subfolder: str | None = None, revision: str | None = 
     )
 
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in allow_patterns]
+    # The Hub's patterns are fnmatch's: "*" crosses "/", so "*.safetensors" at a repo's root would also fetch every
+    # component of a pipeline repo (text encoders, VAE: tens of GB). The checkpoint is one folder: nothing deeper.
+    deeper = [f"{subfolder}/*/*" if subfolder else "*/*"]
     not_local = f"not a local path (no {where})"
     try:
         root = snapshot_download(source, revision=revision, token=token, allow_patterns=patterns,
-                                 local_files_only=local_files_only)
+                                 ignore_patterns=deeper, local_files_only=local_files_only)
     except GatedRepoError as exc:  # before RepositoryNotFoundError: a subclass of it
         raise PermissionError(f"Hub repo {source!r} is gated: accept its terms at https://huggingface.co/{source} "
                               "and pass token= (or log in with `hf auth login`)") from exc
@@ -219,57 +230,204 @@ def resolve_source(source, subfolder: str | None = None, revision: str | None = 
 
 
 def _in_subfolder(path: Path, subfolder: str | None, source) -> Path:
-    if not subfolder or not path.is_dir():
+    if not subfolder:
         return path
+    if not path.is_dir():  # a file has no subfolders: ignoring it would read something the caller did not name
+        raise ValueError(f"checkpoint source {source!r} is a file, so subfolder={subfolder!r} cannot apply (pass "
+                         "the folder holding it, or no subfolder)")
     if not (path / subfolder).is_dir():
         have = sorted(p.name for p in path.iterdir() if p.is_dir())
+        what = f"; {subfolder!r} there is a file, not a folder" if (path / subfolder).exists() else ""
         raise FileNotFoundError(f"checkpoint source {source!r} has no subfolder {subfolder!r} (folders there: "
-                                f"{have or 'none'})")
+                                f"{have or 'none'}{what})")
     return path / subfolder
 
 
-def _weight_files(path: Path) -> tuple[list[Path], list[Path]]:
+_SHARD = r"-\d+-of-\d+"  # diffusers' and transformers' shard suffix: -00001-of-00003
+_OTHER_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES if s != ".safetensors")
+
+
+def check_variant(variant) -> None:
+    """A ``variant`` argument is ``None`` or a name like ``"fp16"`` (letters, digits, ``_``, ``-``): it becomes part
+    of file names (``diffusion_pytorch_model.fp16.safetensors``), so a dot or a path separator cannot be one."""
+    if variant is None:
+        return
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a str such as 'fp16' or None, not {type(variant).__name__} {variant!r}")
+    if not re.fullmatch(r"[\w-]+", variant):
+        raise ValueError(f"variant={variant!r} is not a variant name (letters, digits, '_' and '-', e.g. 'fp16')")
+
+
+def variant_of(name: str) -> tuple[str, str] | None:
+    """(stem, variant) of a weight file named as diffusers names a variant's files, else ``None``:
+    ``<stem>.<variant>.safetensors``, sharded ``<stem>.<variant>-00001-of-00003.safetensors``, or the older
+    ``<stem>-00001-of-00003.<variant>.safetensors`` (any weight suffix, e.g. ``.bin``)."""
+    m = (re.fullmatch(rf"([^.]+?){_SHARD}\.([^.]+)\.\w+", name)
+         or re.fullmatch(rf"([^.]+)\.([^.]+?)(?:{_SHARD})?\.\w+", name))
+    return (m.group(1), m.group(2)) if m else None
+
+
+# A variant's index: <stem>.safetensors.index.<variant>.json (diffusers' _add_variant), or the older
+# <stem>.safetensors.<variant>.index.json that diffusers still reads.
+_VARIANT_INDEX = re.compile(r"[^.]+\.safetensors\.(?:index\.([^.]+)|([^.]+)\.index)\.json")
+
+
+def _variant_indexes(path: Path, variant: str) -> list[Path]:
+    return sorted(i for i in path.glob("*.json") if (m := _VARIANT_INDEX.fullmatch(i.name)) and variant in m.groups())
+
+
+class _DuplicateName(ValueError):
+    def __init__(self, name: str, first, second):
+        super().__init__(name)
+        self.name, self.first, self.second = name, first, second
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for name, value in pairs:
+        if name in out:
+            raise _DuplicateName(name, out[name], value)
+        out[name] = value
+    return out
+
+
+def read_json(path: Path, what: str):
+    """The JSON value in ``path`` (UTF-8, as diffusers writes and reads it). Raises a ``ValueError`` naming the file
+    for a directory, unreadable or non-UTF-8 bytes, invalid JSON, and a name given twice in one object: ``json``
+    would keep the last one silently (an index listing a key twice would load it from a stale file)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a JSON {what} file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateName as exc:
+        show = lambda v: repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+        raise ValueError(f"{path}: {what} gives {exc.name!r} twice ({show(exc.first)} and {show(exc.second)}): "
+                         "which one is meant is ambiguous") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a valid JSON {what} ({exc})") from None
+    except OSError as exc:  # permissions, I/O: the file may be fine
+        raise ValueError(f"{path}: cannot read the {what} ({type(exc).__name__}: {exc.strerror or exc})") from None
+
+
+def _read_index(index: Path, folder: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> file name) of a safetensors index; a ``ValueError`` naming the index and
+    what is wrong: not an object, no ``weight_map``, one that is not an object of file names or is empty, a file
+    name that is not a plain name in ``folder`` (a path separator or ``..``: diffusers refuses them too)."""
+    data = read_json(index, "safetensors index")
+    if not isinstance(data, dict):
+        raise ValueError(f"{index}: not a valid safetensors index: {json_kind(data)}, not an object with a "
+                         "'weight_map'")
+    if "weight_map" not in data:
+        raise ValueError(f"{index}: not a valid safetensors index: no 'weight_map' (it has {sorted(data)})")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' is {json_kind(weight_map)}, not an object mapping tensor names to "
+                         "file names")
+    if not weight_map:
+        raise ValueError(f"{index}: 'weight_map' is empty: the index names no tensor (delete it to read every "
+                         f".safetensors file in {folder}, or rewrite it)")
+    bad = []
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            bad.append(f"{key!r} -> {name!r}: {json_kind(name)}, not a file name")
+        elif name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name or os.path.isabs(name):
+            bad.append(f"{key!r} -> {name!r}: not a plain file name in the index's folder {folder}")
+    if bad:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(f"{index}: invalid 'weight_map' entries ({len(bad)}):\n  " + "\n  ".join(bad[:10]) + more)
+    return weight_map
+
+
+def _weight_files(path: Path, variant: str | None = None) -> tuple[list[Path], list[Path]]:
     """(safetensors files, other weight files) at ``path`` (a file, or a directory searched non-recursively). A
-    directory with a ``*.safetensors.index.json`` gives the files its ``weight_map`` names (see
-    :func:`_checkpoint_files`)."""
-    files, others, _, _ = _checkpoint_files(path)
-    return files, others
+    directory with a ``*.safetensors.index.json`` gives the files its ``weight_map`` names (see :func:`_select`)."""
+    sel = _select(path, variant)
+    return sel.files, sel.others
 
 
-def _checkpoint_files(path: Path) -> tuple[list[Path], list[Path], dict[str, str] | None, list[Path]]:
-    """(safetensors files to read, other weight files, the index's key -> file name map or ``None``, safetensors
-    files the index leaves out).
+@dataclasses.dataclass
+class _Selection:
+    """The files of one checkpoint in a folder: what to read, each key's file (from an index), and what is left."""
+
+    files: list[Path]  # safetensors files to read
+    others: list[Path]  # non-safetensors weight files, when no safetensors file was found (an error)
+    key_map: dict[str, str] | None = None  # the index's tensor name -> file name
+    index: Path | None = None
+    ignored: list[Path] = dataclasses.field(default_factory=list)  # safetensors files not read
+    stale: list[Path] = dataclasses.field(default_factory=list)  # of those, ones the index leaves out (warned)
+
+
+def _select(path: Path, variant: str | None = None) -> _Selection:
+    """Which files of ``path`` (a file, or a folder searched non-recursively) make the checkpoint.
+
+    Variants follow diffusers' names (``<stem>.<variant>.safetensors``, ``<stem>.<variant>-00001-of-00003
+    .safetensors``, index ``<stem>.safetensors.index.<variant>.json``). With ``variant``, exactly that variant's
+    files are read (its index if there is one); none is an error naming the folder and the variants present.
+    Without one, the non-variant checkpoint is read and variant files of the same stem are left out (a folder
+    holding only one variant's files, or files named with dots that are no variant, reads them as before).
 
     With an index (diffusers' and transformers' sharded layout), the index decides: only the files it names are
     read, each key only from the file it names; a file it names that is absent is an error naming both; other
-    ``.safetensors`` files in the folder (a stale single-file copy, another variant) are ignored and returned, to be
-    reported. Several indexes in one folder are ambiguous and refused.
+    ``.safetensors`` files in the folder (a stale single-file copy, another variant) are left out, to be reported.
+    Several indexes for one variant are ambiguous and refused. Files not ending in a weight suffix (``.bak``) are
+    not weight files. Other formats (``.bin``, ``.pt``, ...) are left out (reported) when there is a safetensors
+    checkpoint, as diffusers prefers safetensors; a folder with only those is an error (``others``).
     """
+    check_variant(variant)
     if path.is_file():
-        candidates = [path]
-        indexes = []
-    else:
-        candidates = sorted(Path(p) for p in glob.glob(str(path / "*")) if Path(p).suffix in WEIGHT_SUFFIXES)
-        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if variant is not None and (variant_of(path.name) or (None, None))[1] != variant:
+            raise ValueError(f"variant={variant!r} selects a variant's files in a folder, but {path} is a single "
+                             f"file that is not named as that variant's (pass the folder, or no variant)")
+        # An explicit file is read as safetensors whatever its suffix (BFL's .sft), unless it names another format.
+        if path.suffix in _OTHER_SUFFIXES:
+            return _Selection([], [path])
+        return _Selection([path], [])
+    # iterdir, not glob.glob(f"{path}/*"): a folder name with [ ] or * is not a pattern.
+    candidates = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     safetensors = [f for f in candidates if f.suffix == ".safetensors"]
     others = [f for f in candidates if f.suffix != ".safetensors"]
+    if variant is None:
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        plain = [f for f in safetensors if variant_of(f.name) is None]
+        stems = {re.sub(rf"{_SHARD}$", "", f.name[:-len(".safetensors")]) for f in plain}
+        # Variant files beside their non-variant checkpoint (diffusion_pytorch_model.fp16.safetensors beside
+        # diffusion_pytorch_model.safetensors) are another copy of it: read the non-variant one, as diffusers does.
+        chosen = [f for f in safetensors if variant_of(f.name) is None or variant_of(f.name)[0] not in stems]
+        if not indexes and not plain:
+            found = {variant_of(f.name)[1] for f in chosen}
+            if len(found) == 1:  # only one variant's files: its index, if any, decides which of them to read
+                indexes = _variant_indexes(path, found.pop())
+    else:
+        indexes = _variant_indexes(path, variant)
+        chosen = [f for f in safetensors if (variant_of(f.name) or (None, None))[1] == variant]
+        others = [f for f in others if (variant_of(f.name) or (None, None))[1] == variant]
+        if not chosen and not indexes:
+            present = sorted({v[1] for f in safetensors if (v := variant_of(f.name))} |
+                             {m[1] or m[2] for i in path.glob("*.json") if (m := _VARIANT_INDEX.fullmatch(i.name))})
+            raise ValueError(f"{path} has no files of variant {variant!r} (*.{variant}.safetensors, "
+                             f"*.{variant}-NNNNN-of-NNNNN.safetensors or *.safetensors.index.{variant}.json); "
+                             f"variants there: {present or 'none'}; safetensors files there: "
+                             f"{[f.name for f in safetensors] or 'none'}")
     if not indexes:
-        return safetensors, others, None, []
+        if not chosen:
+            return _Selection([], others, ignored=safetensors)
+        return _Selection(chosen, [], ignored=[f for f in safetensors if f not in chosen] + others)
     if len(indexes) > 1:
-        raise ValueError(f"{path}: several checkpoint indexes {[i.name for i in indexes]}; pass one variant's "
-                         "folder or file")
+        raise ValueError(f"{path}: several checkpoint indexes {[i.name for i in indexes]} for "
+                         f"{'variant ' + repr(variant) if variant else 'the non-variant checkpoint'}; keep one")
     index = indexes[0]
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {exc}") from None
+    weight_map = _read_index(index, path)
     named = sorted(set(weight_map.values()))
-    absent = [n for n in named if not (path / n).is_file()]
+    absent = [n for n in named if not (path / n).exists()]
     if absent:
         raise ValueError(f"{index} names shard file(s) {absent} that are not in {path}")
+    not_files = [n for n in named if not (path / n).is_file()]
+    if not_files:
+        raise ValueError(f"{index} names shard file(s) {not_files} that are directories in {path}, not files")
     files = [path / n for n in named]
     ignored = [f for f in safetensors if f.name not in set(named)]
-    return files, [], dict(weight_map), ignored
+    return _Selection(files, [], dict(weight_map), index, ignored + others, [f for f in ignored if f in chosen])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -331,23 +489,31 @@ def open_safetensors(path: Path):
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
-def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None):
+def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None,
+                     index_file: Path | None = None):
     """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl, problems); the
-    handles close with ``stack``. ``key_map`` (an index's key -> file name): a key is read only from the file it
-    names. Without one, a key in two files is an error naming both. ``problems``: tensors that cannot be weights
-    (0-dim, not floating point, a fused QKV not in 3 parts), each named by file and key."""
+    handles close with ``stack``. ``key_map`` (the key -> file name map of ``index_file``): a key is read only from
+    the file it names, and a key it puts in a file that lacks it is a problem. Without one, a key in two files is
+    an error naming both. ``problems``: tensors that cannot be weights (0-dim, not floating point, a fused QKV not
+    in 3 parts), each named by file and key."""
     handles = {}
     index: dict[str, tuple[str, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape)
     problems = []
+    keys_in: dict[str, set[str]] = {}  # file name -> its keys
     for f in files:
         h = stack.enter_context(open_safetensors(Path(f)))
         handles[str(f)] = h
+        keys_in[Path(f).name] = set(h.keys())
         for key in h.keys():
             if key_map is not None and key_map.get(key, Path(f).name) != Path(f).name:
                 continue  # the index puts this key in another file
             if key in index:
+                first, second = variant_of(Path(index[key][0]).name), variant_of(Path(f).name)
+                hint = (" (two variants of one checkpoint? pass variant=...)" if first and second and first != second
+                        else " (the index does not say which)" if key_map is not None
+                        else " (an index.json would decide)")
                 raise ValueError(f"key {key!r} is in two checkpoint files, {index[key][0]} and {f}: which one "
-                                 "holds the weight is ambiguous (an index.json would decide)")
+                                 f"holds the weight is ambiguous{hint}")
             sl = h.get_slice(key)
             shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
             if dtype not in _FLOAT_DTYPES:
@@ -358,6 +524,12 @@ def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map
                                 "checkpoints are not supported)")
             else:
                 index[key] = (str(f), shape)
+    if key_map is not None:  # the index promises a key its file does not hold: a stale index or a wrong file
+        absent = [f"{key!r} -> {name}" for key, name in key_map.items() if key not in keys_in.get(name, ())]
+        if absent:
+            more = f" ... and {len(absent) - 10} more" if len(absent) > 10 else ""
+            problems.append(f"{index_file}: {len(absent)} key(s) not in the file the index names: "
+                            f"{', '.join(absent[:10])}{more}")
     bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
     sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
     unexpected = []
@@ -376,15 +548,50 @@ def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map
     return handles, sources, unexpected, bfl, problems
 
 
-def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[str, torch.Tensor]:
+def checkpoint_shapes(path: Path, variant: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Diffusers name -> shape of every weight of the local checkpoint at ``path`` (BFL keys translated, fused QKV
+    split; tensors that cannot be weights left out), from the files' headers only: no tensor is read."""
+    sel = _select(path, variant)
+    with contextlib.ExitStack() as stack:
+        _, sources, _, _, _ = _open_checkpoint(sel.files, stack, sel.key_map, sel.index)
+    return {name: shape for name, (_, _, shape) in sources.items()}
+
+
+def block_count(names, prefix: str) -> int:
+    """How many blocks ``names`` (diffusers names) hold under ``prefix`` (``"transformer_blocks."``, ...)."""
+    return len({n[len(prefix):].split(".")[0] for n in names if n.startswith(prefix)})
+
+
+def check_block_counts(config: dict, path: Path, variant: str | None = None) -> None:
+    """Refuse a config (of the checkpoint folder ``path``) that asks for more blocks than the checkpoint holds,
+    before the model is built: a typo like ``num_layers: 80000`` would otherwise spend minutes (~10 ms a block,
+    even on ``meta``) building blocks that the load then reports missing. Fewer blocks are left to the load's
+    unexpected-keys report."""
+    names = checkpoint_shapes(path, variant)
+    if not names:
+        return  # no readable checkpoint: load_sharded says why
+    over = []
+    for field, prefix, kind in (("num_layers", "transformer_blocks.", "double-stream"),
+                                ("num_single_layers", "single_transformer_blocks.", "single-stream")):
+        want, have = config.get(field, getattr(Flux2Config, field)), block_count(names, prefix)
+        if want > have:
+            over.append(f"{field}={want} but the checkpoint holds {have} {kind} block(s)")
+    if over:
+        raise ValueError(f"{path / 'config.json'} does not match the checkpoint in {path}: {'; '.join(over)}")
+
+
+def load_block_state(source, prefix: str, subfolder: str | None = None,
+                     variant: str | None = None) -> dict[str, torch.Tensor]:
     """The full (dense) tensors under ``prefix`` (e.g. ``"transformer_blocks.0."``), diffusers names with the
-    prefix removed: one block of a checkpoint, for checking a sharded block against it."""
-    path = resolve_source(source, subfolder)
-    files, _, key_map, _ = _checkpoint_files(path)
-    if not files:
+    prefix removed: one block of a checkpoint (``variant``: see :func:`load_sharded`), for checking a sharded block
+    against it."""
+    check_variant(variant)
+    path = resolve_source(source, subfolder, allow_patterns=_allow_patterns(variant))
+    sel = _select(path, variant)
+    if not sel.files:
         raise ValueError(f"no .safetensors files at {path}")
     with contextlib.ExitStack() as stack:
-        handles, sources, _, _, problems = _open_checkpoint(files, stack, key_map)
+        handles, sources, _, _, problems = _open_checkpoint(sel.files, stack, sel.key_map, sel.index)
         if problems:
             raise ValueError(f"cannot read {path}:\n  " + "\n  ".join(problems))
         state = {name[len(prefix):]: _read(handles[f], src, None, None)
@@ -394,9 +601,16 @@ def load_block_state(source, prefix: str, subfolder: str | None = None) -> dict[
     return state
 
 
+def _allow_patterns(variant: str | None) -> tuple[str, ...]:
+    """What a Hub download needs: with a variant, only its files (diffusers' names, old and new) and the JSONs."""
+    if variant is None:
+        return ("*.safetensors", "*.json")
+    return ("*.json", f"*.{variant}.safetensors", f"*.{variant}-*-of-*.safetensors", f"*-of-*.{variant}.safetensors")
+
+
 def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: str | None = None,
                  revision: str | None = None, token=None, progress: bool = True,
-                 local_files_only: bool = False) -> LoadReport:
+                 local_files_only: bool = False, variant: str | None = None) -> LoadReport:
     """Fill ``model`` (parallelized by :func:`~tpfuse.tp_layers.parallelize`, real or ``meta``) with this rank's
     slices of a safetensors checkpoint.
 
@@ -406,17 +620,27 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
         device: where materialized ``meta`` parameters go (default: the current CUDA device under NCCL, else
             CPU); parameters that already have storage keep their device. Tensors are cast to each parameter's
             dtype.
+        variant: as in diffusers, e.g. ``"fp16"``: read exactly ``diffusion_pytorch_model.fp16.safetensors`` (or
+            its shards and ``*.safetensors.index.fp16.json``); an error naming the folder and the variants there if
+            it has none. Without it the non-variant checkpoint is read and variant files beside it are left out
+            (listed in the report's ``ignored``).
 
     Raises one ``ValueError`` listing every missing key, unexpected key, shape mismatch and non-safetensors weight
     file. Returns a :class:`LoadReport` (tensors, bytes this rank read, seconds).
     """
     start = time.perf_counter()
+    check_variant(variant)
     group = resolve_group(group)
     rank, world_size = get_rank(group), get_world_size(group)
-    path = resolve_source(source, subfolder, revision, token, local_files_only=local_files_only)
-    files, others, key_map, ignored = _checkpoint_files(path)
-    if ignored:
-        logger.warning("load_sharded: %s is not in the checkpoint's index; ignored", [str(f) for f in ignored])
+    path = resolve_source(source, subfolder, revision, token, allow_patterns=_allow_patterns(variant),
+                          local_files_only=local_files_only)
+    sel = _select(path, variant)
+    files, others, key_map, ignored = sel.files, sel.others, sel.key_map, sel.ignored
+    if sel.stale:
+        logger.warning("load_sharded: %s is not in the checkpoint's index; ignored", [str(f) for f in sel.stale])
+    if set(ignored) - set(sel.stale):
+        logger.info("load_sharded: other checkpoints' files %s ignored",
+                    [str(f) for f in ignored if f not in sel.stale])
     problems = []
     if others:
         problems.append(f"non-safetensors weight files (only safetensors are read): {[str(f) for f in others]}")
@@ -426,14 +650,14 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
 
     with contextlib.ExitStack() as stack:
         report = _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
-                            key_map)
+                            key_map, sel.index)
     report.ignored = [str(f) for f in ignored]
     return report
 
 
 def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
-               key_map=None) -> LoadReport:
-    handles, sources, unexpected, bfl, bad = _open_checkpoint(files, stack, key_map)
+               key_map=None, index_file=None) -> LoadReport:
+    handles, sources, unexpected, bfl, bad = _open_checkpoint(files, stack, key_map, index_file)
     problems.extend(bad)
     plan = _param_plan(model)
     missing = sorted(set(plan) - set(sources))
