@@ -21,6 +21,7 @@ peft directly).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -346,35 +347,49 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 
 def save_lora_adapter(model, save_directory, adapter_name="default", upcast_before_saving=False,
-                      safe_serialization=True, weight_name=None) -> None:
-    """diffusers' ``save_lora_adapter`` for a parallelized model: the shards are gathered (every rank calls it) and
-    every rank writes the same dense adapter, in diffusers' format, so it loads into a dense model or any world size
-    (written to a temporary name and renamed: ranks sharing a directory replace the file atomically, ranks with
-    their own directories each get a copy)."""
+                      safe_serialization=True, weight_name=None, is_main_process=True) -> None:
+    """diffusers' ``save_lora_adapter`` for a parallelized model, a collective: every rank calls it (the adapter's
+    shards are gathered) and ONE rank writes the dense adapter, in diffusers' format, so that it loads into a dense
+    model or at any world size: rank 0, or more exactly the first rank with ``is_main_process`` for each distinct
+    (host, folder), as :func:`tpfuse.tp_layers.save_pretrained` chooses its writers. The file is written under a
+    temporary name unique to the process, fsynced and renamed into place; any rank's failure is raised on every
+    rank."""
     import json
-    import os
 
     import safetensors.torch
-    import torch.distributed as dist
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_SAFE
+
+    from .comm import get_rank, get_world_size
+    from .save import _share, _writers, atomic_write
 
     if adapter_name is None:
         adapter_name = next(iter(getattr(model, "peft_config", {}) or {"default": None}))
     if adapter_name not in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter name {adapter_name} not found in the model.")
+    group = getattr(model, "tp_group", None)
+    rank, world = get_rank(group), get_world_size(group)
     state = lora_state_dict(model, adapter_name)
     if upcast_before_saving:
         state = {k: v.float() for k, v in state.items()}
-    if os.path.isfile(save_directory):
-        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-    os.makedirs(save_directory, exist_ok=True)
-    path = os.path.join(save_directory, weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else
+    target = os.path.realpath(os.fspath(save_directory))
+    writers, _, _ = _writers(group, world, rank, target, is_main_process, None)
+    error = None
+    if rank in writers:
+        try:
+            if os.path.isfile(target):
+                raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+            os.makedirs(target, exist_ok=True)
+            path = os.path.join(target, weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else
                                                         LORA_WEIGHT_NAME))
-    tmp = f"{path}.tmp{dist.get_rank() if dist.is_initialized() else 0}"
-    if safe_serialization:
-        config = {k: list(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
-        metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, path)
+            state = {k: v.contiguous() for k, v in state.items()}
+            if safe_serialization:
+                config = {k: list(v) if isinstance(v, set) else v
+                          for k, v in model.peft_config[adapter_name].to_dict().items()}
+                metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+                atomic_write(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
+            else:
+                atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    _share(error, group, world, f"saving adapter {adapter_name!r} to {save_directory}", what="save_lora_adapter",
+           outcome="an adapter file already at that path is unchanged")

@@ -10,7 +10,7 @@ rank's slices. ``from_pretrained`` does config -> meta model -> parallelize -> l
 from __future__ import annotations
 
 import functools
-import json
+import inspect
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from . import lora
 from ._flavour import flavour, resolve
 from .lora import is_lora_layer
+from .flux2 import BatchMismatchError
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = ["check_parallelizable", "from_pretrained", "load_config", "parallelize"]
@@ -60,6 +61,14 @@ def check_parallelizable(model: nn.Module, world_size: int) -> None:
     already = [n for n, m in model.named_modules() if isinstance(m, (TPSingleStreamBlock, TPDoubleStreamBlock))]
     if already:
         raise ValueError(f"parallelize: the model is already parallelized ({already[:2]} ...)")
+    from .tp_flux2 import _describe_ties, _tied_parameters
+
+    # Ties among the replicated modules survive (those modules are kept as they are); a tie that involves a block
+    # weight would be split into separate shards, so it is refused (also across blocks, which from_dense cannot see).
+    ties = [t for t in _tied_parameters(model) if any(n.startswith(("transformer_blocks.",
+                                                                    "single_transformer_blocks.")) for n in t)]
+    if ties:
+        raise ValueError(f"parallelize: {_describe_ties(ties)}")
     heads = model.config.get("num_attention_heads") if hasattr(model.config, "get") else None
     heads = heads or model.transformer_blocks[0].attn.heads
     if heads % world_size:
@@ -71,14 +80,33 @@ class TPModelMixin:
     ``class Flux2Transformer2DModel(TPModelMixin, Flux2Transformer2DModel)``; ``__name__`` and the config are
     unchanged): adapters are sharded on load and gathered on save, and regional compilation finds the TP blocks."""
 
-    def save_pretrained(self, *args, **kwargs):
-        """Refused: each rank holds 1/N of the block weights under the dense config, which diffusers cannot load
-        back. :func:`tpfuse.tp_layers.save_pretrained` writes the dense checkpoint instead."""
-        raise RuntimeError(
-            f"{type(self).__name__} is tensor-parallel over {self.tp_world_size} rank(s): each holds 1/N of the block "
-            "weights under the dense config, so diffusers' save_pretrained would write a checkpoint nobody can load. "
-            "Call tpfuse.tp_layers.save_pretrained(model, path) on every rank instead (rank 0 writes a normal "
-            "diffusers checkpoint). For a pipeline, save the other components with their own save_pretrained.")
+    def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
+                        safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB", push_to_hub: bool = False, use_flashpack: bool = False,
+                        **kwargs):
+        """diffusers' ``save_pretrained``, writing the dense checkpoint. One rank: diffusers' own save (the state
+        dict is the dense one). 2+ ranks: a collective — every rank of the group calls it (``pipe.save_pretrained``
+        does, through this method) — and :func:`tpfuse.tp_layers.save_pretrained` writes the dense diffusers
+        checkpoint from rank 0 (one writer per distinct folder), honouring ``variant``, ``max_shard_size``,
+        ``safe_serialization`` and ``is_main_process``. ``push_to_hub`` and ``use_flashpack`` are refused at 2+
+        ranks; ``save_function`` is ignored, as diffusers ignores it."""
+        if self.tp_world_size == 1:
+            if use_flashpack:  # passed only when set: diffusers before 0.42 has no such parameter
+                kwargs["use_flashpack"] = use_flashpack
+            return super().save_pretrained(save_directory, is_main_process=is_main_process,
+                                           save_function=save_function, safe_serialization=safe_serialization,
+                                           variant=variant, max_shard_size=max_shard_size, push_to_hub=push_to_hub,
+                                           **kwargs)
+        for flag, value, instead in (("push_to_hub", push_to_hub, "save, then upload the folder from one rank "
+                                      "(huggingface_hub.upload_folder)"),
+                                     ("use_flashpack", use_flashpack, "save safetensors")):
+            if value:
+                raise NotImplementedError(f"{type(self).__name__}.save_pretrained({flag}=True) is not supported on a "
+                                          f"model tensor-parallel over {self.tp_world_size} ranks: {instead}")
+        from .save import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
+                        safe_serialization=safe_serialization, is_main_process=is_main_process)
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
                           **kwargs):
@@ -95,10 +123,11 @@ class TPModelMixin:
         lora.adapt_lora(self)
 
     def save_lora_adapter(self, save_directory, adapter_name: str = "default", upcast_before_saving: bool = False,
-                          safe_serialization: bool = True, weight_name: str | None = None) -> None:
-        """diffusers' ``save_lora_adapter``: every rank calls it; rank 0 writes the gathered, dense adapter."""
+                          safe_serialization: bool = True, weight_name: str | None = None,
+                          is_main_process: bool = True) -> None:
+        """diffusers' ``save_lora_adapter``; see :func:`tpfuse.tp_layers.lora.save_lora_adapter`."""
         lora.save_lora_adapter(self, save_directory, adapter_name, upcast_before_saving, safe_serialization,
-                               weight_name)
+                               weight_name, is_main_process)
 
 
 def _model_flavour(model_cls: type) -> type:
@@ -107,11 +136,48 @@ def _model_flavour(model_cls: type) -> type:
     repeated += [c.__name__ for c in (TPDoubleStreamBlock, TPSingleStreamBlock) if c.__name__ not in repeated]
     dense_forward = model_cls.forward
 
+    signature = inspect.signature(dense_forward)
+
+    def check_batches(self, args, kwargs) -> None:
+        # The timestep's batch (broadcast with guidance's, for a guidance model) reaches the blocks as the
+        # modulation's. The dense model broadcasts a stream of batch 1 to it (one latent, several timesteps) and the
+        # blocks do the same; what it cannot broadcast is refused here naming the arguments, not a block's internal
+        # modulation tensor. Anything else malformed is left to the dense forward's own errors.
+        try:
+            bound = signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:
+            return
+        x, ctx, t, g = (bound.get(k) for k in ("hidden_states", "encoder_hidden_states", "timestep", "guidance"))
+        if not all(isinstance(v, torch.Tensor) for v in (x, ctx, t)) or (x.dim(), ctx.dim(), t.dim()) != (3, 3, 1):
+            return
+        sizes = {"timestep": t.shape[0]}
+        embedder = getattr(getattr(self, "time_guidance_embed", None), "guidance_embedder", None)
+        if isinstance(g, torch.Tensor) and g.dim() == 1 and embedder is not None:  # else guidance is ignored
+            sizes["guidance"] = g.shape[0]
+        try:
+            mod = torch.broadcast_shapes(*((n,) for n in sizes.values()))
+            if not len(self.transformer_blocks) and x.shape[0] != ctx.shape[0]:
+                raise RuntimeError  # no double block: the streams are concatenated before any modulation
+            img, txt = torch.broadcast_shapes(x.shape[:1], mod), torch.broadcast_shapes(ctx.shape[:1], mod)
+            ok = img == txt
+        except RuntimeError:
+            ok = False
+        if not ok:
+            given = ", ".join(f"{k} batch {v}" for k, v in sizes.items())
+            raise BatchMismatchError(
+                f"hidden_states batch {x.shape[0]} and encoder_hidden_states batch {ctx.shape[0]}, with {given}, do "
+                "not broadcast to one batch: the image and text streams must end up with the same batch; a batch "
+                "of 1 broadcasts against the others (one latent with several timesteps, one prompt for several "
+                "latents), other batches must be equal")
+
     @functools.wraps(dense_forward)  # the dense signature: diffusers' hooks bind arguments by it
     def forward(self, *args, **kwargs):
-        # The first call (every call in debug mode) checks that every rank got the same input shapes.
-        if not torch.compiler.is_compiling() and inputs_check_due(self):
-            check_inputs_agree(self, self.tp_group, {"args": args, **kwargs})
+        if not torch.compiler.is_compiling():
+            # The first call (every call in debug mode) checks that every rank got the same input shapes; the
+            # batch check comes second, so that ranks given different inputs all get the agreement error.
+            if inputs_check_due(self, {"args": args, **kwargs}):
+                check_inputs_agree(self, self.tp_group, {"args": args, **kwargs})
+            check_batches(self, args, kwargs)
         return dense_forward(self, *args, **kwargs)
 
     return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated, "forward": forward},
@@ -142,91 +208,131 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
             blocks[i] = cls.from_dense(blocks[i], group, check_weights=False)  # the dense block is dropped here
     model.tp_world_size = world_size
     model.tp_group = group
+    dense_module = type(model).__module__
     model.__class__ = _model_flavour(type(model))  # adapters sharded on load, gathered on save; _repeated_blocks
+    # diffusers records a pipeline component as (module.__module__'s library, class name) in model_index.json: the
+    # dense class's module ("diffusers..."), so a saved pipeline loads back. An instance attribute: pickle reads the
+    # class's, which names this module (see __getattr__).
+    model.__module__ = dense_module
     return model
 
 
-def _load_config(path: Path, subfolder: str | None) -> dict | None:
+def _load_config(path: Path, subfolder: str | None) -> tuple[dict, Path] | None:
+    """(the parsed ``config.json``, its path) at ``path`` or, without ``subfolder``, at ``path/transformer``;
+    ``None`` if neither exists. A ``ValueError`` names the file for invalid JSON (not UTF-8, a field given twice,
+    ...) and for a config diffusers' ``Flux2Transformer2DModel`` cannot be built from (see
+    :meth:`Flux2Config.validate_dict`)."""
+    from .checkpoint import read_json
+
     candidates = [path / "config.json"] if path.is_dir() else []
     if path.is_dir() and subfolder is None:
         candidates.append(path / "transformer" / "config.json")
     for c in candidates:
         if c.exists():
-            try:
-                return json.loads(c.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{c}: not a valid JSON config ({exc})") from None
+            config = read_json(c, "config")
+            Flux2Config.validate_dict(config, str(c))
+            return config, c
     return None
 
 
-def _infer_config(path: Path) -> dict:
+def _infer_config(path: Path, variant: str | None = None) -> dict:
     """A config from a single-file checkpoint's tensor shapes (BFL or diffusers keys)."""
-    from .checkpoint import _weight_files, bfl_to_diffusers, open_safetensors
+    import math
 
-    files, _ = _weight_files(path)
-    shapes = {}
-    for f in files:
-        with open_safetensors(f) as h:
-            for key in h.keys():
-                shape = tuple(h.get_slice(key).get_shape())
-                try:
-                    targets = bfl_to_diffusers(key, shape) or [(key, None)]
-                except ValueError as exc:
-                    raise ValueError(f"{f}: {exc}") from None
-                for name, _src in targets:
-                    shapes[name] = shape if _src is None or _src.rows is None else (_src.rows, *shape[1:])
+    from .checkpoint import _weight_files, block_count, checkpoint_shapes
+
+    files, others = _weight_files(path, variant)
+    if not files:
+        raise ValueError(f"cannot infer a FLUX.2 config from {path}: no safetensors file (tpfuse reads only "
+                         f"safetensors; found {[str(f) for f in others] or 'none'})")
+    shapes = checkpoint_shapes(path, variant)
+    needed = {"x_embedder.weight": 2, "context_embedder.weight": 2, "transformer_blocks.0.attn.norm_q.weight": 1,
+              "transformer_blocks.0.ff.linear_in.weight": 2,
+              "time_guidance_embed.timestep_embedder.linear_1.weight": 2}
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise ValueError(f"cannot infer a FLUX.2 config from {path}: no {', '.join(absent)} (BFL: "
+                         "img_in, txt_in, double_blocks.0.img_attn.norm.query_norm, double_blocks.0.img_mlp.0, "
+                         "time_in.in_layer)")
+    wrong = [f"{k} has shape {shapes[k]}, not {n}-D" for k, n in needed.items() if len(shapes[k]) != n]
+    if wrong:
+        raise ValueError(f"cannot infer a FLUX.2 config from {path}: {'; '.join(wrong)}")
+    hidden, in_channels = shapes["x_embedder.weight"]
+    _, joint = shapes["context_embedder.weight"]
+    (head_dim,) = shapes["transformer_blocks.0.attn.norm_q.weight"]
+    mlp2 = shapes["transformer_blocks.0.ff.linear_in.weight"][0]
+    t_channels = shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1]
+    if head_dim == 0 or hidden % head_dim:  # hidden // head_dim would build a model of other shapes
+        raise ValueError(f"cannot infer a FLUX.2 config from {path}: x_embedder.weight's {hidden} rows (the hidden "
+                         f"size) are not a whole number of heads of transformer_blocks.0.attn.norm_q's {head_dim}")
+    mlp_ratio = mlp2 / 2 / hidden
+    while int(hidden * mlp_ratio) < mlp2 // 2:  # m / h * h can round below m (61 / 56): diffusers' int() would
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)  # build a narrower MLP than the checkpoint's
     try:
-        hidden, in_channels = shapes["x_embedder.weight"]
-        _, joint = shapes["context_embedder.weight"]
-        head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
-        mlp2 = shapes["transformer_blocks.0.ff.linear_in.weight"][0]
-        t_channels = shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1]
-    except KeyError as exc:
-        raise ValueError(f"cannot infer a FLUX.2 config from {path}: no {exc.args[0]}") from None
-    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})
-    return Flux2Config(
-        num_attention_heads=hidden // head_dim, attention_head_dim=head_dim, num_layers=count("transformer_blocks."),
-        num_single_layers=count("single_transformer_blocks."), mlp_ratio=mlp2 / 2 / hidden,
-        in_channels=in_channels, joint_attention_dim=joint, timestep_guidance_channels=t_channels,
-        guidance_embeds="time_guidance_embed.guidance_embedder.linear_1.weight" in shapes,
-        axes_dims_rope=(head_dim // 4,) * 4,
-    ).to_diffusers_kwargs()
+        config = Flux2Config(
+            num_attention_heads=hidden // head_dim, attention_head_dim=head_dim,
+            num_layers=block_count(shapes, "transformer_blocks."),
+            num_single_layers=block_count(shapes, "single_transformer_blocks."),
+            mlp_ratio=mlp_ratio, in_channels=in_channels, joint_attention_dim=joint,
+            timestep_guidance_channels=t_channels,
+            guidance_embeds="time_guidance_embed.guidance_embedder.linear_1.weight" in shapes,
+            axes_dims_rope=(head_dim // 4,) * 4,
+        )
+    except ValueError as exc:
+        raise ValueError(f"cannot infer a FLUX.2 config from {path} (RoPE axes split evenly in 4): {exc}") from None
+    return config.to_diffusers_kwargs()
 
 
 def load_config(source, subfolder: str | None = None, revision: str | None = None, token=None,
-                local_files_only: bool = False) -> tuple[dict, Path]:
-    """(diffusers config dict, the directory or file holding the weights) for a checkpoint source."""
-    path = resolve_source(source, subfolder, revision, token, local_files_only=local_files_only)
-    config = _load_config(path, subfolder)
-    if config is None and not path.is_dir():
-        config = _infer_config(path)
-    if config is None:
+                local_files_only: bool = False, variant: str | None = None) -> tuple[dict, Path]:
+    """(diffusers config dict, the directory or file holding the weights) for a checkpoint source.
+
+    The config is checked field by field (:meth:`Flux2Config.validate_dict`): one ``ValueError`` names
+    ``config.json``'s path and every field whose type or range is wrong. ``variant`` (e.g. ``"fp16"``): a Hub
+    download fetches only that variant's weights; a single file's config is inferred only if it is that variant's.
+    """
+    from .checkpoint import _allow_patterns, check_variant
+
+    check_variant(variant)
+    path = resolve_source(source, subfolder, revision, token, allow_patterns=_allow_patterns(variant),
+                          local_files_only=local_files_only)
+    found = _load_config(path, subfolder)
+    if found is None and not path.is_dir():
+        return _infer_config(path, variant), path
+    if found is None:
         raise ValueError(f"no config.json at {path} (pass subfolder=..., or a single checkpoint file)")
-    if path.is_dir() and subfolder is None and not (path / "config.json").exists():
-        path = path / "transformer"
-    return config, path
+    config, file = found
+    return config, file.parent
 
 
 def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfolder: str | None = None,
                     revision: str | None = None, token=None, device=None, progress: bool = True,
-                    local_files_only: bool = False) -> nn.Module:
+                    local_files_only: bool = False, variant: str | None = None) -> nn.Module:
     """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call.
 
     ``source``: a diffusers model directory (``config.json`` + safetensors; a pipeline directory's
     ``transformer/`` is found without ``subfolder``), a single safetensors file (diffusers or BFL keys; the config
     is inferred from the shapes, RoPE axes split evenly), or a Hub repo id (e.g.
     ``black-forest-labs/FLUX.2-klein-4B`` with ``subfolder="transformer"``; ``local_files_only=True`` reads only
-    the Hub cache, as in diffusers). The model comes back in ``eval()``
+    the Hub cache, as in diffusers). ``variant`` (e.g. ``"fp16"``) reads that variant's weight files, as diffusers'
+    ``from_pretrained`` does (see :func:`load_sharded`). The model comes back in ``eval()``
     mode; ``model.tp_load_report`` is the rank's :class:`LoadReport`.
     """
     from diffusers import Flux2Transformer2DModel
 
-    config, path = load_config(source, subfolder, revision, token, local_files_only)
+    from .checkpoint import check_block_counts
+
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, not {dtype!r}")
+    # A validated dict: from_config would take anything else for a Hub repo id (a "couldn't connect" error).
+    config, path = load_config(source, subfolder, revision, token, local_files_only, variant)
+    if path.is_dir():  # (a single file's config was inferred from its blocks)
+        check_block_counts(config, path, variant)
     with torch.device("meta"):
         model = Flux2Transformer2DModel.from_config(config)
     if dtype is not None:
         model = model.to(dtype)
     parallelize(model, group)
-    report: LoadReport = load_sharded(model, path, group, device=device, progress=progress)
+    report: LoadReport = load_sharded(model, path, group, device=device, progress=progress, variant=variant)
     model.tp_load_report = report
     return model.eval()
