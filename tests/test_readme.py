@@ -14,9 +14,9 @@ def test_ci_runs_the_readme_test_command():
     commands = _commands()
     # The CPU torch wheel comes first (before any command that would pull torch), then the main job, then tests.
     assert commands[0] == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
-    assert commands[1] == "pip install . && tpfuse verify"
-    test_command = commands[2]
-    assert "pytest" in test_command
+    # The first check: the 15-second tiny preset, or the klein-4b default.
+    assert commands[1] in ("pip install . && tpfuse verify --preset tiny", "pip install . && tpfuse verify")
+    test_command = next(c for c in commands if "pytest" in c)
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines
 
@@ -52,3 +52,50 @@ def test_diffusers_extra_brings_the_real_model_path_and_the_test_extra_includes_
     assert {"diffusers", "transformers"} <= names
     assert "tpfuse[diffusers,bench]" in extras["test"]
     assert 'pip install ".[diffusers]"' in (ROOT / "README.md").read_text()
+
+
+def test_readme_preset_table_is_what_tpfuse_presets_prints():
+    """The README's preset table (heads, valid world sizes, parameter bytes per rank) is `tpfuse presets`' output,
+    computed from the model structure: a change of the presets or of the sharding shows up here."""
+    from tpfuse.tp_layers.presets_table import format_preset_table
+
+    assert format_preset_table() in (ROOT / "README.md").read_text()
+
+
+def _lora_example(snippet, folder):
+    import os
+
+    import torch
+    from peft import LoraConfig
+
+    from tpfuse.tp_layers import Flux2Config, parallelize
+    from tpfuse.tp_layers.verify import random_diffusers_model
+
+    tiny = Flux2Config.preset("tiny")
+    dense = random_diffusers_model(tiny, seed=0)
+    dense.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_out.0"], init_lora_weights=False),
+                      adapter_name="style")
+    os.chdir(folder)
+    if torch.distributed.get_rank() == 0:
+        dense.save_lora_adapter("my_lora", adapter_name="style")
+    torch.distributed.barrier()
+    x = dict(hidden_states=torch.randn(1, 6, tiny.in_channels), encoder_hidden_states=torch.randn(1, 3, 32),
+             timestep=torch.tensor([0.5]), img_ids=torch.zeros(6, 4), txt_ids=torch.zeros(3, 4))
+    with torch.no_grad():
+        expected = dense(**x).sample
+    model = parallelize(random_diffusers_model(tiny, seed=0))
+    exec(snippet, {"model": model})
+    with torch.no_grad():
+        return (model(**x).sample - expected).abs().max().item(), sorted(os.listdir("my_lora_copy"))
+
+
+def test_readme_lora_example_runs_on_2_ranks(tmp_path):
+    """The README's 6-line LoRA example loads a dense adapter into a parallelized model (checked), saves it, fuses
+    it: the output equals the dense model with the adapter."""
+    from tpfuse.tp_layers import run_ranks
+
+    snippet = next(c for c in re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+                   if "load_lora_adapter" in c)
+    assert len(snippet.splitlines()) == 6
+    for err, files in run_ranks(_lora_example, 2, snippet, str(tmp_path), timeout=300):
+        assert err < 1e-5 and files == ["pytorch_lora_weights.safetensors"]

@@ -28,9 +28,17 @@ def _verify(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .config import Flux2Config
     from .launch import RankError
+    from .presets_table import check_world_size
     from .verify import default_backend, format_header, format_summary, verify
 
+    if args.model is None:  # a checkpoint's sizes are known once its config is read: verify() checks them then
+        try:
+            check_world_size(Flux2Config.preset(args.preset), args.world_size, f"preset {args.preset!r}",
+                             "--world-size")
+        except ValueError as exc:
+            return _error(str(exc))
     if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
         return _error(f"--backend nccl needs one CUDA device per rank: --world-size {args.world_size}, this machine "
                       f"has {torch.cuda.device_count()} (use --backend gloo)")
@@ -42,7 +50,7 @@ def _verify(args: argparse.Namespace) -> int:
         res = verify(preset=args.preset, world_size=args.world_size, blocks=blocks, img_tokens=args.img_tokens,
                      txt_tokens=args.txt_tokens, dtype=args.dtype, seed=args.seed, batch=args.batch,
                      backend=args.backend, model=args.model, subfolder=args.subfolder, block_index=args.block_index,
-                     timing_runs=args.timing_runs, on_block=_print_block)
+                     timing_runs=args.timing_runs, on_block=_print_block, on_progress=_print_progress)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         return _error(str(exc))
     except RankError as exc:
@@ -53,15 +61,37 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
               file=sys.stderr)
         return EXIT_INTERNAL
-    print(f"\n{format_summary(res)}", flush=True)
+    print(format_summary(res), flush=True)
     return EXIT_OK if res.ok else EXIT_FAIL
 
 
 def _print_block(block) -> None:
-    """Each block's report as soon as it is checked (called in rank 0's process, which shares our stdout)."""
+    """Each block's report as soon as it is checked (called in rank 0's process, which shares our stdout),
+    set off by blank lines from the progress lines around it."""
     from .verify import format_block
 
-    print(f"\n{format_block(block)}", flush=True)
+    print(f"\n{format_block(block)}\n", flush=True)
+
+
+def _print_progress(step: str) -> None:
+    """A step of the check as it starts (called here and in rank 0's process; one line, flushed at once)."""
+    print(f"... {step}", flush=True)
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .presets_table import format_preset_table
+
+    print(format_preset_table(args.dtype))
+    return EXIT_OK
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tpfuse")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .verify import DTYPES
 
     parser = argparse.ArgumentParser(prog="tpfuse", description="Tensor-parallel FLUX.2 layers and fused kernels.")
+    parser.add_argument("--version", action="version", version=f"tpfuse {_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="shard FLUX.2 blocks over N ranks and check forward/backward against dense",
                        formatter_class=_HelpFormatter,
@@ -87,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "error (options, checkpoint, backend), 3 an internal error")
     v.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS),
                    help="the FLUX.2 model whose block shapes are checked, with random weights")
-    v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes)")
+    v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes); it must divide the "
+                   "attention heads and the MLP width (tpfuse presets lists the valid sizes)")
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")
     v.add_argument("--img-tokens", type=int, default=64, help="image tokens per sample")
     v.add_argument("--txt-tokens", type=int, default=16, help="text tokens per sample")
@@ -104,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--subfolder", default=None, help="with --model: e.g. transformer")
     v.add_argument("--block-index", type=int, default=0, help="with --model: which double/single block")
     v.set_defaults(func=_verify)
+
+    p = sub.add_parser("presets", help="print a Markdown table of the presets: heads, valid world sizes and "
+                       "parameter bytes per rank at each", formatter_class=_HelpFormatter)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="bytes per parameter (default: bfloat16, float32 for tiny)")
+    p.set_defaults(func=_presets)
 
     from tpfuse.kernels import compile_report
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,11 +23,16 @@ from .config import Flux2Config
 from .flux2 import DoubleStreamBlock, SingleStreamBlock, rope_cos_sin
 from .launch import default_backend, run_ranks
 from .numerics import max_abs_error, rel_error, tolerance
+from .presets_table import check_world_size
 from .sharding import shard_tensor
 from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = ["verify", "VerifyResult", "BlockResult", "random_dense_block", "random_diffusers_model", "block_inputs",
-           "position_ids", "format_report", "format_header", "format_block", "format_summary", "DTYPES"]
+           "position_ids", "format_report", "format_header", "format_block", "format_summary", "plural", "DTYPES"]
+
+# Rank 0 reminds the user that a step is still running after this much silence (a klein-sized block takes tens of
+# seconds per step on 2 CPU cores): never more than ~10 s without a line, with slack for a loaded machine.
+PROGRESS_EVERY_S = 6.0
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK_KINDS = ("double", "single")
@@ -149,30 +155,58 @@ def checkpoint_block(cfg: Flux2Config, kind: str, source, index: int, dtype=torc
 
 def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img: int, dtype_name: str,
                seed: int, model_path: str | None = None, block_index: int = 0, timing_runs: int = 3,
-               on_block: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
+               on_block: Callable[[BlockResult], None] | None = None,
+               on_progress: Callable[[str], None] | None = None) -> list[BlockResult]:
     """One rank's part; rank 0 returns the :class:`BlockResult` of every block kind (the others an empty list),
-    handing each to ``on_block`` as soon as it is done."""
+    handing each to ``on_block`` as soon as it is done, and each step's description to ``on_progress`` as it
+    starts (with a reminder after :data:`PROGRESS_EVERY_S` of silence)."""
+    rank = get_rank()
+    progress = _Progress(on_progress if rank == 0 else None, PROGRESS_EVERY_S)
+    try:
+        return _check_blocks(cfg, kinds, batch, txt, img, dtype_name, seed, model_path, block_index, timing_runs,
+                             on_block, progress)
+    finally:
+        progress.close()
+
+
+def _check_blocks(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img: int, dtype_name: str,
+                  seed: int, model_path: str | None, block_index: int, timing_runs: int,
+                  on_block: Callable[[BlockResult], None] | None, progress: _Progress) -> list[BlockResult]:
     dtype = DTYPES[dtype_name]
     rank, world_size = get_rank(), get_world_size()
     device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+    ranks = plural(world_size, "rank")
+    timed = f"{plural(timing_runs, 'timed run')} after a warm-up"
     done = []
     for kind in kinds:
+        label = f"{kind} block:"  # every progress line names its block
+        progress.step(f"{label} loading block {block_index} of {model_path} on every rank" if model_path else
+                      f"{label} building the dense block on every rank (random weights, seed {seed})")
         dense = (checkpoint_block(cfg, kind, model_path, block_index, dtype, device) if model_path else
                  random_dense_block(cfg, kind, seed, dtype, device))
         tensors, rope = block_inputs(cfg, kind, batch, txt, img, seed, dtype, device)
         ref = None
         if rank == 0:
+            progress.step(f"{label} dense reference forward+backward on rank 0"
+                          + (", the other ranks wait" if world_size > 1 else ""))
             d_out, d_in, d_w, _ = _run_block(dense, tensors, rope, seed)  # also the warm-up
+            if timing_runs:
+                progress.step(f"{label} timing the dense block ({timed})")
             ref = {"outputs": d_out, "in_grads": d_in,
                    "seconds": _median_seconds(dense, tensors, rope, seed, timing_runs)}
+        progress.step(f"{label} sharding over {ranks} (weight checksums compared, then each rank keeps its slice)")
         tp_cls = TPDoubleStreamBlock if kind == "double" else TPSingleStreamBlock
         tp = tp_cls.from_dense(dense, None)
         dense_bytes = _param_bytes(dense)
         del dense
         torch.distributed.barrier()  # rank 0 ran the dense block first: time the TP step from a common start
+        progress.step(f"{label} tensor-parallel forward+backward on {ranks}")
         with comm_stats() as stats:
             outs, in_grads, w_grads, _ = _run_block(tp, tensors, rope, seed)  # also the warm-up
+        if timing_runs:
+            progress.step(f"{label} timing the tensor-parallel block on {ranks} ({timed})")
         sec = _median_seconds(tp, tensors, rope, seed, timing_runs)
+        progress.step(f"{label} comparing every rank's weight-gradient shard with the dense gradient")
         # Every rank's weight-gradient shard against the same shard of the dense gradient (rank 0 has the dense
         # gradients and scatters each rank its shard): a slicing bug on any rank shows.
         w_errors = {}
@@ -206,8 +240,59 @@ def _rank_main(cfg: Flux2Config, kinds: Sequence[str], batch: int, txt: int, img
                                    timing_runs)
             done.append(result)
             if on_block is not None:
-                on_block(result)
+                progress.report(on_block, result)
     return done
+
+
+class _Progress:
+    """Rank 0's progress lines: each step as it starts (:meth:`step`) and, from a watcher thread, a reminder that
+    the step is still running whenever nothing was printed for ``every`` seconds. One lock orders the step lines,
+    the reminders and the block reports (:meth:`report`). ``emit=None`` (the other ranks): silent, no thread."""
+
+    def __init__(self, emit: Callable[[str], None] | None, every: float):
+        self._emit, self._every = emit, every
+        self._lock = threading.Lock()
+        self._step, self._step_start, self._last = None, 0.0, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = None
+        if emit is not None:
+            self._thread = threading.Thread(target=self._watch, name="tpfuse-verify-progress", daemon=True)
+            self._thread.start()
+
+    def step(self, what: str) -> None:
+        if self._emit is None:
+            return
+        with self._lock:
+            self._step, self._step_start = what, time.monotonic()
+            self._say(what)
+
+    def report(self, fn: Callable, *args) -> None:
+        """``fn(*args)`` (it prints), ordered with the progress lines; the step it ended needs no reminder."""
+        with self._lock:
+            fn(*args)
+            self._step, self._last = None, time.monotonic()
+
+    def _say(self, text: str) -> None:
+        self._emit(text)
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                due = self._last + self._every
+            if self._stop.wait(max(0.05, due - time.monotonic())):
+                return
+            with self._lock:
+                now = time.monotonic()
+                if self._step is not None and now - self._last >= self._every and not self._stop.is_set():
+                    self._say(f"{self._step}: still running ({now - self._step_start:.0f} s)")
+                elif self._step is None:
+                    self._last = now  # between steps: nothing to remind of, look again a full period later
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)  # a print blocked on a full pipe must not hold the rank's exit
 
 
 def _block_result(kind: str, ranks: list[dict], tol: float, device: str, timing_runs: int) -> BlockResult:
@@ -303,11 +388,15 @@ def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: 
            img_tokens: int = 64, txt_tokens: int = 16, dtype: str = "float32", seed: int = 0, batch: int = 1,
            backend: str | None = None, model: str | None = None, subfolder: str | None = None,
            block_index: int = 0, timing_runs: int = 3,
-           on_block: Callable[[BlockResult], None] | None = None) -> VerifyResult:
+           on_block: Callable[[BlockResult], None] | None = None,
+           on_progress: Callable[[str], None] | None = None) -> VerifyResult:
     """Shard dense blocks of ``preset`` over ``world_size`` ranks and compare against dense (see module doc).
 
     ``on_block`` (a module-level function: it runs in rank 0's process) gets each block's result as soon as it is
-    done. ``timing_runs``: fwd+bwd calls timed after the first (warm-up) call, reported as their median.
+    done. ``on_progress`` (module-level too) gets a one-line description of each step as it starts — first in this
+    process (starting the ranks), then in rank 0's — and a reminder whenever a step has been silent for
+    :data:`PROGRESS_EVERY_S` seconds; lines from rank 0 and the block reports come in order.
+    ``timing_runs``: fwd+bwd calls timed after the first (warm-up) call, reported as their median.
 
     With ``model`` (a checkpoint directory, file or Hub repo id), the blocks hold that checkpoint's weights
     (block ``block_index`` of each kind) and its config replaces ``preset``.
@@ -332,21 +421,25 @@ def verify(preset: str | Flux2Config = "klein-4b", world_size: int = 2, blocks: 
         raise ValueError(f"--blocks must name some of {list(BLOCK_KINDS)}, got {blocks}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if world_size < 1:
-        raise ValueError(f"--world-size must be >= 1, got {world_size}")
+    check_world_size(cfg, world_size, f"model {model}" if model is not None else f"preset {cfg.name!r}",
+                     "--world-size")  # verify() is the command's body: its errors name the command's options
     for name, value in (("img-tokens", img_tokens), ("txt-tokens", txt_tokens), ("batch", batch)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for what, size in (("num_attention_heads", cfg.heads), ("mlp hidden", cfg.mlp_hidden)):
-        if size % world_size:
-            raise ValueError(f"preset {cfg.name!r}: {what}={size} is not divisible by --world-size {world_size}")
     backend = backend or default_backend(world_size)
     if timing_runs < 0:
         raise ValueError(f"--timing-runs must be >= 0, got {timing_runs}")
+    if on_progress is not None:
+        on_progress(f"starting {plural(world_size, 'rank process', 'rank processes')} ({backend})")
     per_rank = run_ranks(_rank_main, world_size, cfg, blocks, batch, txt_tokens, img_tokens, dtype, seed,
-                         model_path, block_index, timing_runs, on_block, backend=backend)
+                         model_path, block_index, timing_runs, on_block, on_progress, backend=backend)
     results = per_rank[0]
     return VerifyResult(cfg.name, world_size, dtype, backend, (txt_tokens, img_tokens), results)
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 call``, ``2 calls`` (``plural_form``: where adding an s is wrong)."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 def _mib(n: int) -> str:
@@ -359,7 +452,7 @@ def format_header(preset: str, world_size: int, dtype: str, backend: str, tokens
 
 
 def format_block(b: BlockResult) -> str:
-    lines = [f"{b.kind}-stream block, {b.world_size} ranks"]
+    lines = [f"{b.kind}-stream block, {plural(b.world_size, 'rank')}"]
     width = max(len(c.name) for c in b.checks)
     lines.append(f"  {'tensor':<{width}}  {'max |err|':>10}  {'rel err':>10}  {'tol':>8}  status")
     for c in b.checks:
@@ -368,11 +461,13 @@ def format_block(b: BlockResult) -> str:
     lines.append(f"  identical on all ranks: {'yes' if b.identical_across_ranks else 'NO'}")
     lines.append(f"  parameters per rank: {_mib(b.param_bytes_per_rank)} of {_mib(b.dense_param_bytes)} dense "
                  f"({b.param_bytes_per_rank / b.dense_param_bytes:.3f}x)")
-    lines.append(f"  all-reduced per forward: {_mib(b.all_reduce_bytes_fwd)} in {b.all_reduce_calls_fwd} calls; "
+    lines.append(f"  all-reduced per forward: {_mib(b.all_reduce_bytes_fwd)} in "
+                 f"{plural(b.all_reduce_calls_fwd, 'call')}; "
                  f"per backward: {_mib(b.all_reduce_bytes_bwd)}")
     if b.seconds_tp is not None:
         where = b.timing_device.upper()
-        lines.append(f"  {where} time fwd+bwd (median of {b.timing_runs} after a warm-up): tensor-parallel "
+        runs = f"median of {b.timing_runs}" if b.timing_runs > 1 else plural(b.timing_runs, "run")
+        lines.append(f"  {where} time fwd+bwd ({runs} after a warm-up): tensor-parallel "
                      f"{b.seconds_tp * 1e3:.1f} ms (slowest rank), dense {b.seconds_dense * 1e3:.1f} ms")
         if b.timing_device == "cpu":
             lines.append("  (CPU times with gloo ranks sharing this machine's cores: they say nothing about GPU "
