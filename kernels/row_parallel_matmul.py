@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autocast import _like, autocast_dtype, autocast_off
-from ._checks import check_int32_addressable
+from ._checks import check_int32_addressable, check_tensors
 from ._dispatch import select_backend
 from ._math import each_needs
 from ._tma import tma_ready
@@ -199,13 +199,10 @@ def _validate(parts, weight, gate, residual, add_residual):
         # pass on one rank and fail on another.
         named["residual"] = residual
     ref = parts[0]
+    if not isinstance(ref, torch.Tensor):
+        raise TypeError(f"row_parallel_matmul: parts[0] must be a torch.Tensor, got {type(ref).__name__}")
+    check_tensors("row_parallel_matmul", named, ref.device, "parts[0]")
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"row_parallel_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != ref.device:
-            raise ValueError(f"row_parallel_matmul: {name} is on {t.device}, parts[0] is on {ref.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"row_parallel_matmul: {name} must be floating point, got {t.dtype}")
         if t.dtype != ref.dtype:
             raise TypeError(f"row_parallel_matmul: {name} has dtype {t.dtype}, parts[0] has {ref.dtype}")
     if ref.dim() != 3:

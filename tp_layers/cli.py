@@ -29,7 +29,7 @@ def _verify(args: argparse.Namespace) -> int:
     import torch
 
     from .config import Flux2Config
-    from .launch import RankError
+    from .launch import RankError, _last_line
     from .presets_table import check_world_size
     from .verify import default_backend, format_header, format_summary, verify
 
@@ -55,8 +55,7 @@ def _verify(args: argparse.Namespace) -> int:
         return _error(str(exc))
     except RankError as exc:
         if exc.exc_type in _INPUT_ERRORS:  # the rank's own message: its last traceback line
-            last = exc.tb.strip().splitlines()[-1] if exc.tb.strip() else exc.exc_type
-            return _error(f"rank {exc.rank}: {last}")
+            return _error(f"rank {exc.rank}: {_last_line(exc)}")
         traceback.print_exc()
         print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
               file=sys.stderr)

@@ -202,12 +202,17 @@ def _describe(named: Iterable[tuple[str, torch.Tensor]],
     return [tuple(it) for it in items]
 
 
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``: how one rank's exception is sent to the others (a check here, a save, a LoRA save)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _LocalError:
     """An exception one rank hit while preparing its part of a check: sent in place of the data so that every
     rank raises it together (a rank raising alone would leave the others blocked in the collective)."""
 
     def __init__(self, exc: BaseException):
-        self.text = f"{type(exc).__name__}: {exc}"
+        self.text = describe_error(exc)
 
 
 def _gather_or_raise(make: Callable[[], Any], group, what: str) -> list[Any]:

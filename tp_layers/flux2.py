@@ -171,8 +171,8 @@ def _check_mod(mod: torch.Tensor, ref: torch.Tensor | None, width: int, name: st
         raise ValueError(f"{name} must be [B, {width}], [B, 1, {width}] or per token [B, {seq}, {width}], got shape "
                          f"{tuple(mod.shape)}")
     if mod.shape[0] not in (1, batch) and batch != 1:
-        raise BatchMismatchError(f"{name} has batch {mod.shape[0]} but the hidden states have batch {batch} (shape "
-                         f"{tuple(mod.shape)}; a batch of 1 on either side broadcasts)")
+        raise BatchMismatchError(f"{name} has batch {mod.shape[0]} but the hidden states have batch {batch} "
+                                 f"(shape {tuple(mod.shape)}; a batch of 1 on either side broadcasts)")
 
 
 def _broadcast_batch(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -622,8 +622,8 @@ class SingleStreamBlock(_BlockHooks, nn.Module):
         if encoder_hidden_states is not None:
             _check_stream(encoder_hidden_states, ref, self.dim, "encoder_hidden_states")
             if encoder_hidden_states.shape[0] != hidden_states.shape[0]:  # torch.cat does not broadcast
-                raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, hidden_states "
-                                 f"has batch {hidden_states.shape[0]}")
+                raise BatchMismatchError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, "
+                                         f"hidden_states has batch {hidden_states.shape[0]}")
             text_seq_len = encoder_hidden_states.shape[1]
             hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, St+Si, D]
         _check_mod(temb_mod, ref, 3 * self.dim, "temb_mod", hidden_states.shape[1], hidden_states.shape[0])

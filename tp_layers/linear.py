@@ -422,9 +422,9 @@ class RowParallelLinear(_ParallelLinear):
             parts = list(parts)
         else:
             raise TypeError(f"{name}: parts must be a tensor or a list of tensors, got {type(parts).__name__}")
-        if inputs_check_due(self, {"parts": parts, "gate": gate, "residual": residual}):
-            check_inputs_agree(self, self.group, {"parts": parts, "gate": gate, "residual": residual},
-                               sharded=("parts",))
+        inputs = {"parts": parts, "gate": gate, "residual": residual}
+        if inputs_check_due(self, inputs):
+            check_inputs_agree(self, self.group, inputs, sharded=("parts",))
         group_size = get_world_size(self.group)
         if self.weight.shape[1] * group_size != self.input_size:
             raise ValueError(f"{name}: the weight shard has {self.weight.shape[1]} of {self.input_size} input "

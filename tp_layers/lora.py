@@ -360,6 +360,7 @@ def save_lora_adapter(model, save_directory, adapter_name="default", upcast_befo
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_SAFE
 
     from .comm import get_rank, get_world_size
+    from .consistency import describe_error
     from .save import _share, _writers, atomic_write
 
     if adapter_name is None:
@@ -390,6 +391,6 @@ def save_lora_adapter(model, save_directory, adapter_name="default", upcast_befo
             else:
                 atomic_write(path, lambda tmp: torch.save(state, tmp))
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_error(exc)
     _share(error, group, world, f"saving adapter {adapter_name!r} to {save_directory}", what="save_lora_adapter",
            outcome="an adapter file already at that path is unchanged")

@@ -24,7 +24,7 @@ from . import lora
 from ._flavour import flavour, resolve
 from .lora import is_lora_layer
 from .flux2 import BatchMismatchError
-from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
+from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock, _describe_ties, _tied_parameters
 
 __all__ = ["check_parallelizable", "from_pretrained", "load_config", "parallelize"]
 
@@ -61,8 +61,6 @@ def check_parallelizable(model: nn.Module, world_size: int) -> None:
     already = [n for n, m in model.named_modules() if isinstance(m, (TPSingleStreamBlock, TPDoubleStreamBlock))]
     if already:
         raise ValueError(f"parallelize: the model is already parallelized ({already[:2]} ...)")
-    from .tp_flux2 import _describe_ties, _tied_parameters
-
     # Ties among the replicated modules survive (those modules are kept as they are); a tie that involves a block
     # weight would be split into separate shards, so it is refused (also across blocks, which from_dense cannot see).
     ties = [t for t in _tied_parameters(model) if any(n.startswith(("transformer_blocks.",

@@ -65,7 +65,7 @@ from torch import nn
 
 from .checkpoint import _param_plan
 from .comm import get_rank, get_world_size, resolve_group
-from .consistency import _gather, check_weights_agree
+from .consistency import _gather, check_weights_agree, describe_error
 from .lora import is_lora_layer
 from .sharding import local_blocks
 
@@ -481,10 +481,6 @@ def _share(error: str | None, group, world: int, where: str, *, what: str = "sav
         raise SaveError(f"{what}: rank {r} failed {where}: {e}" + (f" ({outcome})" if outcome else ""))
 
 
-def _describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _writers(group, world: int, rank: int, target, is_main_process: bool, local_error: str | None):
     """(ranks that write, in group order; every rank's local error; whether some writer writes this rank's folder):
     one writer per distinct (host, folder) among the ranks whose ``is_main_process`` is true."""
@@ -564,7 +560,7 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str 
     try:
         plan, entries = _entries(model)
     except Exception as exc:  # noqa: BLE001 - shared below: every rank raises, before any gather
-        plan, entries, local_error = None, None, str(exc) if isinstance(exc, ValueError) else _describe_error(exc)
+        plan, entries, local_error = None, None, str(exc) if isinstance(exc, ValueError) else describe_error(exc)
     writers, errors, mine_written = _writers(group, world, rank, target, is_main_process, local_error)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:  # raised by every rank alike (the same message): nobody has started a gather
@@ -601,7 +597,7 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str 
                     with open(stage.folder / CONFIG_NAME, "rb+") as f:
                         os.fsync(f.fileno())
             except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
-                error = _describe_error(exc)
+                error = describe_error(exc)
         _share(error, group, world, f"preparing {target}")
         for file_name, indices in zip(names, files):
             error = _save_file(stage, file_name, indices, entries, plan, group, world, writing, global_dst,
@@ -614,7 +610,7 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str 
                     _write_index(stage, index, names, files, entries)
                 stage.commit(written)
             except Exception as exc:  # noqa: BLE001
-                error = f"{_describe_error(exc)} ({stage.outcome()})"  # only the writer knows how far it got
+                error = f"{describe_error(exc)} ({stage.outcome()})"  # only the writer knows how far it got
         _share(error, group, world, f"committing {target}", outcome=None)
     finally:
         if stage is not None:
@@ -633,7 +629,7 @@ def _save_file(stage, file_name, indices, entries, plan, group, world, writing, 
             if safe_serialization:
                 handle.write(_header(entries, indices))
         except Exception as exc:  # noqa: BLE001
-            error = _describe_error(exc)
+            error = describe_error(exc)
     for i in indices:
         name, shape, dtype = entries[i]
         module, attr, _shape, dim, _ranges = plan[name]
@@ -652,7 +648,7 @@ def _save_file(stage, file_name, indices, entries, plan, group, world, writing, 
                 else:
                     _write_dense(handle, pieces, dim, module.blocks)
             except Exception as exc:  # noqa: BLE001
-                error = _describe_error(exc)
+                error = describe_error(exc)
         del pieces
     if handle is not None:
         try:
@@ -661,12 +657,12 @@ def _save_file(stage, file_name, indices, entries, plan, group, world, writing, 
             handle.flush()
             os.fsync(handle.fileno())
         except Exception as exc:  # noqa: BLE001
-            error = error or _describe_error(exc)
+            error = error or describe_error(exc)
         finally:
             try:
                 handle.close()  # a full disk can surface here, at the last flush
             except Exception as exc:  # noqa: BLE001
-                error = error or _describe_error(exc)
+                error = error or describe_error(exc)
     return error
 
 
@@ -680,7 +676,7 @@ def _gather_bytes(local: torch.Tensor, group, world: int, writing: bool, global_
     try:
         wire = local.to(comm_device).contiguous().reshape(-1).view(torch.uint8)
     except Exception as exc:  # noqa: BLE001 - e.g. out of device memory under NCCL
-        error = _describe_error(exc)
+        error = describe_error(exc)
         wire = torch.zeros(local.numel() * local.element_size(), dtype=torch.uint8, device=comm_device)
     if global_dst is not None:
         pieces = [torch.empty_like(wire) for _ in range(world)] if writing else None
@@ -693,7 +689,7 @@ def _gather_bytes(local: torch.Tensor, group, world: int, writing: bool, global_
     try:
         return [p.to("cpu").view(local.dtype).view(local.shape) for p in pieces], None
     except Exception as exc:  # noqa: BLE001
-        return None, _describe_error(exc)
+        return None, describe_error(exc)
 
 
 def _write_index(stage, index: str, names, files, entries) -> None:
