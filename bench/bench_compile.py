@@ -29,7 +29,7 @@ from common import device_info, format_table, median_ms, write_results  # noqa: 
 from tpfuse.tp_layers import Flux2Config  # noqa: E402
 from tpfuse.tp_layers.flux2 import DoubleStreamBlock, SingleStreamBlock, rope_cos_sin  # noqa: E402
 from tpfuse.tp_layers.numerics import rel_error, tolerance  # noqa: E402
-from tpfuse.tp_layers.tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock  # noqa: E402
+from tpfuse.tp_layers.flux2.tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock  # noqa: E402
 from tpfuse.tp_layers.verify import position_ids  # noqa: E402
 
 

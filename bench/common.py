@@ -92,7 +92,7 @@ def device_info(device: str) -> dict:
 def model_shapes(presets, tps, token_pairs, dry_run: bool):
     """``(label, cfg, tp, tokens)`` for every preset, TP degree and (text, image) token count that shards."""
     from tpfuse.tp_layers import Flux2Config
-    from tpfuse.tp_layers.config import preset_shapes
+    from tpfuse.tp_layers.flux2.config import preset_shapes
 
     if dry_run:
         cfg = Flux2Config(num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8),

@@ -48,7 +48,7 @@ import math
 import statistics
 from pathlib import Path
 
-from tpfuse.tp_layers.config import PRESETS  # needs `pip install .`, as every script in bench/
+from tpfuse.tp_layers.flux2.config import PRESETS  # needs `pip install .`, as every script in bench/
 from tpfuse.tp_layers.schedule import COL_TILE, ROW_TILE, wave_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -701,7 +701,7 @@ def _inspect(compiled, result: KernelResult, arch: int) -> None:
 
 
 def _shapes(presets: Sequence[str], tp: Sequence[int], tokens: Sequence[tuple[int, int]]):
-    from tpfuse.tp_layers.config import preset_shapes
+    from tpfuse.tp_layers.flux2.config import preset_shapes
 
     return preset_shapes(presets, tp, tokens)
 

@@ -50,7 +50,7 @@ def test_wrong_block_type():
         TPSingleStreamBlock.from_dense(double)
     with pytest.raises(TypeError, match="TPDoubleStreamBlock.from_dense expects one of .*SingleStreamBlock"):
         TPDoubleStreamBlock.from_dense(single)
-    with pytest.raises(TypeError, match="got tpfuse.tp_layers.tp_flux2.TPSingleStreamBlock"):
+    with pytest.raises(TypeError, match="got tpfuse.tp_layers.flux2.tp_blocks.TPSingleStreamBlock"):
         TPSingleStreamBlock.from_dense(TPSingleStreamBlock.from_dense(single))
 
 

@@ -246,7 +246,7 @@ def _mask_like_dense(shapes):
 def test_attention_masks_are_accepted_and_refused_as_the_dense_block_does():
     """Batch 2, 4 heads (2 per rank), 8 tokens: a 3-D mask's leading dim lines up with the heads, as in the dense
     block; one that fits neither batch nor heads is refused on the TP block too, not applied per local head."""
-    from tpfuse.tp_layers.tp_flux2 import AttentionMaskError
+    from tpfuse.tp_layers.flux2.tp_blocks import AttentionMaskError
 
     B, H, S = 2, TINY.heads, 8
     accepted = [(B, S), (S, S), (1, S, S), (H, S, S), (B, 1, S, S), (B, H, S, S), (1, H, S, S), (B, 1, 1, S)]

@@ -22,7 +22,7 @@ from tpfuse.tp_layers import ColumnParallelLinear, Flux2Config, RowParallelLinea
 from tpfuse.tp_layers.flux2 import rope_cos_sin
 from tpfuse.tp_layers.linear import column_parallel_linear
 from tpfuse.tp_layers.numerics import rel_error
-from tpfuse.tp_layers.tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
+from tpfuse.tp_layers.flux2.tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock
 from tpfuse.tp_layers.verify import block_inputs, position_ids, random_dense_block, random_diffusers_model
 
 TINY = Flux2Config.preset("tiny")

@@ -266,7 +266,8 @@ def _traced(model):
     """The output, and the path it took: the kernels run (``record_backends``), each row-parallel reduce with or
     without the block's gate folded in, each column-parallel call of the double-stream Q/K/V."""
     from tpfuse.kernels import record_backends
-    from tpfuse.tp_layers import RowParallelLinear, tp_flux2
+    from tpfuse.tp_layers import RowParallelLinear
+    from tpfuse.tp_layers.flux2 import tp_blocks as tp_flux2
 
     calls = []
     forward_fused, column = RowParallelLinear.forward_fused, tp_flux2.column_parallel_linear

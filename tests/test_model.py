@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from tpfuse.tp_layers import Flux2Config, from_pretrained, load_sharded, parallelize, run_ranks
+from tpfuse.tp_layers.model import check_parallelizable
 from tpfuse.tp_layers.numerics import rel_error, tolerance
 from tpfuse.tp_layers.verify import position_ids, random_diffusers_model
 
@@ -207,7 +208,8 @@ def test_from_pretrained_hub_id_offline_from_cache(saved, tmp_path, monkeypatch)
 
 
 def test_refuses_what_it_cannot_shard():
-    with pytest.raises(TypeError, match="expects diffusers' Flux2Transformer2DModel, got torch.nn.modules.linear"):
+    with pytest.raises(TypeError, match=r"no tensor-parallel family for torch.nn.modules.linear.Linear; supported: "
+                                        r"Flux2Transformer2DModel \(flux2\)"):
         parallelize(torch.nn.Linear(2, 2))
     m = _model()
     m.transformer_blocks[0].attn.to_q.weight = torch.nn.Parameter(
@@ -228,13 +230,12 @@ def test_refuses_what_it_cannot_shard():
         parallelize(m)
 
 
-def _three_ranks():
-    parallelize(_model())
-
-
 def test_refuses_heads_not_divisible():
-    with pytest.raises(Exception, match="num_attention_heads=4 is not divisible by the world size 3"):
-        run_ranks(_three_ranks, 3)
+    # What parallelize runs first with its group's size (no ranks needed to see the refusal).
+    with pytest.raises(ValueError, match=r"parallelize \(Flux2Transformer2DModel\): cannot shard across 3 ranks: "
+                                         r"num_attention_heads=4 not divisible by the world size \(valid world "
+                                         r"sizes: \[1, 2, 4\]\)"):
+        check_parallelizable(_model(meta=True), 3)
 
 
 def test_load_errors_are_listed_together(saved, tmp_path):

@@ -57,7 +57,7 @@ def test_diffusers_extra_brings_the_real_model_path_and_the_test_extra_includes_
 def test_readme_preset_table_is_what_tpfuse_presets_prints():
     """The README's preset table (heads, valid world sizes, parameter bytes per rank) is `tpfuse presets`' output,
     computed from the model structure: a change of the presets or of the sharding shows up here."""
-    from tpfuse.tp_layers.presets_table import format_preset_table
+    from tpfuse.tp_layers.flux2.presets_table import format_preset_table
 
     assert format_preset_table() in (ROOT / "README.md").read_text()
 

@@ -29,7 +29,7 @@ from tpfuse.tp_layers.linear import (
 from tpfuse.tp_layers.numerics import rel_error, tolerance
 from tpfuse.tp_layers.sharding import shard_tensor
 from tpfuse.tp_layers.verify import block_inputs, random_dense_block
-from tpfuse.tp_layers.config import Flux2Config
+from tpfuse.tp_layers.flux2.config import Flux2Config
 
 TOL = tolerance(torch.float32)
 # Chunk launches are bitwise the one-launch result on a GPU (same tile config, same instruction sequence per row).

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tpfuse.tp_layers import cli, run_ranks
-from tpfuse.tp_layers.config import PRESETS
-from tpfuse.tp_layers.presets_table import format_preset_table, param_bytes_per_rank, preset_table
+from tpfuse.tp_layers.flux2.config import PRESETS
+from tpfuse.tp_layers.flux2.presets_table import format_preset_table, param_bytes_per_rank, preset_table
 from tpfuse.tp_layers.verify import BlockResult, Check, VerifyResult, format_block, format_report, verify
 
 

@@ -1,4 +1,4 @@
-"""Tensor-parallel layers and FLUX.2 blocks (``tpfuse.tp_layers``).
+"""Tensor-parallel layers and model families (``tpfuse.tp_layers``): FLUX.2, Qwen-Image, FLUX.3.
 
 Column-parallel layers split a weight by output features (no communication forward, all-reduce of the input
 gradient backward); row-parallel layers split by input features (all-reduce forward, nothing backward). A block is
@@ -16,15 +16,16 @@ from .comm import (
     scatter_to_tp_region,
 )
 from .checkpoint import LoadReport, load_sharded
-from .config import PRESETS, Flux2Config
-from .flux2 import DoubleStreamBlock, SingleStreamBlock, apply_rope, rope_cos_sin
+from .flux2 import PRESETS, DoubleStreamBlock, Flux2Config, SingleStreamBlock, apply_rope, rope_cos_sin
 from .launch import RankError, run_ranks
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .lora import adapt_lora, lora_state_dict, shard_lora_state_dict
 from .sharding import check_blocks, local_blocks, shard_ranges, shard_tensor, unshard_tensors
 from .model import from_pretrained, parallelize
 from .save import save_pretrained
-from .tp_flux2 import HeadRMSNorm, TPDoubleStreamBlock, TPSingleStreamBlock
+from .flux2.tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock
+from .families import Family, UnsupportedModelError, register_family
+from .tp_attention import HeadRMSNorm
 
 __all__ = [
     "ColumnParallelLinear",
@@ -61,4 +62,7 @@ __all__ = [
     "adapt_lora",
     "lora_state_dict",
     "shard_lora_state_dict",
+    "Family",
+    "UnsupportedModelError",
+    "register_family",
 ]

@@ -18,3 +18,12 @@ def check_like(x, ref: torch.Tensor, subject: str, owner: str) -> None:
         raise ValueError(f"{subject} is on {x.device} but {owner} on {ref.device}")
     if x.dtype != ref.dtype and not (autocast_dtype(x.device) is not None and x.is_floating_point()):
         raise TypeError(f"{subject} has dtype {x.dtype} but {owner} {ref.dtype}")
+
+
+def json_kind(value) -> str:
+    """What a value parsed from JSON (config.json, an index) is, for error messages: ``null``, ``a bool``, ``an
+    int``, ``a float``, ``a string``, ``a list``, ``an object``."""
+    if value is None:
+        return "null"
+    return {bool: "a bool", int: "an int", str: "a string", float: "a float", list: "a list", tuple: "a list",
+            dict: "an object"}.get(type(value), f"a {type(value).__name__}")

@@ -5,30 +5,9 @@ rows ``shard_ranges(blocks)``, a row-parallel weight the same columns, everythin
 opens every ``.safetensors`` file with ``safe_open`` and reads exactly those slices with ``get_slice`` — for
 dev's 32B parameters at TP 8 a rank reads ~1/8 of the block weights plus the small replicated embedders.
 
-Key names: diffusers' (``transformer_blocks.0.attn.to_q.weight`` ...) or Black Forest Labs' original ones
-(``double_blocks.0.img_attn.qkv.weight`` ...). The BFL -> diffusers mapping (the same one diffusers'
-``convert_flux2_transformer_checkpoint_to_diffusers`` applies; ``.scale`` becomes ``.weight`` everywhere):
-
-==============================================  ================================================================
-BFL                                             diffusers
-==============================================  ================================================================
-``img_in`` / ``txt_in``                          ``x_embedder`` / ``context_embedder``
-``time_in.{in,out}_layer``                       ``time_guidance_embed.timestep_embedder.linear_{1,2}``
-``guidance_in.{in,out}_layer``                   ``time_guidance_embed.guidance_embedder.linear_{1,2}``
-``{double_stream_modulation_img,_txt,single_stream_modulation}.lin``  ``... .linear``
-``final_layer.linear``                           ``proj_out``
-``final_layer.adaLN_modulation.1``               ``norm_out.linear`` (halves swapped: BFL is [shift, scale])
-``double_blocks.N.img_attn.qkv``                 ``transformer_blocks.N.attn.to_{q,k,v}`` (rows split in 3)
-``double_blocks.N.txt_attn.qkv``                 ``transformer_blocks.N.attn.add_{q,k,v}_proj``
-``double_blocks.N.{img,txt}_attn.norm.{query,key}_norm``  ``attn.norm_{q,k}`` / ``attn.norm_added_{q,k}``
-``double_blocks.N.img_attn.proj`` / ``txt_attn.proj``  ``attn.to_out.0`` / ``attn.to_add_out``
-``double_blocks.N.{img,txt}_mlp.{0,2}``          ``{ff,ff_context}.linear_{in,out}``
-``single_blocks.N.linear1`` / ``linear2``        ``single_transformer_blocks.N.attn.to_qkv_mlp_proj`` / ``to_out``
-``single_blocks.N.norm.{query,key}_norm``        ``single_transformer_blocks.N.attn.norm_{q,k}``
-==============================================  ================================================================
-
-The split QKV of the BFL format costs nothing extra: rank r's rows of ``to_k`` are rows ``D + r*D/N ...`` of the
-fused ``qkv`` tensor, read directly.
+Key names: diffusers' (``transformer_blocks.0.attn.to_q.weight`` ...) or a family's original ones (Black Forest
+Labs' FLUX.2 keys, ``double_blocks.0.img_attn.qkv.weight`` ...: :mod:`tpfuse.tp_layers.flux2.keymap`), recognised by
+the family registry (:func:`tpfuse.tp_layers.families.original_format`).
 """
 
 from __future__ import annotations
@@ -47,88 +26,25 @@ import torch
 from torch import nn
 
 from .comm import get_rank, get_world_size, resolve_group
-from .config import Flux2Config, json_kind
+from ._checks import json_kind
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .sharding import shard_ranges
 
 __all__ = ["load_sharded", "load_block_state", "LoadReport", "resolve_source", "CheckpointNotFoundError",
-           "bfl_to_diffusers", "WEIGHT_SUFFIXES"]
+           "Source", "WEIGHT_SUFFIXES"]
 
 logger = logging.getLogger("tpfuse.tp_layers")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
-_BFL_TOP = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
-    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
-    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
-    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
-    "single_stream_modulation.lin": "single_stream_modulation.linear",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
-_BFL_DOUBLE = {
-    "img_attn.norm.query_norm": "attn.norm_q",
-    "img_attn.norm.key_norm": "attn.norm_k",
-    "img_attn.proj": "attn.to_out.0",
-    "img_mlp.0": "ff.linear_in",
-    "img_mlp.2": "ff.linear_out",
-    "txt_attn.norm.query_norm": "attn.norm_added_q",
-    "txt_attn.norm.key_norm": "attn.norm_added_k",
-    "txt_attn.proj": "attn.to_add_out",
-    "txt_mlp.0": "ff_context.linear_in",
-    "txt_mlp.2": "ff_context.linear_out",
-}
-_BFL_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-            "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-_BFL_SINGLE = {
-    "linear1": "attn.to_qkv_mlp_proj",
-    "linear2": "attn.to_out",
-    "norm.query_norm": "attn.norm_q",
-    "norm.key_norm": "attn.norm_k",
-}
-
-
 @dataclasses.dataclass(frozen=True)
-class _Source:
+class Source:
     """Where a diffusers-named tensor lives: ``key`` in the checkpoint, rows ``[row0, row0 + rows)`` of it."""
 
     key: str
     row0: int
     rows: int | None  # None: all rows
     swap_halves: bool = False
-
-
-def bfl_to_diffusers(key: str, shape: Sequence[int]) -> list[tuple[str, _Source]] | None:
-    """The diffusers name(s) of a BFL checkpoint tensor (``None`` if the key is not a FLUX.2 BFL key).
-
-    Raises ``ValueError`` naming the key for a fused ``qkv`` that cannot be split in three equal parts (0-dim, or
-    rows not a multiple of 3): splitting it anyway would drop rows silently."""
-    stem, _, param = key.rpartition(".")
-    param = "weight" if param == "scale" else param
-    if stem in _BFL_TOP:
-        return [(f"{_BFL_TOP[stem]}.{param}", _Source(key, 0, None, swap_halves="adaLN_modulation" in stem))]
-    m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", stem)
-    if not m:
-        return None
-    kind, idx, inner = m.groups()
-    if kind == "double":
-        prefix = f"transformer_blocks.{idx}"
-        if inner in _BFL_QKV:
-            if len(shape) == 0 or shape[0] % 3:
-                raise ValueError(f"{key}: a fused Q/K/V tensor of shape {tuple(shape)}, not 3 equal row blocks")
-            third = shape[0] // 3
-            return [(f"{prefix}.{name}.{param}", _Source(key, i * third, third))
-                    for i, name in enumerate(_BFL_QKV[inner])]
-        target = _BFL_DOUBLE.get(inner)
-    else:
-        prefix = f"single_transformer_blocks.{idx}"
-        target = _BFL_SINGLE.get(inner)
-    return None if target is None else [(f"{prefix}.{target}.{param}", _Source(key, 0, None))]
 
 
 @dataclasses.dataclass
@@ -456,7 +372,7 @@ def _param_plan(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, 
     return plan
 
 
-def _read(handle, src: _Source, dim: int | None, ranges) -> torch.Tensor:
+def _read(handle, src: Source, dim: int | None, ranges) -> torch.Tensor:
     sl = handle.get_slice(src.key)
     full_rows = sl.get_shape()[0]
     r0 = src.row0
@@ -490,8 +406,8 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None,
-                     index_file: Path | None = None):
-    """(file handles, diffusers name -> (file, _Source, shape), untranslatable keys, is_bfl, problems); the
+                     index_file: Path | None = None, family=None):
+    """(file handles, diffusers name -> (file, Source, shape), untranslatable keys, is_bfl, problems); the
     handles close with ``stack``. ``key_map`` (the key -> file name map of ``index_file``): a key is read only from
     the file it names, and a key it puts in a file that lacks it is a problem. Without one, a key in two files is
     an error naming both. ``problems``: tensors that cannot be weights (0-dim, not floating point, a fused QKV not
@@ -530,12 +446,14 @@ def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map
             more = f" ... and {len(absent) - 10} more" if len(absent) > 10 else ""
             problems.append(f"{index_file}: {len(absent)} key(s) not in the file the index names: "
                             f"{', '.join(absent[:10])}{more}")
-    bfl = any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in index)
-    sources: dict[str, tuple[str, _Source, tuple[int, ...]]] = {}
+    from .families import original_format
+
+    fmt = original_format(index, family)  # a family's original key names (BFL's FLUX.2), or None: diffusers' names
+    sources: dict[str, tuple[str, Source, tuple[int, ...]]] = {}
     unexpected = []
     for key, (f, shape) in index.items():
         try:
-            targets = bfl_to_diffusers(key, shape) if bfl else [(key, _Source(key, 0, None))]
+            targets = fmt.to_diffusers(key, shape) if fmt is not None else [(key, Source(key, 0, None))]
         except ValueError as exc:
             problems.append(f"{f}: {exc}")
             continue
@@ -545,15 +463,15 @@ def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map
         for name, src in targets:
             rows = src.rows if src.rows is not None else shape[0]
             sources[name] = (f, src, (rows, *shape[1:]))
-    return handles, sources, unexpected, bfl, problems
+    return handles, sources, unexpected, fmt, problems
 
 
-def checkpoint_shapes(path: Path, variant: str | None = None) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(path: Path, variant: str | None = None, family=None) -> dict[str, tuple[int, ...]]:
     """Diffusers name -> shape of every weight of the local checkpoint at ``path`` (BFL keys translated, fused QKV
     split; tensors that cannot be weights left out), from the files' headers only: no tensor is read."""
     sel = _select(path, variant)
     with contextlib.ExitStack() as stack:
-        _, sources, _, _, _ = _open_checkpoint(sel.files, stack, sel.key_map, sel.index)
+        _, sources, _, _, _ = _open_checkpoint(sel.files, stack, sel.key_map, sel.index, family)
     return {name: shape for name, (_, _, shape) in sources.items()}
 
 
@@ -562,18 +480,21 @@ def block_count(names, prefix: str) -> int:
     return len({n[len(prefix):].split(".")[0] for n in names if n.startswith(prefix)})
 
 
-def check_block_counts(config: dict, path: Path, variant: str | None = None) -> None:
+def check_block_counts(config: dict, path: Path, variant: str | None = None, family=None) -> None:
     """Refuse a config (of the checkpoint folder ``path``) that asks for more blocks than the checkpoint holds,
     before the model is built: a typo like ``num_layers: 80000`` would otherwise spend minutes (~10 ms a block,
     even on ``meta``) building blocks that the load then reports missing. Fewer blocks are left to the load's
-    unexpected-keys report."""
-    names = checkpoint_shapes(path, variant)
+    unexpected-keys report. ``family``: whose ``block_counts`` (config field, key prefix, what a block is,
+    default) are compared."""
+    counts = family.block_counts if family is not None else ()
+    if not counts:
+        return
+    names = checkpoint_shapes(path, variant, family)
     if not names:
         return  # no readable checkpoint: load_sharded says why
     over = []
-    for field, prefix, kind in (("num_layers", "transformer_blocks.", "double-stream"),
-                                ("num_single_layers", "single_transformer_blocks.", "single-stream")):
-        want, have = config.get(field, getattr(Flux2Config, field)), block_count(names, prefix)
+    for field, prefix, kind, default in counts:
+        want, have = config.get(field, default), block_count(names, prefix)
         if want > have:
             over.append(f"{field}={want} but the checkpoint holds {have} {kind} block(s)")
     if over:
@@ -657,7 +578,13 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
 
 def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
                key_map=None, index_file=None) -> LoadReport:
-    handles, sources, unexpected, bfl, bad = _open_checkpoint(files, stack, key_map, index_file)
+    from .families import family_of
+
+    try:
+        family = family_of(model)
+    except TypeError:  # a model of no family: diffusers' names only
+        family = None
+    handles, sources, unexpected, fmt, bad = _open_checkpoint(files, stack, key_map, index_file, family)
     problems.extend(bad)
     plan = _param_plan(model)
     missing = sorted(set(plan) - set(sources))
@@ -703,8 +630,12 @@ def _load_into(model, path, files, problems, stack, rank, world_size, group, dev
                 bar.update(1)
     if bar is not None:
         bar.close()
+    for module in model.modules():  # e.g. FLUX.3's blocks pack their column shards into one tensor again
+        after = getattr(module, "tp_after_load", None)
+        if callable(after):
+            after()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise ValueError(f"still on the meta device after loading (not in the checkpoint's plan): {left}")
     return LoadReport(len(items), bytes_read, time.perf_counter() - start, [str(f) for f in files],
-                      "bfl" if bfl else "diffusers", rank, world_size)
+                      fmt.name if fmt is not None else "diffusers", rank, world_size)

@@ -23,14 +23,53 @@ def _error(msg: str) -> int:
     return EXIT_USAGE
 
 
+def _verify_family(args: argparse.Namespace) -> int:
+    """``tpfuse verify --family qwenimage|flux3``: a parallelized diffusers model against the dense one."""
+    import traceback
+
+    from .families import family_named
+    from .launch import RankError, _last_line
+    from .verify_family import check_family, format_family_result
+
+    fam = family_named(args.family)
+    preset = args.preset if args.preset is not None else "tiny"
+    if preset not in fam.presets:
+        return _error(f"--preset {preset!r} is not a {args.family} preset; choose from {sorted(fam.presets)}")
+    if args.model is not None:
+        return _error(f"--model is only supported with --family flux2 (for {args.family}, use from_pretrained)")
+    try:
+        res = check_family(args.family, preset, args.world_size, args.dtype, args.seed, max(args.batch, 1),
+                           args.txt_tokens, args.img_tokens, args.backend)
+    except ValueError as exc:
+        return _error(str(exc))
+    except RankError as exc:
+        if exc.exc_type in _INPUT_ERRORS:
+            return _error(f"rank {exc.rank}: {_last_line(exc)}")
+        traceback.print_exc()
+        print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    print(format_family_result(res), flush=True)
+    return EXIT_OK if res.ok else EXIT_FAIL
+
+
 def _verify(args: argparse.Namespace) -> int:
     import traceback
 
+    if args.family != "flux2":
+        return _verify_family(args)
+    if args.preset is None:
+        args.preset = "klein-4b"
+    from .flux2.config import PRESETS
+
+    if args.preset not in PRESETS:
+        return _error(f"--preset {args.preset!r} is not a flux2 preset; choose from {sorted(PRESETS)}")
+
     import torch
 
-    from .config import Flux2Config
+    from .flux2.config import Flux2Config
     from .launch import RankError, _last_line
-    from .presets_table import check_world_size
+    from .flux2.presets_table import check_world_size
     from .verify import default_backend, format_header, format_summary, verify
 
     if args.model is None:  # a checkpoint's sizes are known once its config is read: verify() checks them then
@@ -78,7 +117,7 @@ def _print_progress(step: str) -> None:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from .presets_table import format_preset_table
+    from .flux2.presets_table import format_preset_table
 
     print(format_preset_table(args.dtype))
     return EXIT_OK
@@ -105,19 +144,29 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .families import families
     from .verify import DTYPES
 
-    parser = argparse.ArgumentParser(prog="tpfuse", description="Tensor-parallel FLUX.2 layers and fused kernels.")
+    from .flux2.config import PRESETS
+
+    fams = families()
+    presets = sorted({p for f in fams for p in f.presets} | set(PRESETS))
+    parser = argparse.ArgumentParser(prog="tpfuse", description="Tensor-parallel layers and fused kernels for "
+                                     "diffusion transformers (FLUX.2, Qwen-Image, FLUX.3).")
     parser.add_argument("--version", action="version", version=f"tpfuse {_version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="shard FLUX.2 blocks over N ranks and check forward/backward against dense",
+    v = sub.add_parser("verify", help="shard FLUX.2 blocks (or a Qwen-Image / FLUX.3 model: --family) over N ranks "
+                       "and check forward/backward against dense",
                        formatter_class=_HelpFormatter,
                        epilog="exit status: 0 every check passed, 1 a numerical check failed, 2 a usage or input "
                               "error (options, checkpoint, backend), 3 an internal error")
-    v.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS),
-                   help="the FLUX.2 model whose block shapes are checked, with random weights")
+    v.add_argument("--family", default="flux2", choices=[f.name for f in fams],
+                   help="model family: flux2 checks blocks (below); qwenimage and flux3 check a whole parallelized "
+                        "diffusers model (forward, input and weight gradients) against the dense one")
+    v.add_argument("--preset", default=None, choices=presets,
+                   help="the model whose shapes are checked, with random weights (flux2 default: klein-4b; "
+                        "qwenimage: tiny or qwen-image-block; flux3: tiny or flux3-block)")
     v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes); it must divide the "
                    "attention heads and the MLP width (tpfuse presets lists the valid sizes)")
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")

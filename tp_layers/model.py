@@ -1,8 +1,9 @@
-"""Drop-in tensor parallelism for diffusers' ``Flux2Transformer2DModel``.
+"""Drop-in tensor parallelism for diffusers' transformers of every registered family (FLUX.2's
+``Flux2Transformer2DModel``, Qwen-Image's ``QwenImageTransformer2DModel``, FLUX.3's ``Flux3Transformer2DModel``).
 
-``parallelize(model)`` swaps every double- and single-stream block for its tensor-parallel version in place
-(same ``forward`` signature and parameter names, ~1/N of the block weights per rank); embedders, modulation and
-the final layer stay replicated. It works on a model with real weights (they are sharded) and on one built on
+``parallelize(model)`` finds the model's family (:mod:`.families`) and swaps every block of its block lists for the
+tensor-parallel version in place (same ``forward`` signature and parameter names, ~1/N of the block weights per
+rank); embedders, modulation and the final layer stay replicated. It works on a model with real weights (they are sharded) and on one built on
 the ``meta`` device (only shapes), which :func:`~tpfuse.tp_layers.checkpoint.load_sharded` then fills with this
 rank's slices. ``from_pretrained`` does config -> meta model -> parallelize -> load_sharded in one call.
 """
@@ -18,24 +19,32 @@ from torch import nn
 
 from .checkpoint import LoadReport, load_sharded, resolve_source
 from .comm import get_world_size, resolve_group
-from .config import Flux2Config
 from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from . import lora
 from ._flavour import flavour, resolve
+from .families import Family, UnsupportedModelError, family_for_class, family_of, supported_classes
 from .lora import is_lora_layer
-from .flux2 import BatchMismatchError
-from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock, _describe_ties, _tied_parameters
+from .tp_attention import check_divisible, describe_ties, tied_parameters
 
 __all__ = ["check_parallelizable", "from_pretrained", "load_config", "parallelize"]
 
-_MODEL_CLASS = "Flux2Transformer2DModel"
+
+def _block_lists(model: nn.Module, family: Family) -> list[tuple[str, nn.ModuleList, object]]:
+    """(path, the model's ModuleList at that path, shard function) for each of the family's block lists."""
+    out = []
+    for path, shard in family.block_lists:
+        blocks = model.get_submodule(path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"parallelize: {type(model).__name__}.{path} is a {type(blocks).__name__}, not the "
+                            f"nn.ModuleList of blocks the {family.name} family shards")
+        out.append((path, blocks, shard))
+    return out
 
 
-def check_parallelizable(model: nn.Module, world_size: int) -> None:
-    """Refuse, with the reason, what :func:`parallelize` cannot shard correctly."""
-    if type(model).__name__ != _MODEL_CLASS or not hasattr(model, "single_transformer_blocks"):
-        raise TypeError(f"parallelize expects diffusers' {_MODEL_CLASS}, got {type(model).__module__}."
-                        f"{type(model).__name__}")
+def check_parallelizable(model: nn.Module, world_size: int) -> Family:
+    """Refuse, with the reason, what :func:`parallelize` cannot shard correctly; the model's family otherwise."""
+    family = family_of(model)  # UnsupportedModelError naming the class and the supported ones
+    _block_lists(model, family)
     config = getattr(model, "config", {})
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None or \
             (hasattr(config, "get") and config.get("quantization_config")):
@@ -58,23 +67,24 @@ def check_parallelizable(model: nn.Module, world_size: int) -> None:
     if hooked or (device_map and len(set(map(str, device_map.values()))) > 1):
         raise ValueError(f"parallelize: the model is offloaded or dispatched (hooks on {hooked[:3]}, "
                          f"device map {device_map}); load it without offloading, then parallelize")
-    already = [n for n, m in model.named_modules() if isinstance(m, (TPSingleStreamBlock, TPDoubleStreamBlock))]
+    already = [n for n, m in model.named_modules() if isinstance(m, family.tp_block_classes())]
     if already:
         raise ValueError(f"parallelize: the model is already parallelized ({already[:2]} ...)")
     # Ties among the replicated modules survive (those modules are kept as they are); a tie that involves a block
     # weight would be split into separate shards, so it is refused (also across blocks, which from_dense cannot see).
-    ties = [t for t in _tied_parameters(model) if any(n.startswith(("transformer_blocks.",
-                                                                    "single_transformer_blocks.")) for n in t)]
+    prefixes = family.block_prefixes()
+    ties = [t for t in tied_parameters(model) if any(n.startswith(prefixes) for n in t)]
     if ties:
-        raise ValueError(f"parallelize: {_describe_ties(ties)}")
-    heads = model.config.get("num_attention_heads") if hasattr(model.config, "get") else None
-    heads = heads or model.transformer_blocks[0].attn.heads
-    if heads % world_size:
-        raise ValueError(f"parallelize: num_attention_heads={heads} is not divisible by the world size {world_size}")
+        raise ValueError(f"parallelize: {describe_ties(ties)}")
+    try:
+        check_divisible(world_size, **family.sizes(model))
+    except ValueError as exc:
+        raise ValueError(f"parallelize ({type(model).__name__}): {exc}") from None
+    return family
 
 
 class TPModelMixin:
-    """What a parallelized diffusers model adds to its class (``parallelize`` swaps the instance's class for
+    """What a parallelized diffusers model adds to its class (``parallelize`` swaps the instance's class for, e.g.,
     ``class Flux2Transformer2DModel(TPModelMixin, Flux2Transformer2DModel)``; ``__name__`` and the config are
     unchanged): adapters are sharded on load and gathered on save, and regional compilation finds the TP blocks."""
 
@@ -129,44 +139,12 @@ class TPModelMixin:
 
 
 def _model_flavour(model_cls: type) -> type:
+    family = family_of_class(model_cls)
     repeated = list(getattr(model_cls, "_repeated_blocks", None) or [])
     # Regional compilation (compile_repeated_blocks) finds blocks by class name.
-    repeated += [c.__name__ for c in (TPDoubleStreamBlock, TPSingleStreamBlock) if c.__name__ not in repeated]
+    repeated += [c.__name__ for c in family.tp_block_classes() if c.__name__ not in repeated]
     dense_forward = model_cls.forward
-
-    signature = inspect.signature(dense_forward)
-
-    def check_batches(self, args, kwargs) -> None:
-        # The timestep's batch (broadcast with guidance's, for a guidance model) reaches the blocks as the
-        # modulation's. The dense model broadcasts a stream of batch 1 to it (one latent, several timesteps) and the
-        # blocks do the same; what it cannot broadcast is refused here naming the arguments, not a block's internal
-        # modulation tensor. Anything else malformed is left to the dense forward's own errors.
-        try:
-            bound = signature.bind_partial(self, *args, **kwargs).arguments
-        except TypeError:
-            return
-        x, ctx, t, g = (bound.get(k) for k in ("hidden_states", "encoder_hidden_states", "timestep", "guidance"))
-        if not all(isinstance(v, torch.Tensor) for v in (x, ctx, t)) or (x.dim(), ctx.dim(), t.dim()) != (3, 3, 1):
-            return
-        sizes = {"timestep": t.shape[0]}
-        embedder = getattr(getattr(self, "time_guidance_embed", None), "guidance_embedder", None)
-        if isinstance(g, torch.Tensor) and g.dim() == 1 and embedder is not None:  # else guidance is ignored
-            sizes["guidance"] = g.shape[0]
-        try:
-            mod = torch.broadcast_shapes(*((n,) for n in sizes.values()))
-            if not len(self.transformer_blocks) and x.shape[0] != ctx.shape[0]:
-                raise RuntimeError  # no double block: the streams are concatenated before any modulation
-            img, txt = torch.broadcast_shapes(x.shape[:1], mod), torch.broadcast_shapes(ctx.shape[:1], mod)
-            ok = img == txt
-        except RuntimeError:
-            ok = False
-        if not ok:
-            given = ", ".join(f"{k} batch {v}" for k, v in sizes.items())
-            raise BatchMismatchError(
-                f"hidden_states batch {x.shape[0]} and encoder_hidden_states batch {ctx.shape[0]}, with {given}, do "
-                "not broadcast to one batch: the image and text streams must end up with the same batch; a batch "
-                "of 1 broadcasts against the others (one latent with several timesteps, one prompt for several "
-                "latents), other batches must be equal")
+    check_model_inputs = family.check_model_inputs
 
     @functools.wraps(dense_forward)  # the dense signature: diffusers' hooks bind arguments by it
     def forward(self, *args, **kwargs):
@@ -175,7 +153,8 @@ def _model_flavour(model_cls: type) -> type:
             # batch check comes second, so that ranks given different inputs all get the agreement error.
             if inputs_check_due(self, {"args": args, **kwargs}):
                 check_inputs_agree(self, self.tp_group, {"args": args, **kwargs})
-            check_batches(self, args, kwargs)
+            if check_model_inputs is not None:
+                check_model_inputs(self, args, kwargs)
         return dense_forward(self, *args, **kwargs)
 
     return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated, "forward": forward},
@@ -186,10 +165,22 @@ def __getattr__(name: str):  # pickle finds the model flavours by their __qualna
     return resolve(name, {TPModelMixin.__name__: TPModelMixin}, lambda _mixin, cls: _model_flavour(cls))
 
 
+def family_of_class(model_cls: type) -> Family:
+    for cls in model_cls.__mro__:
+        try:
+            return family_for_class(cls.__name__)
+        except TypeError:
+            continue
+    return family_for_class(model_cls.__name__)  # the error naming the supported classes
+
+
 def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
                 broadcast_from: int | None = None) -> nn.Module:
-    """Shard a diffusers ``Flux2Transformer2DModel`` over ``group`` (a ProcessGroup or 1-D DeviceMesh; default:
-    the world) in place and return it.
+    """Shard a diffusers transformer of a registered family (``Flux2Transformer2DModel``,
+    ``QwenImageTransformer2DModel``, ``Flux3Transformer2DModel``; see :mod:`.families`) over ``group`` (a
+    ProcessGroup or 1-D DeviceMesh; default: the world) in place and return it. Any other class is refused
+    (:class:`~tpfuse.tp_layers.families.UnsupportedModelError`, naming the supported ones), as is a world size that
+    does not divide the heads (the error lists the valid sizes).
 
     ``check_weights`` (default on): before sharding, verify that every rank holds the same weights — one
     all-gather of a checksum per tensor (:func:`~tpfuse.tp_layers.consistency.check_weights_agree`; ``meta``
@@ -198,12 +189,11 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
     ranks built the model without a shared seed)."""
     group = resolve_group(group)
     world_size = get_world_size(group)
-    check_parallelizable(model, world_size)
+    family = check_parallelizable(model, world_size)
     sync_or_check(model, group, check_weights, broadcast_from, type(model).__name__)
-    for blocks, cls in ((model.transformer_blocks, TPDoubleStreamBlock),
-                        (model.single_transformer_blocks, TPSingleStreamBlock)):
+    for _path, blocks, shard in _block_lists(model, family):
         for i in range(len(blocks)):
-            blocks[i] = cls.from_dense(blocks[i], group, check_weights=False)  # the dense block is dropped here
+            blocks[i] = shard(blocks[i], group)  # the dense block is dropped here
     model.tp_world_size = world_size
     model.tp_group = group
     dense_module = type(model).__module__
@@ -215,11 +205,27 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
     return model
 
 
+def config_family(config: dict, where: str) -> Family:
+    """The family a config's ``_class_name`` names (FLUX.2's when it names none, as in a bare FLUX.2 config), with
+    the config checked by that family (one ``ValueError`` naming ``where`` and every bad field)."""
+    # (a config that is not a JSON object is FLUX.2's validator's to refuse, naming the file)
+    name = config.get("_class_name", "Flux2Transformer2DModel") if isinstance(config, dict) else \
+        "Flux2Transformer2DModel"
+    try:
+        family = family_for_class(name if isinstance(name, str) else repr(name))
+    except UnsupportedModelError:
+        raise ValueError(f"{where}: _class_name={name!r}: the config of another model (tpfuse loads "
+                         f"{supported_classes()})") from None
+    if family.validate_config is not None:
+        family.validate_config(config, where)
+    return family
+
+
 def _load_config(path: Path, subfolder: str | None) -> tuple[dict, Path] | None:
     """(the parsed ``config.json``, its path) at ``path`` or, without ``subfolder``, at ``path/transformer``;
     ``None`` if neither exists. A ``ValueError`` names the file for invalid JSON (not UTF-8, a field given twice,
-    ...) and for a config diffusers' ``Flux2Transformer2DModel`` cannot be built from (see
-    :meth:`Flux2Config.validate_dict`)."""
+    ...) and for a config its family's diffusers class cannot be built from (FLUX.2:
+    :meth:`~tpfuse.tp_layers.flux2.config.Flux2Config.validate_dict`)."""
     from .checkpoint import read_json
 
     candidates = [path / "config.json"] if path.is_dir() else []
@@ -228,65 +234,18 @@ def _load_config(path: Path, subfolder: str | None) -> tuple[dict, Path] | None:
     for c in candidates:
         if c.exists():
             config = read_json(c, "config")
-            Flux2Config.validate_dict(config, str(c))
+            config_family(config, str(c))
             return config, c
     return None
-
-
-def _infer_config(path: Path, variant: str | None = None) -> dict:
-    """A config from a single-file checkpoint's tensor shapes (BFL or diffusers keys)."""
-    import math
-
-    from .checkpoint import _weight_files, block_count, checkpoint_shapes
-
-    files, others = _weight_files(path, variant)
-    if not files:
-        raise ValueError(f"cannot infer a FLUX.2 config from {path}: no safetensors file (tpfuse reads only "
-                         f"safetensors; found {[str(f) for f in others] or 'none'})")
-    shapes = checkpoint_shapes(path, variant)
-    needed = {"x_embedder.weight": 2, "context_embedder.weight": 2, "transformer_blocks.0.attn.norm_q.weight": 1,
-              "transformer_blocks.0.ff.linear_in.weight": 2,
-              "time_guidance_embed.timestep_embedder.linear_1.weight": 2}
-    absent = [k for k in needed if k not in shapes]
-    if absent:
-        raise ValueError(f"cannot infer a FLUX.2 config from {path}: no {', '.join(absent)} (BFL: "
-                         "img_in, txt_in, double_blocks.0.img_attn.norm.query_norm, double_blocks.0.img_mlp.0, "
-                         "time_in.in_layer)")
-    wrong = [f"{k} has shape {shapes[k]}, not {n}-D" for k, n in needed.items() if len(shapes[k]) != n]
-    if wrong:
-        raise ValueError(f"cannot infer a FLUX.2 config from {path}: {'; '.join(wrong)}")
-    hidden, in_channels = shapes["x_embedder.weight"]
-    _, joint = shapes["context_embedder.weight"]
-    (head_dim,) = shapes["transformer_blocks.0.attn.norm_q.weight"]
-    mlp2 = shapes["transformer_blocks.0.ff.linear_in.weight"][0]
-    t_channels = shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1]
-    if head_dim == 0 or hidden % head_dim:  # hidden // head_dim would build a model of other shapes
-        raise ValueError(f"cannot infer a FLUX.2 config from {path}: x_embedder.weight's {hidden} rows (the hidden "
-                         f"size) are not a whole number of heads of transformer_blocks.0.attn.norm_q's {head_dim}")
-    mlp_ratio = mlp2 / 2 / hidden
-    while int(hidden * mlp_ratio) < mlp2 // 2:  # m / h * h can round below m (61 / 56): diffusers' int() would
-        mlp_ratio = math.nextafter(mlp_ratio, math.inf)  # build a narrower MLP than the checkpoint's
-    try:
-        config = Flux2Config(
-            num_attention_heads=hidden // head_dim, attention_head_dim=head_dim,
-            num_layers=block_count(shapes, "transformer_blocks."),
-            num_single_layers=block_count(shapes, "single_transformer_blocks."),
-            mlp_ratio=mlp_ratio, in_channels=in_channels, joint_attention_dim=joint,
-            timestep_guidance_channels=t_channels,
-            guidance_embeds="time_guidance_embed.guidance_embedder.linear_1.weight" in shapes,
-            axes_dims_rope=(head_dim // 4,) * 4,
-        )
-    except ValueError as exc:
-        raise ValueError(f"cannot infer a FLUX.2 config from {path} (RoPE axes split evenly in 4): {exc}") from None
-    return config.to_diffusers_kwargs()
 
 
 def load_config(source, subfolder: str | None = None, revision: str | None = None, token=None,
                 local_files_only: bool = False, variant: str | None = None) -> tuple[dict, Path]:
     """(diffusers config dict, the directory or file holding the weights) for a checkpoint source.
 
-    The config is checked field by field (:meth:`Flux2Config.validate_dict`): one ``ValueError`` names
-    ``config.json``'s path and every field whose type or range is wrong. ``variant`` (e.g. ``"fp16"``): a Hub
+    The config is checked field by field by its family (FLUX.2: :meth:`Flux2Config.validate_dict`): one
+    ``ValueError`` names ``config.json``'s path and every field whose type or range is wrong. A single file's
+    config is inferred from its shapes (FLUX.2 only, diffusers or BFL keys). ``variant`` (e.g. ``"fp16"``): a Hub
     download fetches only that variant's weights; a single file's config is inferred only if it is that variant's.
     """
     from .checkpoint import _allow_patterns, check_variant
@@ -296,7 +255,7 @@ def load_config(source, subfolder: str | None = None, revision: str | None = Non
                           local_files_only=local_files_only)
     found = _load_config(path, subfolder)
     if found is None and not path.is_dir():
-        return _infer_config(path, variant), path
+        return family_for_class("Flux2Transformer2DModel").infer_config(path, variant), path
     if found is None:
         raise ValueError(f"no config.json at {path} (pass subfolder=..., or a single checkpoint file)")
     config, file = found
@@ -308,28 +267,36 @@ def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfol
                     local_files_only: bool = False, variant: str | None = None) -> nn.Module:
     """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call.
 
-    ``source``: a diffusers model directory (``config.json`` + safetensors; a pipeline directory's
-    ``transformer/`` is found without ``subfolder``), a single safetensors file (diffusers or BFL keys; the config
+    ``source``: a diffusers model directory (``config.json`` + safetensors, of any registered family, chosen by the
+    config's ``_class_name``; a pipeline directory's ``transformer/`` is found without ``subfolder``), a single
+    FLUX.2 safetensors file (diffusers or BFL keys; the config
     is inferred from the shapes, RoPE axes split evenly), or a Hub repo id (e.g.
     ``black-forest-labs/FLUX.2-klein-4B`` with ``subfolder="transformer"``; ``local_files_only=True`` reads only
     the Hub cache, as in diffusers). ``variant`` (e.g. ``"fp16"``) reads that variant's weight files, as diffusers'
     ``from_pretrained`` does (see :func:`load_sharded`). The model comes back in ``eval()``
     mode; ``model.tp_load_report`` is the rank's :class:`LoadReport`.
     """
-    from diffusers import Flux2Transformer2DModel
-
     from .checkpoint import check_block_counts
 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, not {dtype!r}")
     # A validated dict: from_config would take anything else for a Hub repo id (a "couldn't connect" error).
     config, path = load_config(source, subfolder, revision, token, local_files_only, variant)
+    family = config_family(config, str(path))
     if path.is_dir():  # (a single file's config was inferred from its blocks)
-        check_block_counts(config, path, variant)
+        check_block_counts(config, path, variant, family)
     with torch.device("meta"):
-        model = Flux2Transformer2DModel.from_config(config)
+        model = family.model_class().from_config(config)
+    if family.after_meta_build is not None:
+        family.after_meta_build(model)
     if dtype is not None:
         model = model.to(dtype)
+        # As diffusers' from_pretrained(torch_dtype=...): modules named in _keep_in_fp32_modules stay fp32 (FLUX.3's
+        # Q/K norms, whose fp32 scales the fused projection then reads as they are).
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for name, module in model.named_modules():
+            if keep and any(k in name.split(".") for k in keep):
+                module.to(torch.float32)
     parallelize(model, group)
     report: LoadReport = load_sharded(model, path, group, device=device, progress=progress, variant=variant)
     model.tp_load_report = report

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from .comm import comm_stats, get_rank, get_world_size
-from .config import Flux2Config
-from .flux2 import DoubleStreamBlock, SingleStreamBlock, rope_cos_sin
+from .flux2.config import Flux2Config
+from .flux2.blocks import DoubleStreamBlock, SingleStreamBlock, rope_cos_sin
 from .launch import default_backend, run_ranks
 from .numerics import max_abs_error, rel_error, tolerance
-from .presets_table import check_world_size
+from .flux2.presets_table import check_world_size
 from .sharding import shard_tensor
-from .tp_flux2 import TPDoubleStreamBlock, TPSingleStreamBlock
+from .flux2.tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock
 
 __all__ = ["verify", "VerifyResult", "BlockResult", "random_dense_block", "random_diffusers_model", "block_inputs",
            "position_ids", "format_report", "format_header", "format_block", "format_summary", "plural", "DTYPES"]

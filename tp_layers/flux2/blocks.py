@@ -5,7 +5,7 @@ Parameter names and ``forward`` signatures are those of diffusers' ``Flux2Single
 inside ``Flux2Transformer2DModel``.
 
 The block math is written once. The attention and feed-forward modules expose small hooks (projection, per-head
-norm, attention over local heads) that the tensor-parallel versions in :mod:`.tp_flux2` override; the block
+norm, attention over local heads) that the tensor-parallel versions in :mod:`.tp_blocks` override; the block
 ``forward`` (norm, modulation, gated residual) is shared because every op in it is replicated on every rank.
 
 Attention runs through a *processor*, as in diffusers (``attn.processor``, ``set_processor``; the attention kernel is
@@ -28,8 +28,17 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from tpfuse.kernels.qk_norm_rope import rope_reference
 
-from ._checks import check_like
-from ._flavour import flavour, resolve
+from .._checks import check_like
+from .._flavour import flavour, resolve
+from ..tp_attention import (  # noqa: F401 - re-exported: tpfuse.tp_layers.flux2's names before the move
+    Projection,
+    _dispatch_attention_fn,
+    _materialize,
+    attention,
+    attention_heads_major,
+    hooked,
+    transparent_base,
+)
 from .config import Flux2Config
 
 __all__ = [
@@ -103,49 +112,6 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_UNLOADED = object()
-_DISPATCH: Any = _UNLOADED
-
-
-def _dispatch_attention_fn():
-    """diffusers' ``dispatch_attention_fn`` (attention backends), or ``None`` without diffusers.
-
-    Looked up once, by the attention modules' constructors, so that code traced by ``torch.compile`` only reads a
-    global (a ``functools.cache`` wrapper made dynamo warn on every trace, an import inside it would break the
-    graph)."""
-    global _DISPATCH
-    if _DISPATCH is _UNLOADED:
-        try:
-            from diffusers.models.attention_dispatch import dispatch_attention_fn as found
-        except ImportError:
-            found = None
-        _DISPATCH = found
-    return _DISPATCH
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              backend=None, parallel_config=None) -> torch.Tensor:
-    """Attention on ``[B, S, H, D]`` inputs, returning ``[B, S, H*D]``: diffusers' ``dispatch_attention_fn`` (the
-    ``backend`` a processor was given, else the active one; ``attention_backend(...)`` chooses it), SDPA without
-    diffusers."""
-    dispatch = _dispatch_attention_fn()
-    if dispatch is None:
-        if backend is not None:
-            raise RuntimeError(f"attention backend {backend!r} needs diffusers installed")
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2)
-    else:
-        out = dispatch(q, k, v, attn_mask=mask, backend=backend, parallel_config=parallel_config)
-    return out.flatten(2, 3).to(q.dtype)
-
-
-def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                          backend=None, parallel_config=None) -> torch.Tensor:
-    """:func:`attention` on ``[B, H, S, D]`` inputs: passed as ``[B, S, H, D]`` views, which the native backend
-    permutes back, so SDPA reads them without a copy."""
-    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend, parallel_config)
-
-
 def _check_like(x, ref: torch.Tensor | None, name: str) -> None:
     if ref is not None:
         check_like(x, ref, name, "the block's weights are")
@@ -182,51 +148,6 @@ def _broadcast_batch(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == mod.shape[0] or mod.shape[0] == 1:
         return x
     return x.expand(mod.shape[0], *x.shape[1:]).contiguous()
-
-
-def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` does more than its class's ``forward``: a diffusers/accelerate hook (they replace
-    ``forward`` on the instance: caching, offloading, layerwise casting), a torch forward or backward hook on it, or
-    a global module hook. Fused paths that read a module's weights without calling it are only taken when this is
-    False."""
-    return ("forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
-            or bool(module._backward_hooks) or bool(module._backward_pre_hooks)
-            or bool(torch_module._global_forward_hooks) or bool(torch_module._global_forward_pre_hooks)
-            or bool(torch_module._global_backward_hooks) or bool(torch_module._global_backward_pre_hooks))
-
-
-def transparent_base(module: nn.Module) -> nn.Module:
-    """What calling ``module`` computes exactly: the base layer of a peft LoRA ``Linear`` whose forward is just
-    ``self.base_layer(x)`` (peft's ``LoraLayer.forward``: adapters merged into the weight by ``fuse_lora`` and not
-    disabled, or disabled with none merged; disabled *and* merged unmerges first, a side effect), recursively;
-    otherwise ``module`` itself. Fused paths gate on this, so that a fused LoRA takes the fused kernels; a wrapper
-    with hooks is not transparent."""
-    # peft's own class only, by name (peft stays optional): a subclass may compute something else.
-    while (type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer"
-           and not hooked(module) and bool(module.merged) != bool(module.disable_adapters)):
-        module = module.base_layer
-    return module
-
-
-class Projection:
-    """An out-projection not applied yet: ``proj(cat(parts))``. Blocks fold their gate and residual into it."""
-
-    __slots__ = ("parts", "proj")
-
-    def __init__(self, proj: nn.Module, parts: Sequence[torch.Tensor]):
-        self.proj, self.parts = proj, list(parts)
-
-    def materialize(self) -> torch.Tensor:
-        # The class's own method only: a wrapper (peft) forwarding attribute lookups must not be bypassed, unless
-        # it computes exactly its base layer (a fused LoRA).
-        proj = transparent_base(self.proj)
-        if hasattr(type(proj), "forward_fused") and not hooked(proj):
-            return proj.forward_fused(self.parts)  # a row-parallel layer reads the parts without a cat
-        return self.proj(self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1))
-
-
-def _materialize(out):
-    return out.materialize() if isinstance(out, Projection) else out
 
 
 _PARAMETERS: dict[Any, frozenset[str]] = {}
@@ -273,6 +194,7 @@ def _diffusers_kv_processor(name: str):
 # (diffusers stays optional and is not imported with tpfuse).
 _DIFFUSERS_PROCESSORS = {"JointAttnProcessor": "Flux2AttnProcessor",
                          "SingleAttnProcessor": "Flux2ParallelSelfAttnProcessor"}
+_UNLOADED = object()
 _DIFFUSERS_FLUX2: Any = _UNLOADED
 
 

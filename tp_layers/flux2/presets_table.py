@@ -3,7 +3,7 @@ rank holds at each (``tpfuse presets``, the README's table). Computed from the m
 it; a test checks the numbers against parallelized diffusers models.
 
 A rank of :func:`~tpfuse.tp_layers.model.parallelize` holds 1/N of every block matrix (the column- and
-row-parallel projections, see :mod:`~tpfuse.tp_layers.tp_flux2`) and a full copy of everything else: the
+row-parallel projections, see :mod:`~tpfuse.tp_layers.flux2.tp_blocks`) and a full copy of everything else: the
 timestep/guidance embedders, the three modulation linears, ``x_embedder``, ``context_embedder``, the QK-norm
 weights and the final layer (``norm_out``, ``proj_out``).
 """

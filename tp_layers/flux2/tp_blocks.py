@@ -32,46 +32,55 @@ Where the dense block runs several eager ops, the TP block calls one fused op fr
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope_joint
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
-from ._flavour import flavour, resolve
-from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
-from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
-from .flux2 import (
-    DoubleStreamBlock,
-    FeedForward,
-    JointAttention,
-    Projection,
-    SingleStreamAttention,
-    SingleStreamBlock,
-    _dispatch_attention_fn,
-    attention_heads_major,
-    hooked,
-    transparent_base,
-)
-from .linear import (
+from .._flavour import resolve
+from ..comm import copy_to_tp_region, get_world_size, resolve_group
+from ..consistency import check_inputs_agree, inputs_check_due, sync_or_check
+from ..linear import (
     ColumnParallelLinear,
     RowParallelLinear,
     check_input,
     column_parallel_linear,
 )
-from .lora import check_adapters, shard_linear
+from ..lora import check_adapters
+from ..tp_attention import (
+    AttentionMaskError,
+    HeadRMSNorm,
+    Projection,
+    TPHeadsMixin,
+    _dispatch_attention_fn,
+    attention_heads_major,
+    check_divisible,
+    describe_ties,
+    diffusers_flavour,
+    hooked,
+    plain,
+    shard_in_block,
+    shared_eps,
+    tied_parameters,
+    transparent_base,
+)
+from .blocks import (
+    DoubleStreamBlock,
+    FeedForward,
+    JointAttention,
+    SingleStreamAttention,
+    SingleStreamBlock,
+)
 
-__all__ = ["HeadRMSNorm", "TPDoubleStreamBlock", "TPSingleStreamBlock", "diffusers_flavour"]
+__all__ = ["AttentionMaskError", "HeadRMSNorm", "TPDoubleStreamBlock", "TPSingleStreamBlock"]
 
 # Dense block classes accepted by from_dense, by (module prefix, class name): ours and diffusers'. Matched by
 # name so that diffusers stays an optional dependency.
-_SINGLE_TYPES = {("tpfuse.tp_layers.flux2", "SingleStreamBlock"),
+_SINGLE_TYPES = {("tpfuse.tp_layers.flux2.blocks", "SingleStreamBlock"),
                  ("diffusers.models.transformers.transformer_flux2", "Flux2SingleTransformerBlock")}
-_DOUBLE_TYPES = {("tpfuse.tp_layers.flux2", "DoubleStreamBlock"),
+_DOUBLE_TYPES = {("tpfuse.tp_layers.flux2.blocks", "DoubleStreamBlock"),
                  ("diffusers.models.transformers.transformer_flux2", "Flux2TransformerBlock")}
 
 _SINGLE_WEIGHTS = ["attn.to_qkv_mlp_proj.weight", "attn.norm_q.weight", "attn.norm_k.weight", "attn.to_out.weight"]
@@ -83,144 +92,24 @@ _DOUBLE_WEIGHTS = (
 )
 
 
-def _tied_parameters(module: nn.Module) -> list[list[str]]:
-    """The names of each Parameter that ``module`` holds under two or more names (tied weights), one list per
-    Parameter, sorted."""
-    names: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return sorted(sorted(n) for n in names.values() if len(n) > 1)
-
-
-def _describe_ties(ties: list[list[str]]) -> str:
-    """Why tied weights are refused, and the remedy. Supporting them is not possible in general: the two uses may
-    be sharded differently (a column and a row layer, a block weight and a replicated module), and where the shards
-    would coincide every loader, checksum, save and LoRA path would still have to keep the tie; FLUX.2 ties no
-    weights."""
-    shown = "; ".join(" is ".join(t) for t in ties[:3]) + (" ..." if len(ties) > 3 else "")
-    return (f"tied weights (one Parameter under several names) cannot be sharded: {shown}. Each tensor-parallel "
-            "layer holds its own copy or shard of its weight and cannot keep the tie; untie them before sharding "
-            "by giving each name its own Parameter (e.g. `attn.to_k.weight = "
-            "nn.Parameter(attn.to_k.weight.detach().clone())`)")
-
-
 def _check_block(block: nn.Module, types: set[tuple[str, str]], weights: list[str], what: str) -> None:
     kind = (type(block).__module__, type(block).__name__)
     if kind not in types or isinstance(block, (TPSingleStreamBlock, TPDoubleStreamBlock)):
         names = sorted(f"{m}.{n}" for m, n in types)
         raise TypeError(f"{what}.from_dense expects one of {names}, got {kind[0]}.{kind[1]}")
-    ties = _tied_parameters(block)
+    ties = tied_parameters(block)
     if ties:
-        raise ValueError(f"{what}.from_dense: {_describe_ties(ties)}")
+        raise ValueError(f"{what}.from_dense: {describe_ties(ties)}")
     present = {n.replace(".base_layer.", "."): p for n, p in block.named_parameters()}  # through LoRA wrappers
     missing = [w for w in weights if present.get(w) is None]
     if missing:
         raise ValueError(f"{what}.from_dense: the block is missing weights {missing}")
 
 
-def _register_block(flavour: type, dense_cls: type) -> None:
-    """diffusers' hooks look blocks up by exact class: register the flavour with the dense class's metadata."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockRegistry
-
-        meta = TransformerBlockRegistry.get(dense_cls)
-    except (ImportError, ValueError):  # an older diffusers, or a class its hooks do not know
-        return
-    TransformerBlockRegistry.register(flavour, dataclasses.replace(meta, _cls=None, _cached_parameter_indices=None))
-
-
-def diffusers_flavour(tp_cls: type, dense_cls: type) -> type:
-    """``tp_cls``, also deriving from the diffusers class it replaces (``Flux2TransformerBlock``,
-    ``Flux2Attention``, ...), so that ``isinstance`` checks, ``AttentionModuleMixin`` (``set_attention_backend``)
-    and diffusers' block registry (caching hooks) see a FLUX.2 module. tpfuse's own method resolution comes first:
-    ``forward`` is the tensor-parallel one. Blocks are registered with the dense class's hook metadata."""
-    if not dense_cls.__module__.startswith("diffusers."):
-        return tp_cls
-    return flavour(tp_cls, dense_cls, __name__, on_create=_register_block)
-
-
 def __getattr__(name: str):  # pickle finds the flavours by their __qualname__
     bases = {c.__name__: c for c in (TPSingleStreamBlock, TPDoubleStreamBlock, TPSingleStreamAttention,
                                      TPJointAttention)}
-    return resolve(name, bases, diffusers_flavour)
-
-
-def _check_divisible(world_size: int, **sizes: int) -> None:
-    bad = {k: v for k, v in sizes.items() if v % world_size != 0}
-    if bad:
-        desc = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise ValueError(f"cannot shard across {world_size} ranks: {desc} not divisible by the world size")
-
-
-class HeadRMSNorm(nn.RMSNorm):
-    """RMSNorm over ``head_dim`` whose (replicated) weight gets the gradient summed over the group's heads."""
-
-    group = None
-
-    @classmethod
-    def from_dense(cls, norm: nn.RMSNorm, group=None) -> HeadRMSNorm:
-        if not isinstance(norm, nn.RMSNorm) or norm.weight is None:
-            raise TypeError(f"expected an nn.RMSNorm with a weight, got {norm!r}")
-        new = cls(norm.normalized_shape, eps=norm.eps, device="meta", dtype=norm.weight.dtype)
-        new.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=norm.weight.requires_grad)
-        new.group = resolve_group(group)
-        return new
-
-    def tp_weight(self) -> torch.Tensor:
-        """The weight as seen by this rank's heads: identity forward, gradient all-reduced backward."""
-        return copy_to_tp_region(self.weight, self.group)
-
-    def eps_for(self, dtype: torch.dtype) -> float:
-        return self.eps if self.eps is not None else torch.finfo(dtype).eps  # nn.RMSNorm's default
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.tp_weight(), self.eps)
-
-
-def _shared_eps(a: HeadRMSNorm, b: HeadRMSNorm, dtype: torch.dtype) -> float | None:
-    """One eps for a fused Q/K norm, or None when Q and K were built with different ones."""
-    ea, eb = a.eps_for(dtype), b.eps_for(dtype)
-    return ea if ea == eb else None
-
-
-class AttentionMaskError(ValueError, RuntimeError):
-    """An attention mask that does not fit the attention scores. Also a ``RuntimeError``: what the dense block's
-    attention raises for the same mask, so code written against the dense block catches it."""
-
-
-class _TPHeadsMixin:
-    """Attention over this rank's heads: ``heads`` stays the global count, ``local_heads`` is this rank's."""
-
-    group = None
-    heads: int
-    local_heads: int
-
-    def _local_mask(self, mask, batch: int, q_len: int, kv_len: int):
-        """This rank's part of an attention mask, accepted and refused exactly as the dense block's attention
-        does: a mask of 3+ dims broadcasts against the scores ``[B, heads, Sq, Skv]`` with the *global* head
-        count (a ``[B, S, S]`` mask with B != 1 and B != heads is an error there, not a per-head mask here)."""
-        if mask is None or mask.dim() < 3 or self.local_heads == self.heads:
-            return mask  # 2-D masks are the backend's business, the same on every rank; one rank: dense's path
-        scores = (batch, self.heads, q_len, kv_len)
-        try:
-            ok = torch.broadcast_shapes(tuple(mask.shape), scores) == scores
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise AttentionMaskError(f"attention_mask of shape {tuple(mask.shape)} does not broadcast to the attention "
-                             f"scores [batch, heads, q_len, kv_len] = {list(scores)} (the dense block refuses it "
-                             "too)")
-        if mask.dim() == 3:
-            mask = mask.unsqueeze(0)  # [heads|1, Sq, Skv]: the leading dim lines up with the heads
-        if mask.shape[1] == self.heads:
-            start = get_rank(self.group) * self.local_heads
-            mask = mask[:, start:start + self.local_heads]  # a per-head mask: keep this rank's heads
-        return mask
-
-    def _attend(self, q, k, v, mask, backend=None, parallel_config=None):
-        # q, k, v: [B, S, H_local, Dh]
-        mask = self._local_mask(mask, q.shape[0], q.shape[1], k.shape[1])
-        return super()._attend(q, k, v, mask, backend, parallel_config)
+    return resolve(name, bases, lambda cls, dense: diffusers_flavour(cls, dense, __name__))
 
 
 # diffusers' default FLUX.2 processors (and ours): replaced by tpfuse's fused default on parallelize. Any other
@@ -229,15 +118,11 @@ _DEFAULT_PROCESSORS = {"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor", "
                        "SingleAttnProcessor"}
 
 
-def _shard(cls, dense, group, blocks=None):
-    """A linear's shard inside a block: the block's ``from_dense`` already checked (or broadcast) its weights."""
-    return shard_linear(cls, dense, group, blocks, check_weights=False)
-
-
 def _init_heads(module, dense, group, world_size: int) -> None:
     nn.Module.__init__(module)
     module.group = resolve_group(group)
     module.heads, module.head_dim, module.inner_dim = dense.heads, dense.head_dim, dense.inner_dim
+    module.global_heads = dense.heads
     module.local_heads = dense.heads // world_size
     module.norm_q = HeadRMSNorm.from_dense(dense.norm_q, group)
     module.norm_k = HeadRMSNorm.from_dense(dense.norm_k, group)
@@ -251,30 +136,23 @@ def _init_heads(module, dense, group, world_size: int) -> None:
     _dispatch_attention_fn()  # looked up here, not in traced code
 
 
-def _plain(*linears) -> bool:
-    """Tensor-parallel linears that fused code may read directly (through :func:`transparent_base`: a LoRA wrapper
-    whose adapters are merged counts as its base layer): not wrapped by an active adapter, and not hooked."""
-    return all(isinstance(lin, (ColumnParallelLinear, RowParallelLinear)) and not hooked(lin)
-               for lin in map(transparent_base, linears))
-
-
-class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
+class TPSingleStreamAttention(TPHeadsMixin, SingleStreamAttention):
     @classmethod
     def from_dense(cls, dense, group=None) -> TPSingleStreamAttention:
         world_size = get_world_size(group)
-        self = object.__new__(diffusers_flavour(cls, type(dense)))  # also the diffusers class it replaces
+        self = object.__new__(diffusers_flavour(cls, type(dense), __name__))  # also the diffusers class it replaces
         _init_heads(self, dense, group, world_size)
         self.mlp_hidden_dim = dense.mlp_hidden_dim
-        self.to_qkv_mlp_proj = _shard(ColumnParallelLinear, dense.to_qkv_mlp_proj, group, self.col_blocks)
-        self.to_out = _shard(RowParallelLinear, dense.to_out, group, self.row_blocks)
+        self.to_qkv_mlp_proj = shard_in_block(ColumnParallelLinear, dense.to_qkv_mlp_proj, group, self.col_blocks)
+        self.to_out = shard_in_block(RowParallelLinear, dense.to_out, group, self.row_blocks)
         return self
 
     def _parts(self, hidden_states, attention_mask=None, image_rotary_emb=None, backend=None, parallel_config=None):
         proj = transparent_base(self.to_qkv_mlp_proj)
-        eps = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
+        eps = shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
         kernel_fits = (self.head_dim in SUPPORTED_HEAD_DIMS or
                        resolve_backend("fused_qkv_mlp_proj", hidden_states.device) != "triton")
-        if (not _plain(proj) or hooked(self.norm_q) or hooked(self.norm_k) or proj.bias is not None or eps is None
+        if (not plain(proj) or hooked(self.norm_q) or hooked(self.norm_k) or proj.bias is not None or eps is None
                 or not kernel_fits):
             # unfused, same math, every module called (LoRA, hooks)
             return super()._parts(hidden_states, attention_mask, image_rotary_emb, backend, parallel_config)
@@ -290,25 +168,25 @@ class TPSingleStreamAttention(_TPHeadsMixin, SingleStreamAttention):
         return [attn, mlp]  # to_out reads both without a cat
 
 
-class TPJointAttention(_TPHeadsMixin, JointAttention):
+class TPJointAttention(TPHeadsMixin, JointAttention):
     @classmethod
     def from_dense(cls, dense, group=None) -> TPJointAttention:
         world_size = get_world_size(group)
-        self = object.__new__(diffusers_flavour(cls, type(dense)))  # also the diffusers class it replaces
+        self = object.__new__(diffusers_flavour(cls, type(dense), __name__))  # also the diffusers class it replaces
         _init_heads(self, dense, group, world_size)
         self.norm_added_q = HeadRMSNorm.from_dense(dense.norm_added_q, group)
         self.norm_added_k = HeadRMSNorm.from_dense(dense.norm_added_k, group)
         self.added_kv_proj_dim = dense.added_kv_proj_dim
         for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            setattr(self, name, _shard(ColumnParallelLinear, getattr(dense, name), group))
-        self.to_out = nn.ModuleList([_shard(RowParallelLinear, dense.to_out[0], group), nn.Dropout(0.0)])
-        self.to_add_out = _shard(RowParallelLinear, dense.to_add_out, group)
+            setattr(self, name, shard_in_block(ColumnParallelLinear, getattr(dense, name), group))
+        self.to_out = nn.ModuleList([shard_in_block(RowParallelLinear, dense.to_out[0], group), nn.Dropout(0.0)])
+        self.to_add_out = shard_in_block(RowParallelLinear, dense.to_add_out, group)
         return self
 
     def _parts(self, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None, backend=None,
                parallel_config=None):
-        eps_img = _shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
-        eps_txt = _shared_eps(self.norm_added_q, self.norm_added_k, hidden_states.dtype)
+        eps_img = shared_eps(self.norm_q, self.norm_k, hidden_states.dtype)
+        eps_txt = shared_eps(self.norm_added_q, self.norm_added_k, hidden_states.dtype)
         norms = (self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k)
         if eps_img is None or eps_txt is None or any(hooked(n) for n in norms):
             return super()._parts(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, backend,
@@ -327,7 +205,7 @@ class TPJointAttention(_TPHeadsMixin, JointAttention):
         return out[:, txt_len:], out[:, :txt_len]
 
     def _qkv(self, x, linears):
-        if not _plain(*linears):
+        if not plain(*linears):
             return [lin(x) for lin in linears]  # LoRA or hooks: each module called
         linears = [transparent_base(lin) for lin in linears]
         # Q, K and V read the same input: the backward all-reduces their summed input gradient once per stream
@@ -340,8 +218,8 @@ def _tp_feed_forward(dense, group) -> FeedForward:
     ff = FeedForward.__new__(FeedForward)
     nn.Module.__init__(ff)
     ff.mlp_hidden_dim = dense.linear_in.out_features // 2
-    ff.linear_in = _shard(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
-    ff.linear_out = _shard(RowParallelLinear, dense.linear_out, group)
+    ff.linear_in = shard_in_block(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
+    ff.linear_out = shard_in_block(RowParallelLinear, dense.linear_out, group)
     return ff
 
 
@@ -361,7 +239,7 @@ class _FusedBlockMixin:
         return layernorm_modulate(x, shift, scale, norm.eps)
 
     def _gated_residual(self, residual, gate, out):
-        if isinstance(out, Projection) and _plain(out.proj) and _per_batch(gate):
+        if isinstance(out, Projection) and plain(out.proj) and _per_batch(gate):
             # gate applied before the (chunked, overlapped) all-reduce and residual added by rank 0: the reduced
             # sum is already residual + gate * out.
             return transparent_base(out.proj).forward_fused(out.parts, gate, residual)
@@ -401,9 +279,9 @@ class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):
         every rank instead."""
         _check_block(block, _SINGLE_TYPES, _SINGLE_WEIGHTS, cls.__name__)
         world_size = get_world_size(group)
-        _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
+        check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
         sync_or_check(block, group, check_weights, broadcast_from, type(block).__name__)
-        self = object.__new__(diffusers_flavour(cls, type(block)))  # also the diffusers class it replaces
+        self = object.__new__(diffusers_flavour(cls, type(block), __name__))  # also the diffusers class it replaces
         nn.Module.__init__(self)
         self.dim = block.attn.to_out.out_features
         self.norm = nn.LayerNorm(self.dim, elementwise_affine=False, eps=block.norm.eps)
@@ -427,9 +305,9 @@ class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
         _check_block(block, _DOUBLE_TYPES, _DOUBLE_WEIGHTS, cls.__name__)
         world_size = get_world_size(group)
         mlp_hidden = block.ff.linear_in.out_features // 2
-        _check_divisible(world_size, heads=block.attn.heads, mlp_hidden=mlp_hidden)
+        check_divisible(world_size, heads=block.attn.heads, mlp_hidden=mlp_hidden)
         sync_or_check(block, group, check_weights, broadcast_from, type(block).__name__)
-        self = object.__new__(diffusers_flavour(cls, type(block)))  # also the diffusers class it replaces
+        self = object.__new__(diffusers_flavour(cls, type(block), __name__))  # also the diffusers class it replaces
         nn.Module.__init__(self)
         self.dim = block.attn.to_add_out.out_features
         self.mlp_hidden_dim = mlp_hidden

@@ -16,18 +16,11 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .._checks import json_kind
+
 __all__ = ["Flux2Config", "PRESETS", "preset_shapes"]
 
 _CLASS_NAME = "Flux2Transformer2DModel"
-
-
-def json_kind(value) -> str:
-    """What a value parsed from JSON (config.json, an index) is, for error messages: ``null``, ``a bool``, ``an
-    int``, ``a float``, ``a string``, ``a list``, ``an object``."""
-    if value is None:
-        return "null"
-    return {bool: "a bool", int: "an int", str: "a string", float: "a float", list: "a list", tuple: "a list",
-            dict: "an object"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _is_int(value) -> bool:

@@ -1,0 +1,193 @@
+"""The family registry and the Qwen-Image and FLUX.3 families: parallelized diffusers models equal to the dense
+ones on 1, 2 and 4 gloo ranks (forward, input and weight gradients), identical on every rank, ~1/N of the sharded
+weights per rank, the fused ops on the plain path, diffusers' own code on a hooked one; per-rank loading and a
+bit-identical dense save; clear errors for an unknown model class and a world size that does not divide the heads.
+"""
+
+import contextlib
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tpfuse.tp_layers import UnsupportedModelError, from_pretrained, parallelize, run_ranks, save_pretrained
+from tpfuse.tp_layers.families import family_named, families
+from tpfuse.tp_layers.model import check_parallelizable
+from tpfuse.tp_layers.numerics import rel_error, tolerance
+
+pytest.importorskip("diffusers")
+TOL = tolerance(torch.float32)
+FAMILIES = ("qwenimage", "flux3")
+# The fused op each family's plain path must run (module attribute patched with a counter in the rank).
+FUSED = {"qwenimage": ("tpfuse.tp_layers.qwenimage.tp_blocks", "qk_norm_rope_joint"),
+         "flux3": ("tpfuse.tp_layers.flux3.tp_blocks", "fused_qkv_mlp_proj")}
+
+
+@contextlib.contextmanager
+def _count_calls(module_name: str, attr: str):
+    """Count the calls of ``module.attr`` (restored afterwards: the ws=1 case runs in the test process)."""
+    module = importlib.import_module(module_name)
+    fn, calls = getattr(module, attr), [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fn(*args, **kwargs)
+
+    setattr(module, attr, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, attr, fn)
+
+
+def _hooked_output(family: str) -> torch.Tensor:
+    """The parallelized tiny model's output with a no-op forward hook on every attention module: the blocks then run
+    diffusers' own forward and processors on the shards (the path LoRA and caching hooks take)."""
+    fam = family_named(family)
+    model = parallelize(fam.random_model("tiny", 0))
+    for block in model.modules():
+        if hasattr(block, "attn") and hasattr(block.attn, "local_heads"):
+            block.attn.register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        return model(**fam.random_inputs(model, 2, 7, 15, 1), return_dict=False)[0]
+
+
+def _rank(families_):
+    from tpfuse.tp_layers.verify_family import _rank_check
+
+    out = {}
+    for family in families_:
+        with _count_calls(*FUSED[family]) as calls:
+            result = _rank_check(family, "tiny", "float32", 0, 2, 7, 15)
+        out[family] = (*result, calls[0], _hooked_output(family))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_families_match_dense_diffusers(world_size):
+    # One rank runs in this process (no process group: a world of one); 2 and 4 on gloo ranks.
+    ranks = [_rank(FAMILIES)] if world_size == 1 else run_ranks(_rank, world_size, FAMILIES)
+    for family in FAMILIES:
+        first = ranks[0][family][0]
+        for rank, per in enumerate(ranks):
+            out, checks, (share, sharded_share), _, fused_calls, hooked = per[family]
+            assert torch.equal(out, first), (family, rank)  # replicated output, bitwise
+            for name, err in checks:  # output, every input gradient, every weight gradient (worst named)
+                assert err <= TOL, (family, world_size, name, err)
+            assert len(checks) >= 4
+            assert sharded_share == pytest.approx(1 / world_size), (family, sharded_share)
+            if family == "flux3":  # its modulation lives outside the blocks: a block is exactly 1/N
+                assert share == pytest.approx(1 / world_size, rel=0.02)
+            else:  # Qwen-Image's blocks hold their adaLN (img_mod/txt_mod), replicated by the plan
+                assert 1 / world_size < share < 1 or world_size == 1
+            assert fused_calls > 0, f"{family}: the fused path did not run"
+            assert rel_error(hooked, out) <= TOL, (family, "diffusers' path on the shards")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: per-rank loading of diffusers' layout, and a bit-identical dense save
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        fam = family_named(family)
+        root = tmp_path_factory.mktemp(family)
+        model = fam.random_model("tiny", 3)
+        model.save_pretrained(root / "dense", max_shard_size="20KB")
+        assert len(list((root / "dense").glob("*.safetensors"))) > 2
+        with torch.no_grad():
+            ref = model(**fam.random_inputs(model, 2, 7, 15, 1), return_dict=False)[0]
+        out[family] = (root, ref, {n: t.clone() for n, t in model.state_dict().items()})
+    return out
+
+
+def _load_and_save(paths):
+    from safetensors.torch import load_file
+
+    result = {}
+    for family, root in paths.items():
+        fam = family_named(family)
+        model = from_pretrained(f"{root}/dense", progress=False)
+        assert type(model).__name__ == fam.model_classes[0]
+        with torch.no_grad():
+            out = model(**fam.random_inputs(model, 2, 7, 15, 1), return_dict=False)[0]
+        packed = []
+        if family == "flux3":  # the four column shards are one tensor again after loading (zero-copy packing)
+            from tpfuse.tp_layers.packing import _consecutive
+
+            for block in model.single_transformer_blocks:
+                ws = [block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight,
+                      block.ff.linear_in.weight]
+                packed.append(_consecutive(ws))
+        save_pretrained(model, f"{root}/resaved", max_shard_size="20KB")
+        state = {}
+        if dist.get_rank() == 0:
+            for f in sorted(Path(root, "resaved").glob("*.safetensors")):
+                state.update(load_file(f))
+        result[family] = (out, model.tp_load_report.bytes_read, packed, state)
+    return result
+
+
+def test_from_pretrained_loads_shards_and_saves_the_dense_checkpoint(saved):
+    results = run_ranks(_load_and_save, 2, {f: str(saved[f][0]) for f in FAMILIES})
+    for family in FAMILIES:
+        root, ref, state = saved[family]
+        dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        for rank, per in enumerate(results):
+            out, bytes_read, packed, resaved = per[family]
+            assert rel_error(out, ref) <= TOL and torch.equal(out, results[0][family][0])
+            assert bytes_read < 0.8 * dense_bytes  # only this rank's slices of the block matrices
+            assert all(packed)
+            if rank == 0:
+                assert sorted(resaved) == sorted(state)
+                assert all(torch.equal(resaved[n], state[n]) for n in state), family  # bit-identical
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_class_names_it_and_the_supported_ones():
+    class SomeTransformer2DModel(nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedModelError, match=r"SomeTransformer2DModel.*Flux2Transformer2DModel.*"
+                                                     r"QwenImageTransformer2DModel"):
+        parallelize(SomeTransformer2DModel())
+    assert issubclass(UnsupportedModelError, TypeError)
+    with pytest.raises(ValueError, match="unknown model family 'sd3'"):
+        family_named("sd3")
+    assert [f.name for f in families()][:3] == ["flux2", "qwenimage", "flux3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_world_size_not_dividing_the_heads_lists_the_valid_sizes(family):
+    model = family_named(family).random_model("tiny", 0, meta=True)  # 4 heads
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 .*valid world sizes: \[1, 2, 4\]"):
+        check_parallelizable(model, 3)
+
+
+def test_fused_projections_are_refused_with_the_remedy():
+    model = family_named("flux3").random_model("tiny", 0)
+    model.single_transformer_blocks[0].attn.fused_projections = True
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        parallelize(model)
+
+
+def test_flux3_from_pretrained_in_bf16_keeps_the_qk_norms_in_fp32(saved):
+    root, ref, _ = saved["flux3"]
+    model = from_pretrained(root / "dense", dtype=torch.bfloat16, progress=False)  # one rank, in this process
+    block = model.single_transformer_blocks[0]
+    assert block.attn.to_q.weight.dtype == torch.bfloat16
+    assert block.attn.norm_q.weight.dtype == block.attn.norm_k.weight.dtype == torch.float32
+    inputs = family_named("flux3").random_inputs(model, 2, 7, 15, 1)
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    assert out.dtype == torch.bfloat16 and rel_error(out, ref) <= tolerance(torch.bfloat16)

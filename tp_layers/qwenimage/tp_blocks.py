@@ -1,0 +1,285 @@
+"""Tensor-parallel Qwen-Image blocks: diffusers' ``QwenImageTransformerBlock`` sharded in place.
+
+Plan, per block (60 two-stream blocks in Qwen-Image; everything else in the model is replicated):
+
+``attn.to_q/to_k/to_v``, ``attn.add_q_proj/add_k_proj/add_v_proj``   column (bias sharded with the rows)
+``attn.to_out.0``, ``attn.to_add_out``                                 row (bias added once, after the reduce)
+``img_mlp/txt_mlp.net.0.proj``                                         column; GELU(tanh) on the local slice
+``img_mlp/txt_mlp.net.2``                                              row
+``attn.norm_q/norm_k/norm_added_q/norm_added_k``                       replicated, gradient summed over the group
+``img_mod``, ``txt_mod`` (adaLN), the LayerNorms                        replicated
+
+The block is sharded *in place*: its linears are swapped for parallel ones (the dense weights are dropped one by
+one), and the block, its attention module and its default processor become flavours of diffusers' classes
+(``isinstance`` holds; parameter names, hooks, LoRA, ``set_attention_backend`` and regional compilation see
+diffusers' modules). diffusers' own processor already works on local heads (it reshapes by ``head_dim`` with ``-1``
+heads), so every path that calls modules — LoRA, hooks, a user's processor, the ``zero_cond_t``/``modulate_index``
+per-token modulation — runs diffusers' code on the shards and stays exact.
+
+Where the block is plain (no hooks, no active adapter, tpfuse's default processor, one modulation row per batch
+entry), the TP forward runs the fused ops instead of diffusers' eager ones:
+
+* ``img_norm1/txt_norm1/...`` + ``x * (1 + scale) + shift``  ->  ``layernorm_modulate``
+* per stream Q/K RMSNorm + Qwen's complex RoPE, then ``cat`` of text and image Q/K/V  ->  ``qk_norm_rope_joint``
+  (Qwen's ``freqs_cis`` multiply is RoPE on interleaved pairs with ``cos = Re``, ``sin = Im``)
+* ``residual + gate * out_proj(attn)`` and ``residual + gate * mlp_out(h)``  ->  the row-parallel reduce with the
+  gate and residual folded in (:meth:`RowParallelLinear.forward_fused`)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpfuse.kernels import layernorm_modulate, qk_norm_rope_joint
+
+from .._flavour import resolve
+from ..comm import get_world_size, resolve_group
+from ..consistency import check_inputs_agree, inputs_check_due
+from ..linear import ColumnParallelLinear, RowParallelLinear, check_input, column_parallel_linear
+from ..lora import check_adapters
+from ..tp_attention import (
+    TPHeadNorm,
+    TPHeadsMixin,
+    attention,
+    check_divisible,
+    describe_ties,
+    diffusers_flavour,
+    hooked,
+    plain,
+    shard_in_block,
+    tied_parameters,
+    transparent_base,
+)
+
+__all__ = ["TPQwenImageAttention", "TPQwenImageBlock", "TPQwenDoubleStreamAttnProcessor", "shard_block"]
+
+_DENSE_BLOCK = ("diffusers.models.transformers.transformer_qwenimage", "QwenImageTransformerBlock")
+_DENSE_PROCESSOR = "QwenDoubleStreamAttnProcessor2_0"
+_COLUMN = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+def _rope_cos_sin(image_rotary_emb, txt_len: int, img_len: int):
+    """Qwen's ``(img_freqs, txt_freqs)`` (complex ``[S, D/2]``) as the joint ``[St + Si, D]`` cos/sin of RoPE on
+    interleaved pairs (text rows first, as the joint sequence), or None when they are not that."""
+    if image_rotary_emb is None:
+        return None, None
+    if not (isinstance(image_rotary_emb, (tuple, list)) and len(image_rotary_emb) == 2):
+        return False
+    img, txt = image_rotary_emb
+    if not (isinstance(img, torch.Tensor) and isinstance(txt, torch.Tensor) and img.is_complex() and txt.is_complex()
+            and img.dim() == 2 and txt.dim() == 2 and img.shape[0] == img_len and txt.shape[0] == txt_len):
+        return False
+    freqs = torch.cat([txt, img], dim=0)  # [St + Si, D/2]
+    return (freqs.real.float().repeat_interleave(2, dim=-1).contiguous(),
+            freqs.imag.float().repeat_interleave(2, dim=-1).contiguous())
+
+
+class TPQwenDoubleStreamAttnProcessor:
+    """tpfuse's default Qwen-Image processor (a flavour of diffusers' ``QwenDoubleStreamAttnProcessor2_0``): the
+    same outputs, with one fused QK-norm + RoPE kernel writing the joint Q/K/V. ``parts`` returns the attention
+    outputs before the out-projections, so the block can fold its gates and residuals into the row reduce; any
+    input it cannot fuse goes to diffusers' own ``__call__``."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    @staticmethod
+    def fusable(attn) -> bool:
+        norms = [getattr(attn, n, None) for n in _NORMS]
+        return (not hooked(attn) and all(isinstance(n, TPHeadNorm) and not hooked(n) and n.weight is not None
+                                         and n.bias is None for n in norms)
+                and norms[0].eps == norms[1].eps and norms[2].eps == norms[3].eps and attn.head_dim % 2 == 0)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        parts = None
+        if encoder_hidden_states is not None and attention_mask is None and self.fusable(attn):
+            parts = self.parts(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                               image_rotary_emb)
+        if parts is None:  # diffusers' processor (also its errors)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                    attention_mask, image_rotary_emb)
+        img, txt = parts
+        img = attn.to_out[0](img)
+        if len(attn.to_out) > 1:
+            img = attn.to_out[1](img)  # dropout
+        return img, attn.to_add_out(txt)
+
+    def parts(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None,
+              image_rotary_emb=None):
+        """``(image [B, Si, H_local*D], text [B, St, H_local*D])`` attention outputs before the out-projections,
+        or None when ``image_rotary_emb`` is not Qwen's complex frequencies (the caller then runs diffusers')."""
+        txt_len, img_len = encoder_hidden_states.shape[1], hidden_states.shape[1]
+        rope = _rope_cos_sin(image_rotary_emb, txt_len, img_len)
+        if rope is False:
+            return None
+        cos, sin = rope
+        attention_mask = None
+        if encoder_hidden_states_mask is not None:  # as diffusers builds it: [B, 1, 1, St + Si], image all True
+            image_mask = torch.ones((hidden_states.shape[0], img_len), dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), image_mask], dim=1)[:, None, None]
+        d = attn.head_dim
+        q, k, v = (t.unflatten(-1, (-1, d)) for t in _qkv(attn, hidden_states, _COLUMN[:3]))  # [B, Si, H_l, D]
+        cq, ck, cv = (t.unflatten(-1, (-1, d)) for t in _qkv(attn, encoder_hidden_states, _COLUMN[3:]))
+        # Per stream: RMSNorm with the stream's scales, RoPE with the stream's rows, all written with V into the
+        # joint [B, St + Si, H_local, D] Q, K and V (one kernel, no torch.cat on Triton).
+        q, k, v = qk_norm_rope_joint(
+            (cq, q), (ck, k), (cv, v), (attn.norm_added_q.tp_weight(), attn.norm_q.tp_weight()),
+            (attn.norm_added_k.tp_weight(), attn.norm_k.tp_weight()), cos, sin,
+            (attn.norm_added_q.eps, attn.norm_q.eps))
+        out = attention(q, k, v, attention_mask, self._attention_backend, self._parallel_config)  # [B, S, H_l*D]
+        return out[:, txt_len:], out[:, :txt_len]
+
+
+def _qkv(attn, x, names):
+    linears = [getattr(attn, n) for n in names]
+    if not plain(*linears):
+        return [lin(x) for lin in linears]  # LoRA or hooks: each module called
+    linears = [transparent_base(lin) for lin in linears]
+    check_input(x, linears[0].weight, linears[0].input_size, type(attn).__name__)
+    # Q, K and V read the same input: one input-gradient all-reduce per stream instead of three.
+    return column_parallel_linear(x, linears, attn.group)
+
+
+class TPQwenImageAttention(TPHeadsMixin):
+    """diffusers' ``Attention`` of a Qwen-Image block with sharded projections. ``heads`` stays the global count
+    (diffusers' processor derives ``head_dim`` from it); ``local_heads`` is this rank's."""
+
+
+class TPQwenImageBlock:
+    """A sharded ``QwenImageTransformerBlock`` (a flavour of it): the fused forward where the block is plain,
+    diffusers' own forward on the shards otherwise."""
+
+    group = None
+    _linear_names = (tuple(f"attn.{n}" for n in _COLUMN) + ("attn.to_out.0", "attn.to_add_out")
+                     + tuple(f"{m}.net.{i}" for m in ("img_mlp", "txt_mlp") for i in ("0.proj", "2")))
+    _linear_paths = tuple(tuple(n.split(".")) for n in _linear_names)
+
+    def _linears(self):
+        out = []
+        for path in self._linear_paths:
+            m = self
+            for part in path:
+                m = m._modules[part]
+            out.append(m)
+        return out
+
+    def _fusable(self, hidden_states, encoder_hidden_states, temb, modulate_index, joint_attention_kwargs) -> bool:
+        attn = self.attn
+        proc = getattr(attn, "processor", None)
+        # zero_cond_t (the edit models) modulates per token through modulate_index: diffusers' forward
+        if (modulate_index is not None or self.zero_cond_t or joint_attention_kwargs
+                or not isinstance(proc, TPQwenDoubleStreamAttnProcessor)
+                or type(proc).__call__ is not TPQwenDoubleStreamAttnProcessor.__call__ or not proc.fusable(attn)):
+            return False
+        if not all(isinstance(t, torch.Tensor) and t.dim() == d for t, d in
+                   ((hidden_states, 3), (encoder_hidden_states, 3), (temb, 2))):
+            return False
+        batch = hidden_states.shape[0]
+        if encoder_hidden_states.shape[0] != batch or temb.shape[0] != batch:
+            return False  # broadcasting batches: diffusers' forward broadcasts them
+        rows = [attn.to_out[0], attn.to_add_out, self.img_mlp.net[2], self.txt_mlp.net[2]]
+        mlps = [self.img_mlp, self.txt_mlp, self.img_mlp.net[0], self.txt_mlp.net[0]]
+        dropouts = [m for m in (*attn.to_out[1:], self.img_mlp.net[1], *self.img_mlp.net[3:], self.txt_mlp.net[1],
+                                *self.txt_mlp.net[3:]) if isinstance(m, nn.Dropout)]
+        norms = (self.img_norm1, self.img_norm2, self.txt_norm1, self.txt_norm2)
+        return (plain(*rows) and not any(hooked(m) for m in (*mlps, *norms))
+                and all(isinstance(n, nn.LayerNorm) and n.weight is None for n in norms)
+                and not any(d.p > 0 and d.training for d in dropouts) and len(self.img_mlp.net) == 3
+                and len(self.txt_mlp.net) == 3)
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
+        linears = self._linears()
+        if any(type(m) not in (ColumnParallelLinear, RowParallelLinear) for m in linears):
+            check_adapters(linears)
+        inputs = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                  "encoder_hidden_states_mask": encoder_hidden_states_mask, "temb": temb,
+                  "joint_attention_kwargs": joint_attention_kwargs, "modulate_index": modulate_index}
+        if not torch.compiler.is_compiling() and inputs_check_due(self, inputs):
+            check_inputs_agree(self, self.group, inputs)
+        if not self._fusable(hidden_states, encoder_hidden_states, temb, modulate_index, joint_attention_kwargs):
+            return super().forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                                   image_rotary_emb, joint_attention_kwargs, modulate_index)
+        attn = self.attn
+        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)  # [B, 3D] each
+        txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+        (s1, c1, g1), (s2, c2, g2) = img_mod1.chunk(3, dim=-1), img_mod2.chunk(3, dim=-1)  # [B, D] each
+        (ts1, tc1, tg1), (ts2, tc2, tg2) = txt_mod1.chunk(3, dim=-1), txt_mod2.chunk(3, dim=-1)
+
+        x = _norm_modulate(self.img_norm1, hidden_states, s1, c1)
+        c = _norm_modulate(self.txt_norm1, encoder_hidden_states, ts1, tc1)
+        parts = attn.processor.parts(attn, x, c, encoder_hidden_states_mask, image_rotary_emb)
+        if parts is None:  # not Qwen's RoPE frequencies: diffusers' forward
+            return super().forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                                   image_rotary_emb, joint_attention_kwargs, modulate_index)
+        img_attn, txt_attn = parts
+        # residual + gate * (attn @ W_out^T + b), reduced over the group with the gate and residual folded in
+        hidden_states = transparent_base(attn.to_out[0]).forward_fused([img_attn], g1, hidden_states)
+        encoder_hidden_states = transparent_base(attn.to_add_out).forward_fused([txt_attn], tg1,
+                                                                                encoder_hidden_states)
+        x = _norm_modulate(self.img_norm2, hidden_states, s2, c2)
+        hidden_states = transparent_base(self.img_mlp.net[2]).forward_fused([self.img_mlp.net[0](x)], g2,
+                                                                            hidden_states)
+        c = _norm_modulate(self.txt_norm2, encoder_hidden_states, ts2, tc2)
+        encoder_hidden_states = transparent_base(self.txt_mlp.net[2]).forward_fused([self.txt_mlp.net[0](c)], tg2,
+                                                                                    encoder_hidden_states)
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+def _norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` for ``[B, D]`` shift/scale, as one kernel (rows read with unit stride)."""
+    x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
+    return layernorm_modulate(x, shift, scale, norm.eps)
+
+
+def shard_block(block: nn.Module, group=None) -> nn.Module:
+    """Shard a diffusers ``QwenImageTransformerBlock`` for this rank, in place, and return it (the weights must
+    already agree across ranks: :func:`~tpfuse.tp_layers.parallelize` checks them first)."""
+    kind = (type(block).__module__, type(block).__name__)
+    if kind != _DENSE_BLOCK:
+        raise TypeError(f"qwenimage.shard_block expects {'.'.join(_DENSE_BLOCK)}, got {'.'.join(kind)}")
+    ties = tied_parameters(block)
+    if ties:
+        raise ValueError(f"qwenimage.shard_block: {describe_ties(ties)}")
+    group = resolve_group(group)
+    world_size = get_world_size(group)
+    attn = block.attn
+    if getattr(attn, "fused_projections", False):
+        raise ValueError("qwenimage.shard_block: the attention's projections are fused (fuse_qkv_projections()); "
+                         "call unfuse_qkv_projections() before parallelizing")
+    heads, head_dim = attn.heads, attn.inner_dim // attn.heads
+    check_divisible(world_size, num_attention_heads=heads,
+                    **{f"{m}_hidden": getattr(block, m).net[0].proj.out_features for m in ("img_mlp", "txt_mlp")})
+    for name in _COLUMN:
+        setattr(attn, name, shard_in_block(ColumnParallelLinear, getattr(attn, name), group))
+    attn.to_out[0] = shard_in_block(RowParallelLinear, attn.to_out[0], group)
+    attn.to_add_out = shard_in_block(RowParallelLinear, attn.to_add_out, group)
+    for name in _NORMS:
+        norm = getattr(attn, name, None)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            setattr(attn, name, TPHeadNorm.from_dense(norm, group))
+    for mlp in (block.img_mlp, block.txt_mlp):
+        mlp.net[0].proj = shard_in_block(ColumnParallelLinear, mlp.net[0].proj, group)
+        mlp.net[2] = shard_in_block(RowParallelLinear, mlp.net[2], group)
+    attn.__class__ = diffusers_flavour(TPQwenImageAttention, type(attn), __name__)
+    attn.group, attn.global_heads, attn.local_heads, attn.head_dim = group, heads, heads // world_size, head_dim
+    proc = attn.processor
+    if type(proc).__name__ == _DENSE_PROCESSOR and type(proc).__module__ == _DENSE_BLOCK[0]:
+        new = object.__new__(diffusers_flavour(TPQwenDoubleStreamAttnProcessor, type(proc), __name__))
+        new.__dict__.update(proc.__dict__)  # _attention_backend, _parallel_config
+        attn.processor = new
+    block.__class__ = diffusers_flavour(TPQwenImageBlock, type(block), __name__)
+    block.group = group
+    return block
+
+
+def __getattr__(name: str):  # pickle finds the flavours by their __qualname__
+    bases = {c.__name__: c for c in (TPQwenImageBlock, TPQwenImageAttention, TPQwenDoubleStreamAttnProcessor)}
+    return resolve(name, bases, lambda cls, dense: diffusers_flavour(cls, dense, __name__))
