@@ -1,7 +1,9 @@
-"""pytest plugin: run diffusers' own tests with every ``Flux2Transformer2DModel`` parallelized by tpfuse.
+"""pytest plugin: run diffusers' own tests with every model of a tpfuse family's class (``Flux2Transformer2DModel``
+by default) parallelized by tpfuse.
 
 Loaded with ``-p plugin`` (``run.py`` puts this folder on ``PYTHONPATH``). With ``--tpfuse-mode=parallel`` (the
-default) every ``diffusers.Flux2Transformer2DModel`` a test builds is handed to
+default) every instance of the diffusers class named by ``--tpfuse-class`` (default ``Flux2Transformer2DModel``;
+repeatable, e.g. ``--tpfuse-class=QwenImageTransformer2DModel``) that a test builds is handed to
 ``tpfuse.tp_layers.parallelize`` before the test sees it:
 
 - built directly or through ``from_config``: right after ``__init__``;
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-_local = threading.local()  # depth of Flux2Transformer2DModel loaders running in this thread
+_local = threading.local()  # depth of loaders of a patched class running in this thread
 _counts = {"parallelized": 0}  # models parallelized since the current test started
 _MISSING = object()
 _patched: list[tuple[type, str, object]] = []  # (class, attribute, original or _MISSING) to restore at unconfigure
@@ -46,7 +48,10 @@ _config = None  # pytest's config, for the report hooks
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("tpfuse", "diffusers' tests on tpfuse-parallelized models")
     group.addoption("--tpfuse-mode", choices=("parallel", "dense"), default="parallel",
-                    help="parallel: parallelize every Flux2Transformer2DModel (default); dense: patch nothing")
+                    help="parallel: parallelize every model of the --tpfuse-class classes (default); dense: "
+                         "patch nothing")
+    group.addoption("--tpfuse-class", action="append", default=None, metavar="NAME",
+                    help="a diffusers model class to parallelize (repeatable; default: Flux2Transformer2DModel)")
     group.addoption("--tpfuse-results", default=None, help="write one JSON line per test to this file")
     group.addoption("--tpfuse-pg-timeout", type=float, default=300.0,
                     help="seconds before a collective that a peer never joins fails (world size >= 2)")
@@ -169,9 +174,10 @@ def pytest_configure(config) -> None:
     if world > 1 and not config.getoption("--tpfuse-rank0-only"):
         _every_rank_as_one()
     if config.getoption("--tpfuse-mode") == "parallel":
-        from diffusers import Flux2Transformer2DModel
+        import diffusers
 
-        _install(Flux2Transformer2DModel)
+        for name in config.getoption("--tpfuse-class") or ["Flux2Transformer2DModel"]:
+            _install(getattr(diffusers, name))  # AttributeError: this diffusers has no such class
 
 
 def pytest_unconfigure(config) -> None:

@@ -1,7 +1,9 @@
-"""Run diffusers' FLUX.2 model and pipeline tests dense, and with every model parallelized by tpfuse at world size 1
-and 2, then write a summary (counts per run, and every test that fails parallelized but not dense).
+"""Run diffusers' model and pipeline tests of one model family (FLUX.2 by default) dense, and with every model of the
+family's class parallelized by tpfuse at world size 1 and 2, then write a summary (counts per run, and every test
+that fails parallelized but not dense).
 
-    python tests/diffusers_suite/run.py                          # all runs, models then pipelines
+    python tests/diffusers_suite/run.py                          # FLUX.2: all runs, models then pipelines
+    python tests/diffusers_suite/run.py --family qwenimage       # Qwen-Image's tests instead
     python tests/diffusers_suite/run.py --runs ws2 --part models -k "save or load"
     python tests/diffusers_suite/run.py --diffusers-src ~/diffusers   # a checkout's tests/ instead of the mirror
 
@@ -9,8 +11,10 @@ Runs: ``dense`` (world size 1, nothing patched: the baseline), ``ws1`` (parallel
 (parallelized, ``torchrun --nproc-per-node 2 -m pytest``: both ranks run the same tests in the same order), and, not
 run by default, ``dense2``: nothing patched under the same torchrun launch (a process group of 2 exists), the control
 that tells a failure of tpfuse's from one of diffusers' own under torch.distributed. Results go
-to ``WORK/results/RUN-PART[.rankN].jsonl`` (one line per test, see plugin.py), logs to ``WORK/logs/``, the summary to
-``WORK/summary.md`` and ``WORK/summary.json`` (built from every results file present, so runs can be split).
+to ``OUT/results/RUN-PART[.rankN].jsonl`` (one line per test, see plugin.py), logs to ``OUT/logs/``, the summary to
+``OUT/summary.md`` and ``OUT/summary.json`` (built from every results file present, so runs can be split), where
+``OUT`` is ``WORK`` for FLUX.2 (the layout before families existed) and ``WORK/FAMILY`` for the others; the extracted
+tests (``WORK/src``) and the tokenizer stand-ins (``WORK/hub``) are shared.
 """
 
 from __future__ import annotations
@@ -29,11 +33,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MIRROR = Path("/work/.mirror/huggingface+diffusers/repo")
-PARTS = {
-    "models": ["tests/models/transformers/test_models_transformer_flux2.py"],
-    "pipelines": ["tests/pipelines/flux2/test_pipeline_flux2.py", "tests/pipelines/flux2/test_pipeline_flux2_klein.py",
-                  "tests/pipelines/flux2/test_pipeline_flux2_klein_inpaint.py",
-                  "tests/pipelines/flux2/test_pipeline_flux2_klein_kv.py"],
+PART_NAMES = ("models", "pipelines")
+# family -> (title, the diffusers class the plugin parallelizes, {part: test files}); parts None: the diffusers tests
+# have none for the family yet (see check_family).
+FAMILIES: dict[str, tuple[str, str, dict[str, list[str]] | None]] = {
+    "flux2": ("FLUX.2", "Flux2Transformer2DModel", {
+        "models": ["tests/models/transformers/test_models_transformer_flux2.py"],
+        "pipelines": ["tests/pipelines/flux2/test_pipeline_flux2.py",
+                      "tests/pipelines/flux2/test_pipeline_flux2_klein.py",
+                      "tests/pipelines/flux2/test_pipeline_flux2_klein_inpaint.py",
+                      "tests/pipelines/flux2/test_pipeline_flux2_klein_kv.py"],
+    }),
+    "qwenimage": ("Qwen-Image", "QwenImageTransformer2DModel", {
+        "models": ["tests/models/transformers/test_models_transformer_qwenimage.py"],
+        "pipelines": ["tests/pipelines/qwenimage/test_qwenimage.py"],
+    }),
+    # diffusers has the model class, but the mirror's HEAD (58eb52c) has no test of it: nothing to run
+    "flux3": ("FLUX.3", "Flux3Transformer2DModel", None),
 }
 RUNS = ("dense", "ws1", "ws2", "dense2")
 DENSE = ("dense", "dense2")
@@ -47,6 +63,38 @@ markers =
     cache: cache tests
     autoround: AutoRound quantization tests
 """
+
+
+def out_dir(work: Path, family: str) -> Path:
+    """Where a family's results, logs and summary go: ``WORK`` itself for FLUX.2 (unchanged from before families),
+    ``WORK/FAMILY`` for the others, so that families never overwrite each other's results."""
+    return work if family == "flux2" else work / family
+
+
+def _test_files(src: Path | None) -> list[str]:
+    """The paths under ``tests/`` of a diffusers checkout, or of the mirror's HEAD."""
+    if src is not None:
+        return [str(p.relative_to(src)) for p in (src / "tests").rglob("*") if p.is_file()]
+    return subprocess.run(["git", "-C", str(MIRROR), "ls-tree", "-r", "HEAD", "--name-only", "tests"], check=True,
+                          capture_output=True, text=True).stdout.splitlines()
+
+
+def check_family(family: str, src: Path | None) -> str | None:
+    """Why ``family`` cannot run (a message), or None. A family without parts has no diffusers tests to run: the
+    message says whether the test tree (the mirror's HEAD or ``--diffusers-src``) has any file naming it."""
+    title, _cls, parts = FAMILIES[family]
+    if parts is not None:
+        return None
+    where = f"{src}" if src is not None else f"the diffusers mirror {MIRROR} (HEAD)"
+    try:
+        found = [f for f in _test_files(src) if family in f.lower()]
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"--family {family}: no {title} tests are configured, and {where} could not be listed ({exc})"
+    if not found:
+        return (f"--family {family}: {where} has no {title} tests (no path under tests/ contains {family!r}), so "
+                "there is nothing to run")
+    return (f"--family {family}: {where} has {title} test files ({', '.join(found[:5])}"
+            f"{' ...' if len(found) > 5 else ''}) but run.py does not list them yet: add them to FAMILIES")
 
 
 def extract(src: Path | None, work: Path) -> Path:
@@ -80,9 +128,11 @@ def env_for(work: Path, threads: int) -> dict[str, str]:
     return env
 
 
-def pytest_args(run: str, part: str, work: Path, args) -> list[str]:
+def pytest_args(run: str, part: str, out_root: Path, args) -> list[str]:
+    _title, model_class, parts = FAMILIES[args.family]
     out = ["-p", "plugin", f"--tpfuse-mode={'dense' if run in DENSE else 'parallel'}",
-           f"--tpfuse-results={work / 'results' / f'{run}-{part}.jsonl'}",
+           f"--tpfuse-class={model_class}",
+           f"--tpfuse-results={out_root / 'results' / f'{run}-{part}.jsonl'}",
            f"--tpfuse-pg-timeout={args.pg_timeout}",
            "-p", "no:randomly", "-p", "no:xdist", "-p", "no:cacheprovider", "-c", "pytest.ini", "--rootdir", ".",
            "-q", "-rfE", "--tb=short"]
@@ -90,23 +140,24 @@ def pytest_args(run: str, part: str, work: Path, args) -> list[str]:
         out.append(f"--timeout={args.timeout}")
     if args.k:
         out += ["-k", args.k]
-    return out + PARTS[part] + list(args.pytest_args)
+    return out + parts[part] + list(args.pytest_args)
 
 
 def run_one(run: str, part: str, work: Path, args) -> dict:
     src = work / "src"
-    for old in (work / "results").glob(f"{run}-{part}*.jsonl"):
+    out_root = out_dir(work, args.family)
+    for old in (out_root / "results").glob(f"{run}-{part}*.jsonl"):
         old.unlink()
-    log = work / "logs" / f"{run}-{part}.log"
+    log = out_root / "logs" / f"{run}-{part}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest"]
     if run in TORCHRUN:
         # --standalone: a free rendezvous port; each rank's output to its own file under WORK/logs/RUN-PART/
-        rank_logs = work / "logs" / f"{run}-{part}"
+        rank_logs = out_root / "logs" / f"{run}-{part}"
         shutil.rmtree(rank_logs, ignore_errors=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--log-dir", str(rank_logs), "--redirects", "3", "-m", "pytest"]
-    cmd += pytest_args(run, part, work, args)
+    cmd += pytest_args(run, part, out_root, args)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.time()
     print(f"[{started}] {run} {part}: {' '.join(cmd)}", flush=True)
@@ -115,19 +166,19 @@ def run_one(run: str, part: str, work: Path, args) -> dict:
         fh.flush()
         rc = subprocess.run(cmd, cwd=src, env=env_for(work, args.threads), stdout=fh, stderr=subprocess.STDOUT,
                             timeout=args.run_timeout).returncode
-    info = {"run": run, "part": part, "started": started, "seconds": round(time.time() - t0), "rc": rc,
-            "log": str(log)}
-    (work / "results" / f"{run}-{part}.meta.json").write_text(json.dumps(info))
+    info = {"run": run, "part": part, "family": args.family, "started": started, "seconds": round(time.time() - t0),
+            "rc": rc, "log": str(log)}
+    (out_root / "results" / f"{run}-{part}.meta.json").write_text(json.dumps(info))
     print(f"    rc={rc} in {info['seconds']} s; log {log}", flush=True)
     return info
 
 
-def load_results(work: Path) -> tuple[dict, dict]:
+def load_results(out_root: Path) -> tuple[dict, dict]:
     """{run: {nodeid: line}} (at world size 2: the worse outcome of the ranks, with every rank's kept) and the
-    runs' meta information."""
+    runs' meta information, from a family's ``OUT/results``."""
     results: dict[str, dict[str, dict]] = {}
     meta: dict[str, list] = {}
-    for f in sorted((work / "results").glob("*.jsonl")):
+    for f in sorted((out_root / "results").glob("*.jsonl")):
         run = f.name.split("-", 1)[0]
         table = results.setdefault(run, {})
         for raw in f.read_text().splitlines():
@@ -139,14 +190,15 @@ def load_results(work: Path) -> tuple[dict, dict]:
                 prev = line
             prev["ranks"] = ranks
             table[line["nodeid"]] = prev
-    for f in sorted((work / "results").glob("*.meta.json")):
+    for f in sorted((out_root / "results").glob("*.meta.json")):
         info = json.loads(f.read_text())
         meta.setdefault(info["run"], []).append(info)
     return results, meta
 
 
-def summarise(work: Path) -> str:
-    results, meta = load_results(work)
+def summarise(work: Path, family: str = "flux2") -> str:
+    out_root = out_dir(work, family)
+    results, meta = load_results(out_root)
     dense = results.get("dense", {})
     rows = ["| run | passed | failed | errors | skipped | xfailed | xpassed | tests that parallelized a model | "
             "runs (part: start, seconds) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -166,8 +218,9 @@ def summarise(work: Path) -> str:
             new_failures[run] = [v for k, v in table.items() if v["outcome"] in BAD
                                  and dense.get(k, {}).get("outcome") not in BAD]
             divergent[run] = [k for k, v in table.items() if len(set(v["ranks"].values())) > 1]
-    text = ["# diffusers' FLUX.2 tests with tpfuse", "", f"tests from: {(work / 'origin.txt').read_text().strip()}",
-            "", *rows, ""]
+    origin = work / "origin.txt"
+    text = [f"# diffusers' {FAMILIES[family][0]} tests with tpfuse", "",
+            f"tests from: {origin.read_text().strip() if origin.exists() else '?'}", "", *rows, ""]
     dense_bad = sorted(k for k, v in dense.items() if v["outcome"] in BAD)
     text += [f"## Failing dense ({len(dense_bad)}): not caused by tpfuse", "",
              *(f"- `{k}`: {_last(dense[k])}" for k in dense_bad), ""]
@@ -183,8 +236,8 @@ def summarise(work: Path) -> str:
             text += ["", f"Outcomes that differ between ranks: {', '.join(f'`{k}`' for k in divergent[run])}"]
         text += [""]
     body = "\n".join(text)
-    (work / "summary.md").write_text(body)
-    (work / "summary.json").write_text(json.dumps({"results": results, "meta": meta}, indent=1))
+    (out_root / "summary.md").write_text(body)
+    (out_root / "summary.json").write_text(json.dumps({"results": results, "meta": meta}, indent=1))
     return body
 
 
@@ -196,6 +249,10 @@ def _last(line: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="flux2",
+                        help="whose tests to run, and which class to parallelize: " + ", ".join(
+                            f"{k} ({v[1]})" for k, v in FAMILIES.items()) + "; default flux2. Results of families "
+                        "other than flux2 go to WORK/FAMILY/")
     parser.add_argument("--diffusers-src", type=Path, help="a diffusers checkout (default: the mirror's HEAD)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tpfuse-diffusers-suite"))
     parser.add_argument("--runs", default="dense,ws1,ws2", help=f"comma-separated, of {', '.join(RUNS)}")
@@ -211,12 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
     parts = [p for p in args.part.split(",") if p]
-    for value, allowed, what in ((runs, RUNS, "--runs"), (parts, tuple(PARTS), "--part")):
+    for value, allowed, what in ((runs, RUNS, "--runs"), (parts, PART_NAMES, "--part")):
         bad = [v for v in value if v not in allowed]
         if bad:
             parser.error(f"{what}: unknown {bad}; choose from {', '.join(allowed)}")
+    why = check_family(args.family, args.diffusers_src)
+    if why:
+        parser.error(why)
+    parts = [p for p in parts if p in FAMILIES[args.family][2]]
     work = args.work.resolve()
-    (work / "results").mkdir(parents=True, exist_ok=True)
+    (out_dir(work, args.family) / "results").mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         if not (args.no_extract and (work / "src" / "tests").is_dir()):
             extract(args.diffusers_src, work)
@@ -228,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for part in parts:  # models first: they are quicker and say most about the model itself
             for run in runs:
                 run_one(run, part, work, args)
-    print(summarise(work))
+    print(summarise(work, args.family))
     return 0
 
 
