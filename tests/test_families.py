@@ -207,3 +207,20 @@ def test_parallelized_model_compiles_to_one_graph(family):
         ref = model(**inputs, return_dict=False)[0]
         out = torch.compile(model, fullgraph=True, backend="eager")(**inputs, return_dict=False)[0]
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--family", "flux3", "--preset", "klein-4b"], "--preset 'klein-4b' is not a flux3 preset; choose from "
+                                                    "['flux3-block', 'tiny']"),
+    (["--family", "qwenimage", "--world-size", "3"], "num_attention_heads=4 not divisible by the world size (valid "
+                                                     "world sizes: [1, 2, 4])"),
+    (["--family", "qwenimage", "--dtype", "bfloat16"], "--dtype must be one of ['float32', 'float64']"),
+    (["--family", "qwenimage", "--model", "some/repo"], "--model is only supported with --family flux2"),
+    (["--preset", "qwen-image-block"], "--preset 'qwen-image-block' is not a flux2 preset"),
+])
+def test_verify_family_bad_arguments_exit_2_before_any_rank_starts(args, message, capsys):
+    from tpfuse.tp_layers import cli
+
+    assert cli.main(["verify", *args]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and len(err.splitlines()) == 1 and out == "", (out, err)

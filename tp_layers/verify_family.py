@@ -124,6 +124,12 @@ def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: 
     for name, value in (("batch", batch), ("txt-tokens", txt_tokens), ("img-tokens", img_tokens)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"--world-size must be a positive int, got {world_size!r}")
+    from .model import check_parallelizable
+
+    # Refused before any rank starts: a world size the heads (or the MLP) do not divide, listing the valid ones.
+    check_parallelizable(fam.random_model(preset, seed, meta=True), world_size)
     per_rank = run_ranks(_rank_check, world_size, family, preset, dtype, seed, batch, txt_tokens, img_tokens,
                          backend=backend)
     tol = tolerance(_DTYPES[dtype])
