@@ -335,7 +335,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     Args:
         gather_output: all-gather the output so every rank has all features (in the dense order, also when the
-            output is packed).
+            output is packed); ``out_features`` is then that output's width (``out_features_per_partition`` the
+            weight's rows).
         blocks: packed layout of the output features, e.g. ``[D, D, D, M, M]`` for ``[Q|K|V|gate|up]``.
     """
 
@@ -347,6 +348,10 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = gather_output
         super().__init__(in_features, out_features, bias, group, device, dtype, blocks)
         self.out_features_per_partition = self.out_features
+        if gather_output:
+            # The layer's output is the dense one, and out_features says so: what wraps a linear by its output
+            # width (peft sizes a LoRA's lora_B by it) then builds the dense, replicated adapter it needs.
+            self.out_features = self.output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if inputs_check_due(self, {"x": x}):

@@ -74,6 +74,13 @@ def _tp_base(module: nn.Module) -> _ParallelLinear | None:
     return module if isinstance(module, _ParallelLinear) else None
 
 
+def _dense_io(base: _ParallelLinear) -> bool:
+    """A parallel layer whose input and output are both the dense layer's (a ColumnParallelLinear with
+    ``gather_output``, e.g. Qwen-Image's sharded adaLN): its LoRA adapter stays dense and replicated — input and
+    output replicated, so every rank computes the same update and the same gradients, with no collective."""
+    return bool(getattr(base, "gather_output", False))
+
+
 def _refuse_variants(layer: nn.Module, name: str, world_size: int) -> None:
     if world_size == 1:  # nothing spans ranks: every peft variant computes what it computes on the dense layer
         return
@@ -139,11 +146,16 @@ def adapt_lora(model: nn.Module) -> int:
         if base is None:
             continue
         _refuse_variants(module, name, base.world_size)
-        if base.world_size > 1 and (getattr(base, "gather_output", False) or
-                                    not getattr(base, "input_is_parallel", True)):
-            raise NotImplementedError(f"{name}: LoRA on a ColumnParallelLinear with gather_output=True or a "
-                                      "RowParallelLinear with input_is_parallel=False is not supported (the layer's "
-                                      "input/output width is not its weight's)")
+        if base.world_size > 1 and not getattr(base, "input_is_parallel", True):
+            raise NotImplementedError(f"{name}: LoRA on a RowParallelLinear with input_is_parallel=False is not "
+                                      "supported (the layer's input width is not its weight's)")
+        if _dense_io(base):  # a dense, replicated adapter: the same on every rank (fresh ones from rank 0)
+            if base.world_size > 1:
+                for adapter in module.lora_A:
+                    for p in (*module.lora_A[adapter].parameters(), *module.lora_B[adapter].parameters()):
+                        _broadcast_(p, base.group)
+            count += 1
+            continue
         for adapter in module.lora_A:
             column = isinstance(base, ColumnParallelLinear)
             if column:
@@ -171,7 +183,7 @@ def check_adapters(linears) -> None:
         if not hasattr(lin, "get_base_layer"):  # not wrapped by a peft tuner
             continue
         base = lin.get_base_layer()
-        if not isinstance(base, _ParallelLinear) or base.world_size == 1:
+        if not isinstance(base, _ParallelLinear) or base.world_size == 1 or (is_lora_layer(lin) and _dense_io(base)):
             continue
         if not is_lora_layer(lin):
             raise NotImplementedError(f"a {type(lin).__module__}.{type(lin).__name__} adapter sits on a "
@@ -217,6 +229,8 @@ def _sharded_dim(model: nn.Module, key: str, prefix: str | None) -> tuple[_Paral
     """(the TP linear a LoRA key's tensor belongs to, the dim of that tensor split across ranks or ``None``): a
     column layer's ``lora_B`` (and bias) by rows, a row layer's ``lora_A`` weight by columns."""
     side, base = _lora_target(model, key, prefix)
+    if base is not None and _dense_io(base):
+        return base, None
     if side == "B" and isinstance(base, ColumnParallelLinear):
         return base, 0
     if side == "A" and isinstance(base, RowParallelLinear) and key.endswith("weight"):
@@ -245,7 +259,7 @@ def shard_linear(cls: type[_ParallelLinear], dense: nn.Module, group, blocks=Non
     base = cls.from_dense(dense.get_base_layer(), group, blocks, **kwargs)
     _refuse_variants(dense, type(dense).__name__, base.world_size)
     with torch.no_grad():
-        for adapter in list(dense.lora_A):
+        for adapter in list(dense.lora_A) if not _dense_io(base) else []:
             a, b = dense.lora_A[adapter], dense.lora_B[adapter]
             if cls is ColumnParallelLinear:
                 b.weight = nn.Parameter(_shard_matrix(b.weight.detach(), base, 0, f"{adapter}.lora_B"),
@@ -259,7 +273,8 @@ def shard_linear(cls: type[_ParallelLinear], dense: nn.Module, group, blocks=Non
                                         requires_grad=a.weight.requires_grad)
                 a.in_features = base.in_features
     dense.base_layer = base
-    dense.in_features, dense.out_features = base.in_features, base.out_features
+    if not _dense_io(base):  # peft's view of the layer: what its adapters read and write
+        dense.in_features, dense.out_features = base.in_features, base.out_features
     adapt_lora(dense)
     return dense
 

@@ -43,7 +43,9 @@ def share_rows(layers: Sequence[nn.Module]) -> bool:
         return False
     if _consecutive(ws):
         return True
-    with torch.no_grad():
+    # Not inference tensors (an inference_mode forward may be what re-packs): the parameters stay usable for
+    # training afterwards.
+    with torch.no_grad(), torch.inference_mode(False):
         packed = torch.cat([w.detach() for w in ws], dim=0)
         row = 0
         for w in ws:

@@ -71,6 +71,22 @@ def _run(model: nn.Module, inputs: dict, seed: int):
     return out.detach(), in_grads, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _shard_of(tp: nn.Module, name: str, dense: torch.Tensor) -> torch.Tensor:
+    """What a parallelized model's parameter ``name`` holds of the dense tensor (its gradient, its value): the
+    owner's shard rule (:meth:`split_dim`; a LoRA matrix follows its layer's rule), else all of it."""
+    from .lora import _sharded_dim
+
+    path, _, attr = name.rpartition(".")
+    owner = tp.get_submodule(path)
+    if ".lora_" in name:
+        base, dim = _sharded_dim(tp, name, None)
+    else:
+        base, dim = owner, (owner.split_dim(attr) if hasattr(owner, "split_dim") else None)
+    if dim is None:
+        return dense
+    return shard_tensor(dense, dim, get_rank(base.group), base.world_size, base.blocks)
+
+
 def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch: int, txt: int, img: int):
     from .model import parallelize
 
@@ -87,13 +103,9 @@ def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch
     seconds = time.perf_counter() - start
     checks = [("output", rel_error(out, ref_out))]
     checks += [(f"grad {k}", rel_error(in_grads[k], ref_in[k])) for k in sorted(ref_in)]
-    rank, world = get_rank(tp.tp_group), tp.tp_world_size
     worst, worst_name = 0.0, "-"
     for name, grad in w_grads.items():
-        owner = tp.get_submodule(name.rpartition(".")[0])
-        dim = owner.split_dim(name.rpartition(".")[2]) if hasattr(owner, "split_dim") else None
-        expected = ref_w[name] if dim is None else shard_tensor(ref_w[name], dim, rank, world, owner.blocks)
-        err = rel_error(grad, expected)
+        err = rel_error(grad, _shard_of(tp, name, ref_w[name]))
         if err >= worst:
             worst, worst_name = err, name
     if set(w_grads) != set(ref_w):

@@ -8,7 +8,9 @@ that fails parallelized but not dense).
     python tests/diffusers_suite/run.py --diffusers-src ~/diffusers   # a checkout's tests/ instead of the mirror
 
 Runs: ``dense`` (world size 1, nothing patched: the baseline), ``ws1`` (parallelized, plain pytest), ``ws2``
-(parallelized, ``torchrun --nproc-per-node 2 -m pytest``: both ranks run the same tests in the same order), and, not
+(parallelized, ``torchrun --nproc-per-node 2 -m pytest``: both ranks run the same tests in the same order), ``ws3``
+(the same on 3 ranks, not run by default: Qwen-Image's pipeline tests build a 3-head transformer, which 2 ranks
+cannot divide), and, not
 run by default, ``dense2``: nothing patched under the same torchrun launch (a process group of 2 exists), the control
 that tells a failure of tpfuse's from one of diffusers' own under torch.distributed. Results go
 to ``OUT/results/RUN-PART[.rankN].jsonl`` (one line per test, see plugin.py), logs to ``OUT/logs/``, the summary to
@@ -51,9 +53,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, list[str]] | None]] = {
     # diffusers has the model class, but the mirror's HEAD (58eb52c) has no test of it: nothing to run
     "flux3": ("FLUX.3", "Flux3Transformer2DModel", None),
 }
-RUNS = ("dense", "ws1", "ws2", "dense2")
+RUNS = ("dense", "ws1", "ws2", "ws3", "dense2")
 DENSE = ("dense", "dense2")
-TORCHRUN = ("ws2", "dense2")
+TORCHRUN = ("ws2", "ws3", "dense2")
+NPROC = {"ws3": 3}  # torchrun's ranks per run (2 otherwise): ws3 for test models whose heads 2 does not divide
 BAD = ("failed", "error")
 
 # Markers diffusers registers in its own pyproject/setup.cfg (tests/conftest.py registers the rest); no addopts, so
@@ -155,7 +158,8 @@ def run_one(run: str, part: str, work: Path, args) -> dict:
         # --standalone: a free rendezvous port; each rank's output to its own file under WORK/logs/RUN-PART/
         rank_logs = out_root / "logs" / f"{run}-{part}"
         shutil.rmtree(rank_logs, ignore_errors=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(NPROC.get(run, 2)),
                "--log-dir", str(rank_logs), "--redirects", "3", "-m", "pytest"]
     cmd += pytest_args(run, part, out_root, args)
     started = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -2,8 +2,9 @@
 :mod:`..families`).
 
 Plan: each of ``transformer_blocks`` (60 two-stream blocks in Qwen-Image 20B) is sharded in place by
-:func:`.tp_blocks.shard_block` (Q/K/V and the MLP input column, the out-projections and the MLP output row);
-``img_in``, ``txt_in``, ``txt_norm``, the timestep embedding, ``norm_out`` and ``proj_out`` stay replicated. The
+:func:`.tp_blocks.shard_block` (Q/K/V, the MLP input and the adaLN modulation column, the out-projections and the
+MLP output row: each rank holds 1/N of every block's matrices); ``img_in``, ``txt_in``, ``txt_norm``, the timestep
+embedding, ``norm_out`` and ``proj_out`` stay replicated. The
 heads (24 in Qwen-Image: world sizes 1, 2, 3, 4, 6, 8, 12, 24) must divide by the world size.
 """
 

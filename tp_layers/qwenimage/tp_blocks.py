@@ -6,8 +6,14 @@ Plan, per block (60 two-stream blocks in Qwen-Image; everything else in the mode
 ``attn.to_out.0``, ``attn.to_add_out``                                 row (bias added once, after the reduce)
 ``img_mlp/txt_mlp.net.0.proj``                                         column; GELU(tanh) on the local slice
 ``img_mlp/txt_mlp.net.2``                                              row
-``attn.norm_q/norm_k/norm_added_q/norm_added_k``                       replicated, gradient summed over the group
-``img_mod``, ``txt_mod`` (adaLN), the LayerNorms                        replicated
+``img_mod.1``, ``txt_mod.1`` (adaLN, ``D -> 6D``)                       column, output all-gathered
+``attn.norm_q/norm_k/norm_added_q/norm_added_k``, the LayerNorms        replicated (Q/K norm gradients summed)
+
+The adaLN modulation is 12 of a block's 36 D^2 weights (attention 8, MLPs 16): replicated, it would leave each rank
+(24/N + 12)/36 of the block — 0.67 at TP 2, 6.8B of Qwen-Image's 20B parameters on every rank, the difference
+between fitting a 24 GB card at TP 2 or not. Sharded by output features with the ``[B, 6D]`` output all-gathered,
+it costs two all-gathers of 6D/N values per sample per block (microseconds, latency-bound) and holds 1/N; a LoRA
+on it stays dense and replicated (input and output are replicated, so no collective is needed for it).
 
 The block is sharded *in place*: its linears are swapped for parallel ones (the dense weights are dropped one by
 one), and the block, its attention module and its default processor become flavours of diffusers' classes
@@ -37,7 +43,7 @@ from .._flavour import resolve
 from ..comm import get_world_size, resolve_group
 from ..consistency import check_inputs_agree, inputs_check_due
 from ..linear import ColumnParallelLinear, RowParallelLinear, check_input, column_parallel_linear
-from ..lora import check_adapters
+from ..lora import check_adapters, shard_linear
 from ..tp_attention import (
     TPHeadNorm,
     TPHeadsMixin,
@@ -154,7 +160,8 @@ class TPQwenImageBlock:
 
     group = None
     _linear_names = (tuple(f"attn.{n}" for n in _COLUMN) + ("attn.to_out.0", "attn.to_add_out")
-                     + tuple(f"{m}.net.{i}" for m in ("img_mlp", "txt_mlp") for i in ("0.proj", "2")))
+                     + tuple(f"{m}.net.{i}" for m in ("img_mlp", "txt_mlp") for i in ("0.proj", "2"))
+                     + ("img_mod.1", "txt_mod.1"))
     _linear_paths = tuple(tuple(n.split(".")) for n in _linear_names)
 
     def _linears(self):
@@ -268,6 +275,8 @@ def shard_block(block: nn.Module, group=None) -> nn.Module:
     for mlp in (block.img_mlp, block.txt_mlp):
         mlp.net[0].proj = shard_in_block(ColumnParallelLinear, mlp.net[0].proj, group)
         mlp.net[2] = shard_in_block(RowParallelLinear, mlp.net[2], group)
+    for mod in (block.img_mod, block.txt_mod):  # adaLN: 12 of the block's 36 D^2 weights, see the module doc
+        mod[1] = shard_linear(ColumnParallelLinear, mod[1], group, None, check_weights=False, gather_output=True)
     attn.__class__ = diffusers_flavour(TPQwenImageAttention, type(attn), __name__)
     attn.group, attn.global_heads, attn.local_heads, attn.head_dim = group, heads, heads // world_size, head_dim
     proc = attn.processor
