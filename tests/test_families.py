@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tpfuse.tp_layers import UnsupportedModelError, from_pretrained, parallelize, run_ranks, save_pretrained
+from tpfuse.tp_layers import (UnsupportedModelError, from_pretrained, load_sharded, parallelize, run_ranks,
+                              save_pretrained)
 from tpfuse.tp_layers.families import family_named, families
 from tpfuse.tp_layers.model import check_parallelizable
 from tpfuse.tp_layers.numerics import rel_error, tolerance
@@ -23,7 +24,9 @@ pytest.importorskip("diffusers")
 TOL = tolerance(torch.float32)
 FAMILIES = ("qwenimage", "flux3")
 # The fused op each family's plain path must run (module attribute patched with a counter in the rank).
-FUSED = {"qwenimage": ("tpfuse.tp_layers.qwenimage.tp_blocks", "qk_norm_rope_joint"),
+# (Qwen-Image: layernorm_modulate, which only the block's fused forward calls; its processor also runs the joint
+# QK-norm kernel on diffusers' path.)
+FUSED = {"qwenimage": ("tpfuse.tp_layers.qwenimage.tp_blocks", "layernorm_modulate"),
          "flux3": ("tpfuse.tp_layers.flux3.tp_blocks", "fused_qkv_mlp_proj")}
 
 
@@ -81,7 +84,14 @@ def _lora(family: str):
     from tpfuse.tp_layers.verify_family import _shard_of
 
     worst = max(rel_error(grad, _shard_of(tp, n, ref_w[n])) for n, grad in w.items() if ".lora_" in n)
-    return rel_error(out, ref), worst, lora_state_dict(tp, "a"), state
+    saved = lora_state_dict(tp, "a")
+    fused = []  # fuse_lora merges each rank's rows of the update (the adaLN's dense adapter too), unfuse undoes it
+    for step in ("fuse_lora", "unfuse_lora"):
+        for model in (dense, tp):
+            getattr(model, step)()
+        with torch.no_grad():
+            fused.append(rel_error(tp(**inputs, return_dict=False)[0], dense(**inputs, return_dict=False)[0]))
+    return rel_error(out, ref), worst, saved, state, fused
 
 
 def _rank(families_, hooked=True):
@@ -116,8 +126,8 @@ def test_families_match_dense_diffusers(world_size):
             if hooked_out is not None:
                 assert rel_error(hooked_out, out) <= TOL, (family, "diffusers' path on the shards")
             if lora is not None:  # a dense-model LoRA, sharded on load, gathered back on save
-                out_err, grad_err, saved, state = lora
-                assert out_err <= TOL and grad_err <= TOL, (family, out_err, grad_err)
+                out_err, grad_err, saved, state, fused = lora
+                assert out_err <= TOL and grad_err <= TOL and max(fused) <= TOL, (family, out_err, grad_err, fused)
                 assert sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in state)
 
 
@@ -149,6 +159,13 @@ def _load_and_save(paths):
         fam = family_named(family)
         model = from_pretrained(f"{root}/dense", progress=False)
         assert type(model).__name__ == fam.model_classes[0]
+        by_hand = None
+        if family == "qwenimage":  # built on meta by hand, parallelized, loaded: its RoPE tables are rebuilt too
+            with torch.device("meta"):
+                by_hand = type(fam.random_model("tiny", 0, meta=True)).from_config(model.config)
+            load_sharded(parallelize(by_hand), f"{root}/dense", progress=False)
+            with torch.no_grad():
+                by_hand = by_hand(**fam.random_inputs(model, 2, 7, 15, 1), return_dict=False)[0]
         with torch.no_grad():
             out = model(**fam.random_inputs(model, 2, 7, 15, 1), return_dict=False)[0]
         packed = []
@@ -164,7 +181,7 @@ def _load_and_save(paths):
         if dist.get_rank() == 0:
             for f in sorted(Path(root, "resaved").glob("*.safetensors")):
                 state.update(load_file(f))
-        result[family] = (out, model.tp_load_report.bytes_read, packed, state)
+        result[family] = (out, model.tp_load_report.bytes_read, packed, state, by_hand)
     return result
 
 
@@ -174,8 +191,9 @@ def test_from_pretrained_loads_shards_and_saves_the_dense_checkpoint(saved):
         root, ref, state = saved[family]
         dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
         for rank, per in enumerate(results):
-            out, bytes_read, packed, resaved = per[family]
+            out, bytes_read, packed, resaved, by_hand = per[family]
             assert rel_error(out, ref) <= TOL and torch.equal(out, results[0][family][0])
+            assert by_hand is None or torch.equal(by_hand, out)
             assert bytes_read < 0.8 * dense_bytes  # only this rank's slices of the block matrices
             assert all(packed)
             if rank == 0:
@@ -208,11 +226,16 @@ def test_world_size_not_dividing_the_heads_lists_the_valid_sizes(family):
         check_parallelizable(model, 3)
 
 
-def test_fused_projections_are_refused_with_the_remedy():
+def test_fused_projections_are_refused_with_the_remedy_and_the_model_left_as_it_was():
     model = family_named("flux3").random_model("tiny", 0)
-    model.single_transformer_blocks[0].attn.fused_projections = True
-    with pytest.raises(ValueError, match="unfuse_projections"):
+    model.single_transformer_blocks[0].attn.fused_projections = True  # the last block list: the others come first
+    with pytest.raises(ValueError, match=r"single_transformer_blocks\.0: .*unfuse_projections"):
         parallelize(model)
+    assert not any("TP" in type(m).__name__ for m in model.modules())  # every block checked before any is sharded
+    model.single_transformer_blocks[0].attn.fused_projections = False
+    parallelize(model)
+    with pytest.raises(NotImplementedError, match="fused Q/K/V projections are not supported"):
+        model.fuse_qkv_projections()  # after: a plain to_qkv over the shards would lose the input-gradient reduce
 
 
 def test_flux3_from_pretrained_in_bf16_keeps_the_qk_norms_in_fp32(saved):

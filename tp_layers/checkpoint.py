@@ -407,8 +407,8 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None,
                      index_file: Path | None = None, family=None):
-    """(file handles, diffusers name -> (file, Source, shape), untranslatable keys, is_bfl, problems); the
-    handles close with ``stack``. ``key_map`` (the key -> file name map of ``index_file``): a key is read only from
+    """(file handles, diffusers name -> (file, Source, shape), untranslatable keys, the original key format or
+    None, problems); the handles close with ``stack``. ``key_map`` (the key -> file name map of ``index_file``): a key is read only from
     the file it names, and a key it puts in a file that lacks it is a problem. Without one, a key in two files is
     an error naming both. ``problems``: tensors that cannot be weights (0-dim, not floating point, a fused QKV not
     in 3 parts), each named by file and key."""

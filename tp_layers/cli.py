@@ -38,7 +38,7 @@ def _verify_family(args: argparse.Namespace) -> int:
     if args.model is not None:
         return _error(f"--model is only supported with --family flux2 (for {args.family}, use from_pretrained)")
     try:
-        res = check_family(args.family, preset, args.world_size, args.dtype, args.seed, max(args.batch, 1),
+        res = check_family(args.family, preset, args.world_size, args.dtype, args.seed, args.batch,
                            args.txt_tokens, args.img_tokens, args.backend)
     except ValueError as exc:
         return _error(str(exc))

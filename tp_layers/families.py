@@ -44,6 +44,9 @@ class Family:
     block_lists: tuple[tuple[str, Callable[[nn.Module, Any], nn.Module]], ...]
     tp_block_classes: Callable[[], tuple[type, ...]]  # the TP block classes (regional compilation, "already" check)
     sizes: Callable[[nn.Module], dict[str, int]]  # sizes the world size must divide, by name (heads, MLP width)
+    # (dense block, world size) -> None or an error: run on every block before any is sharded, so that a refused
+    # model is left as it was (not half-sharded)
+    check_block: Callable[[nn.Module, int], None] | None = None
     # (config field, checkpoint key prefix, what a block is, the field's default): a config asking for more blocks
     # than the checkpoint holds is refused before the model is built
     block_counts: tuple[tuple[str, str, str, int], ...] = ()

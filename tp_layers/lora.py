@@ -22,6 +22,7 @@ peft directly).
 from __future__ import annotations
 
 import os
+import types
 from typing import Any
 
 import torch
@@ -72,6 +73,14 @@ def _tp_base(module: nn.Module) -> _ParallelLinear | None:
     if is_lora_layer(module):
         module = module.get_base_layer()
     return module if isinstance(module, _ParallelLinear) else None
+
+
+def _local_delta_weight(self, adapter: str) -> torch.Tensor:
+    """peft's ``get_delta_weight`` of a LoRA on a dense-io layer (see :func:`_dense_io`), cut to the rows this rank's
+    weight holds: what ``merge``/``unmerge`` (``fuse_lora``) add to and subtract from it."""
+    delta = type(self).get_delta_weight(self, adapter)  # [out, in], the dense update
+    base = self.get_base_layer()
+    return shard_tensor(delta, 0, base.rank, base.world_size, base.blocks)
 
 
 def _dense_io(base: _ParallelLinear) -> bool:
@@ -149,25 +158,26 @@ def adapt_lora(model: nn.Module) -> int:
         if base.world_size > 1 and not getattr(base, "input_is_parallel", True):
             raise NotImplementedError(f"{name}: LoRA on a RowParallelLinear with input_is_parallel=False is not "
                                       "supported (the layer's input width is not its weight's)")
-        if _dense_io(base):  # a dense, replicated adapter: the same on every rank (fresh ones from rank 0)
-            if base.world_size > 1:
-                for adapter in module.lora_A:
-                    for p in (*module.lora_A[adapter].parameters(), *module.lora_B[adapter].parameters()):
-                        _broadcast_(p, base.group)
-            count += 1
-            continue
+        dense_io = _dense_io(base)
+        if dense_io and getattr(module.get_delta_weight, "__func__", None) is not _local_delta_weight:
+            # merge/unmerge (fuse_lora) add the delta to the base weight, which holds this rank's rows only
+            module.get_delta_weight = types.MethodType(_local_delta_weight, module)
         for adapter in module.lora_A:
             column = isinstance(base, ColumnParallelLinear)
-            if column:
-                _convert(module.lora_B[adapter], LoRAOutputShard, base.group)
-            else:
-                _convert(module.lora_A[adapter], LoRAInputShard, base.group)
+            if not dense_io:  # a dense-io layer's adapter stays dense and replicated, with no collective
+                if column:
+                    _convert(module.lora_B[adapter], LoRAOutputShard, base.group)
+                else:
+                    _convert(module.lora_A[adapter], LoRAInputShard, base.group)
             if base.world_size == 1:
                 continue
-            for p in (module.lora_A[adapter] if column else module.lora_B[adapter]).parameters():
+            replicated = (*module.lora_A[adapter].parameters(), *module.lora_B[adapter].parameters()) if dense_io \
+                else (module.lora_A[adapter] if column else module.lora_B[adapter]).parameters()
+            for p in replicated:
                 _broadcast_(p, base.group)
             drop = module.lora_dropout[adapter] if hasattr(module, "lora_dropout") else None
             if column and isinstance(drop, nn.Dropout) and not isinstance(drop, RankSyncedDropout):
+                # the input is replicated: every rank must drop the same entries (or the copies drift apart)
                 seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
                 _broadcast_(seed, base.group)
                 drop.__class__ = RankSyncedDropout

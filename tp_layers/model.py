@@ -1,17 +1,17 @@
 """Drop-in tensor parallelism for diffusers' transformers of every registered family (FLUX.2's
-``Flux2Transformer2DModel``, Qwen-Image's ``QwenImageTransformer2DModel``, FLUX.3's ``Flux3Transformer2DModel``).
+``Flux2Transformer2DModel``, Qwen-Image's ``QwenImageTransformer2DModel``, FLUX.3's
+``Flux3Transformer2DModel``).
 
 ``parallelize(model)`` finds the model's family (:mod:`.families`) and swaps every block of its block lists for the
 tensor-parallel version in place (same ``forward`` signature and parameter names, ~1/N of the block weights per
-rank); embedders, modulation and the final layer stay replicated. It works on a model with real weights (they are sharded) and on one built on
-the ``meta`` device (only shapes), which :func:`~tpfuse.tp_layers.checkpoint.load_sharded` then fills with this
-rank's slices. ``from_pretrained`` does config -> meta model -> parallelize -> load_sharded in one call.
+rank); embedders, the model-level modulation and the final layer stay replicated. It works on a model with real
+weights (they are sharded) and on one built on the ``meta`` device (only shapes), which
+:func:`~tpfuse.tp_layers.checkpoint.load_sharded` then fills with this rank's slices. ``from_pretrained`` does config -> meta model -> parallelize -> load_sharded in one call.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ def _block_lists(model: nn.Module, family: Family) -> list[tuple[str, nn.ModuleL
 def check_parallelizable(model: nn.Module, world_size: int) -> Family:
     """Refuse, with the reason, what :func:`parallelize` cannot shard correctly; the model's family otherwise."""
     family = family_of(model)  # UnsupportedModelError naming the class and the supported ones
-    _block_lists(model, family)
+    lists = _block_lists(model, family)
     config = getattr(model, "config", {})
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None or \
             (hasattr(config, "get") and config.get("quantization_config")):
@@ -80,6 +80,13 @@ def check_parallelizable(model: nn.Module, world_size: int) -> Family:
         check_divisible(world_size, **family.sizes(model))
     except ValueError as exc:
         raise ValueError(f"parallelize ({type(model).__name__}): {exc}") from None
+    if family.check_block is not None:  # every block before any is sharded: a refusal leaves the model as it was
+        for path, blocks, _ in lists:
+            for i, block in enumerate(blocks):
+                try:
+                    family.check_block(block, world_size)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"parallelize: {path}.{i}: {exc}") from None
     return family
 
 
@@ -193,7 +200,11 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
     sync_or_check(model, group, check_weights, broadcast_from, type(model).__name__)
     for _path, blocks, shard in _block_lists(model, family):
         for i in range(len(blocks)):
+            training = blocks[i].training
             blocks[i] = shard(blocks[i], group)  # the dense block is dropped here
+            blocks[i].train(training)  # the modules it created follow the block's mode
+    if family.after_meta_build is not None:  # a model built on meta (from_pretrained, or by hand) -> load_sharded
+        family.after_meta_build(model)
     model.tp_world_size = world_size
     model.tp_group = group
     dense_module = type(model).__module__
@@ -287,8 +298,6 @@ def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfol
         check_block_counts(config, path, variant, family)
     with torch.device("meta"):
         model = family.model_class().from_config(config)
-    if family.after_meta_build is not None:
-        family.after_meta_build(model)
     if dtype is not None:
         model = model.to(dtype)
         # As diffusers' from_pretrained(torch_dtype=...): modules named in _keep_in_fp32_modules stay fp32 (FLUX.3's

@@ -79,7 +79,6 @@ def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend, parallel_config)
 
 
-
 def hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's ``forward``: a diffusers/accelerate hook (they replace
     ``forward`` on the instance: caching, offloading, layerwise casting), a torch forward or backward hook on it, or
@@ -125,8 +124,6 @@ def _materialize(out):
     return out.materialize() if isinstance(out, Projection) else out
 
 
-
-
 def perturb_norms(module: nn.Module, scale: float = 0.1) -> None:
     """Add ``scale * N(0, 1)`` to every parameter named ``*norm*`` (norm scales default to 1, which would make
     their gradients and any mix-up of Q and K scales invisible to a check)."""
@@ -157,7 +154,6 @@ def describe_ties(ties: list[list[str]]) -> str:
             "nn.Parameter(attn.to_k.weight.detach().clone())`)")
 
 
-
 def register_block(flavour: type, dense_cls: type) -> None:
     """diffusers' hooks look blocks up by exact class: register the flavour with the dense class's metadata."""
     try:
@@ -172,13 +168,12 @@ def register_block(flavour: type, dense_cls: type) -> None:
 def diffusers_flavour(tp_cls: type, dense_cls: type, module: str | None = None) -> type:
     """``tp_cls``, also deriving from the diffusers class it replaces (``Flux2TransformerBlock``,
     ``Flux2Attention``, ...), so that ``isinstance`` checks, ``AttentionModuleMixin`` (``set_attention_backend``)
-    and diffusers' block registry (caching hooks) see the dense family's module. tpfuse's own method resolution comes first:
-    ``forward`` is the tensor-parallel one. Blocks are registered with the dense class's hook metadata."""
+    and diffusers' block registry (caching hooks) see the dense family's module. tpfuse's own method resolution
+    comes first: ``forward`` is the tensor-parallel one. Blocks are registered with the dense class's hook metadata."""
     if not dense_cls.__module__.startswith("diffusers."):
         return tp_cls
     # ``module``: where pickle finds the flavour (that module's ``__getattr__`` resolves it); tp_cls's by default.
     return flavour(tp_cls, dense_cls, module or tp_cls.__module__, on_create=register_block)
-
 
 
 def valid_world_sizes(*sizes: int, up_to: int = 64) -> list[int]:
@@ -193,7 +188,6 @@ def check_divisible(world_size: int, **sizes: int) -> None:
         desc = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise ValueError(f"cannot shard across {world_size} ranks: {desc} not divisible by the world size (valid "
                          f"world sizes: {valid_world_sizes(*sizes.values())})")
-
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -264,16 +258,22 @@ class TPHeadsMixin:
         return mask
 
     def _attend(self, q, k, v, mask, backend=None, parallel_config=None):
-        # q, k, v: [B, S, H_local, Dh]
+        # q, k, v: [B, S, H_local, Dh] (FLUX.2's blocks; the other families call diffusers' processors)
         mask = self._local_mask(mask, q.shape[0], q.shape[1], k.shape[1])
         return super()._attend(q, k, v, mask, backend, parallel_config)
 
+    def fuse_projections(self, *args, **kwargs):
+        """Refused: diffusers' fused ``to_qkv`` would be a plain ``nn.Linear`` over this rank's Q/K/V rows, without
+        the input-gradient all-reduce of a column-parallel layer (wrong input gradients, per-rank-shaped state
+        dict). Fuse projections on the dense model? tpfuse refuses that too; its own kernels read Q/K/V together."""
+        raise NotImplementedError(f"{type(self).__name__}.fuse_projections: fused Q/K/V projections are not supported "
+                                  "on a tensor-parallel model (tpfuse's fused path already reads Q, K and V in one "
+                                  "GEMM where it applies)")
 
 
 def shard_in_block(cls, dense, group, blocks=None):
     """A linear's shard inside a block: the block's ``from_dense`` already checked (or broadcast) its weights."""
     return shard_linear(cls, dense, group, blocks, check_weights=False)
-
 
 
 def plain(*linears) -> bool:

@@ -113,8 +113,7 @@ def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch
     checks.append((f"weight grads (worst: {worst_name})", worst))
     prefixes = fam.block_prefixes()
     share = _block_bytes(tp, prefixes) / max(1, _block_bytes(dense, prefixes))
-    # The plan's sharded matrices alone (what is exactly 1/N; the rest of a block, e.g. Qwen-Image's adaLN
-    # modulation, is replicated by design).
+    # The plan's sharded matrices alone (exactly 1/N; the rest of a block is its replicated norms and row biases).
     dense_params = dict(dense.named_parameters())
     sharded = [(p, dense_params[n]) for n, p in tp.named_parameters()
                if hasattr(tp.get_submodule(n.rpartition(".")[0]), "split_dim")

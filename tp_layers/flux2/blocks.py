@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 from tpfuse.kernels.qk_norm_rope import rope_reference
 
 from .._checks import check_like

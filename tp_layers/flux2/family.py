@@ -130,6 +130,12 @@ def _shard_single(block, group):
     return TPSingleStreamBlock.from_dense(block, group, check_weights=False)
 
 
+def _check_block(block, world_size: int) -> None:
+    from .tp_blocks import check_dense_block
+
+    check_dense_block(block, world_size)
+
+
 def _tp_block_classes() -> tuple[type, ...]:
     from .tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock
 
@@ -141,6 +147,7 @@ FAMILY = Family(
     model_classes=("Flux2Transformer2DModel",),
     diffusers_class="diffusers:Flux2Transformer2DModel",
     block_lists=(("transformer_blocks", _shard_double), ("single_transformer_blocks", _shard_single)),
+    check_block=_check_block,
     tp_block_classes=_tp_block_classes,
     sizes=_sizes,
     block_counts=(("num_layers", "transformer_blocks.", "double-stream", Flux2Config.num_layers),

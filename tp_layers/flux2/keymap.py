@@ -70,8 +70,9 @@ _BFL_SINGLE = {
 
 
 def is_bfl(keys: Iterable[str]) -> bool:
-    """Whether a checkpoint's keys are BFL's (any of its top-level prefixes)."""
-    return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys)
+    """Whether a checkpoint's keys are BFL's: its block prefixes (``img_in``/``final_layer`` alone are not enough:
+    Qwen-Image's diffusers checkpoints have an ``img_in``)."""
+    return any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys)
 
 
 def bfl_to_diffusers(key: str, shape: Sequence[int]) -> list[tuple[str, Source]] | None:

@@ -317,3 +317,14 @@ class TPDoubleStreamBlock(_FusedBlockMixin, DoubleStreamBlock):
         self.ff = _tp_feed_forward(block.ff, group)
         self.ff_context = _tp_feed_forward(block.ff_context, group)
         return self
+
+
+def check_dense_block(block: nn.Module, world_size: int) -> None:
+    """What :meth:`TPDoubleStreamBlock.from_dense` / :meth:`TPSingleStreamBlock.from_dense` refuse, without
+    sharding anything (the family runs it on every block first)."""
+    if (type(block).__module__, type(block).__name__) in _SINGLE_TYPES:
+        _check_block(block, _SINGLE_TYPES, _SINGLE_WEIGHTS, "TPSingleStreamBlock")
+        check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.attn.mlp_hidden_dim)
+    else:
+        _check_block(block, _DOUBLE_TYPES, _DOUBLE_WEIGHTS, "TPDoubleStreamBlock")
+        check_divisible(world_size, heads=block.attn.heads, mlp_hidden=block.ff.linear_in.out_features // 2)

@@ -74,6 +74,12 @@ def _shard(block, group):
     return shard_block(block, group)
 
 
+def _check_block(block, world_size: int) -> None:
+    from .tp_blocks import check_block
+
+    check_block(block, world_size)
+
+
 def _tp_block_classes() -> tuple[type, ...]:
     from .tp_blocks import TPFlux3ModeBlock, TPFlux3SingleBlock
 
@@ -86,6 +92,7 @@ FAMILY = Family(
     diffusers_class="diffusers.models.transformers.transformer_flux3:Flux3Transformer2DModel",
     block_lists=(("mode_blocks.image", _shard), ("mode_blocks.image_cond", _shard), ("txt_mode_blocks", _shard),
                  ("single_transformer_blocks", _shard)),
+    check_block=_check_block,
     tp_block_classes=_tp_block_classes,
     sizes=_sizes,
     block_counts=(("num_layers", "txt_mode_blocks.", "per-mode", 5),

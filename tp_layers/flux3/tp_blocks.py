@@ -89,6 +89,7 @@ class _TPFlux3Block:
         return (type(proc).__name__ == "Flux3AttnProcessor" and type(proc).__module__ == _MODULE
                 and not getattr(attn, "fused_projections", False) and plain(*linears)
                 and not any(hooked(m) for m in (attn, ff, ff.act_fn, self.norm, attn.norm_q, attn.norm_k))
+                and all(transparent_base(m).bias is None for m in linears)  # the fused path has no biases
                 and type(ff.act_fn).__name__ == "Flux3SwiGLU" and isinstance(attn.norm_q, HeadRMSNorm)
                 and isinstance(attn.norm_k, HeadRMSNorm) and attn.norm_q.eps == attn.norm_k.eps
                 and not (isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training)
@@ -110,7 +111,7 @@ class _TPFlux3Block:
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
         q, k, v, mlp = fused_qkv_mlp_proj(  # q, k, v: [B, H_local, S, D]; mlp: [B, S, M_local] = silu(gate) * up
             copy_to_tp_region(x, self.group), packed_rows(cols), attn.norm_q.tp_weight(), attn.norm_k.tp_weight(),
-            cos, sin, attn.local_heads, attn.head_dim, cols[3].local_blocks[0], attn.norm_q.eps_for(x.dtype))
+            cos, sin, attn.local_heads, attn.head_dim, cols[3].local_blocks[0], attn.norm_q.eps_for(torch.float32))
         proc = attn.processor
         a = attention_heads_major(q, k, v, None, proc._attention_backend, proc._parallel_config)  # [B, S, H_l*D]
         out_attn, out_ff = transparent_base(attn.to_out[0]), transparent_base(ff.linear_out)
@@ -149,9 +150,8 @@ class TPFlux3SingleBlock(_TPFlux3Block):
         return encoder_hidden_states + c_gate * context_out, hidden_states + gate * content_out
 
 
-def shard_block(block: nn.Module, group=None) -> nn.Module:
-    """Shard a diffusers FLUX.3 block (mode or single) for this rank, in place, and return it (the weights must
-    already agree across ranks: :func:`~tpfuse.tp_layers.parallelize` checks them first)."""
+def check_block(block: nn.Module, world_size: int) -> None:
+    """What :func:`shard_block` refuses, without sharding anything (the family runs it on every block first)."""
     kind = _DENSE.get(type(block).__name__) if type(block).__module__ == _MODULE else None
     if kind is None:
         raise TypeError(f"flux3.shard_block expects {_MODULE}.{' or '.join(_DENSE)}, got "
@@ -159,15 +159,23 @@ def shard_block(block: nn.Module, group=None) -> nn.Module:
     ties = tied_parameters(block)
     if ties:
         raise ValueError(f"flux3.shard_block: {describe_ties(ties)}")
-    group = resolve_group(group)
-    world_size = get_world_size(group)
-    attn, ff = block.attn, block.ff
-    if getattr(attn, "fused_projections", False):
+    if getattr(block.attn, "fused_projections", False):
         raise ValueError("flux3.shard_block: the attention's projections are fused (fuse_projections()); call "
                          "unfuse_projections() before parallelizing")
+    check_divisible(world_size, num_attention_heads=block.attn.heads,
+                    mlp_hidden=block.ff.linear_in.out_features // 2)
+
+
+def shard_block(block: nn.Module, group=None) -> nn.Module:
+    """Shard a diffusers FLUX.3 block (mode or single) for this rank, in place, and return it (the weights must
+    already agree across ranks: :func:`~tpfuse.tp_layers.parallelize` checks them first)."""
+    group = resolve_group(group)
+    world_size = get_world_size(group)
+    check_block(block, world_size)
+    kind = _DENSE[type(block).__name__]
+    attn, ff = block.attn, block.ff
     heads = attn.heads
     mlp_hidden = ff.linear_in.out_features // 2
-    check_divisible(world_size, num_attention_heads=heads, mlp_hidden=mlp_hidden)
     for name in ("to_q", "to_k", "to_v"):
         setattr(attn, name, shard_in_block(ColumnParallelLinear, getattr(attn, name), group))
     attn.to_out[0] = shard_in_block(RowParallelLinear, attn.to_out[0], group)
@@ -178,6 +186,7 @@ def shard_block(block: nn.Module, group=None) -> nn.Module:
     attn.__class__ = diffusers_flavour(TPFlux3Attention, type(attn), __name__)
     attn.group, attn.global_heads, attn.local_heads = group, heads, heads // world_size
     attn.heads = heads // world_size  # diffusers' processor reshapes by attn.heads
+    attn.inner_dim = attn.heads * attn.head_dim
     block.__class__ = diffusers_flavour(TPFlux3ModeBlock if kind == "mode" else TPFlux3SingleBlock, type(block),
                                         __name__)
     block.group = group

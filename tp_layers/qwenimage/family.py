@@ -78,6 +78,12 @@ def _shard(block, group):
     return shard_block(block, group)
 
 
+def _check_block(block, world_size: int) -> None:
+    from .tp_blocks import check_block
+
+    check_block(block, world_size)
+
+
 def _tp_block_classes() -> tuple[type, ...]:
     from .tp_blocks import TPQwenImageBlock
 
@@ -89,6 +95,7 @@ FAMILY = Family(
     model_classes=("QwenImageTransformer2DModel",),
     diffusers_class="diffusers:QwenImageTransformer2DModel",
     block_lists=(("transformer_blocks", _shard),),
+    check_block=_check_block,
     tp_block_classes=_tp_block_classes,
     sizes=_sizes,
     block_counts=(("num_layers", "transformer_blocks.", "two-stream", 60),),

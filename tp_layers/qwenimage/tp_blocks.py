@@ -66,17 +66,24 @@ _COLUMN = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
-def _rope_cos_sin(image_rotary_emb, txt_len: int, img_len: int):
-    """Qwen's ``(img_freqs, txt_freqs)`` (complex ``[S, D/2]``) as the joint ``[St + Si, D]`` cos/sin of RoPE on
-    interleaved pairs (text rows first, as the joint sequence), or None when they are not that."""
+def _qwen_rope(image_rotary_emb, txt_len: int, img_len: int) -> bool:
+    """Whether ``image_rotary_emb`` is None or Qwen's ``(img_freqs, txt_freqs)``: complex ``[Si, D/2]`` and
+    ``[St, D/2]`` (what the fused path takes; anything else goes to diffusers' processor)."""
     if image_rotary_emb is None:
-        return None, None
+        return True
     if not (isinstance(image_rotary_emb, (tuple, list)) and len(image_rotary_emb) == 2):
         return False
     img, txt = image_rotary_emb
-    if not (isinstance(img, torch.Tensor) and isinstance(txt, torch.Tensor) and img.is_complex() and txt.is_complex()
-            and img.dim() == 2 and txt.dim() == 2 and img.shape[0] == img_len and txt.shape[0] == txt_len):
-        return False
+    return (isinstance(img, torch.Tensor) and isinstance(txt, torch.Tensor) and img.is_complex() and txt.is_complex()
+            and img.dim() == 2 and txt.dim() == 2 and img.shape[0] == img_len and txt.shape[0] == txt_len)
+
+
+def _rope_cos_sin(image_rotary_emb):
+    """Qwen's ``(img_freqs, txt_freqs)`` (see :func:`_qwen_rope`) as the joint ``[St + Si, D]`` ``(cos, sin)`` of RoPE
+    on interleaved pairs (text rows first, as the joint sequence); ``(None, None)`` without RoPE."""
+    if image_rotary_emb is None:
+        return None, None
+    img, txt = image_rotary_emb
     freqs = torch.cat([txt, img], dim=0)  # [St + Si, D/2]
     return (freqs.real.float().repeat_interleave(2, dim=-1).contiguous(),
             freqs.imag.float().repeat_interleave(2, dim=-1).contiguous())
@@ -100,32 +107,36 @@ class TPQwenDoubleStreamAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
-        parts = None
-        if encoder_hidden_states is not None and attention_mask is None and self.fusable(attn):
-            parts = self.parts(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
-                               image_rotary_emb)
-        if parts is None:  # diffusers' processor (also its errors)
+        if not (encoder_hidden_states is not None and attention_mask is None and self.fusable(attn)
+                and self.takes(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, image_rotary_emb)):
             return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
-                                    attention_mask, image_rotary_emb)
-        img, txt = parts
+                                    attention_mask, image_rotary_emb)  # diffusers' processor (also its errors)
+        img, txt = self.parts(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                              image_rotary_emb)
         img = attn.to_out[0](img)
         if len(attn.to_out) > 1:
             img = attn.to_out[1](img)  # dropout
         return img, attn.to_add_out(txt)
 
+    @staticmethod
+    def takes(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, image_rotary_emb) -> bool:
+        """Whether :meth:`parts` computes what diffusers' processor does for these inputs: Qwen's RoPE frequencies
+        (or none), and no mask or a boolean one (diffusers concatenates a float mask as given, an additive mask;
+        the model itself always passes a boolean one)."""
+        mask = encoder_hidden_states_mask
+        return ((mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool))
+                and _qwen_rope(image_rotary_emb, encoder_hidden_states.shape[1], hidden_states.shape[1]))
+
     def parts(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None,
               image_rotary_emb=None):
-        """``(image [B, Si, H_local*D], text [B, St, H_local*D])`` attention outputs before the out-projections,
-        or None when ``image_rotary_emb`` is not Qwen's complex frequencies (the caller then runs diffusers')."""
+        """``(image [B, Si, H_local*D], text [B, St, H_local*D])`` attention outputs before the out-projections, for
+        inputs :meth:`takes` accepts."""
         txt_len, img_len = encoder_hidden_states.shape[1], hidden_states.shape[1]
-        rope = _rope_cos_sin(image_rotary_emb, txt_len, img_len)
-        if rope is False:
-            return None
-        cos, sin = rope
+        cos, sin = _rope_cos_sin(image_rotary_emb)
         attention_mask = None
         if encoder_hidden_states_mask is not None:  # as diffusers builds it: [B, 1, 1, St + Si], image all True
             image_mask = torch.ones((hidden_states.shape[0], img_len), dtype=torch.bool, device=hidden_states.device)
-            attention_mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), image_mask], dim=1)[:, None, None]
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None]
         d = attn.head_dim
         q, k, v = (t.unflatten(-1, (-1, d)) for t in _qkv(attn, hidden_states, _COLUMN[:3]))  # [B, Si, H_l, D]
         cq, ck, cv = (t.unflatten(-1, (-1, d)) for t in _qkv(attn, encoder_hidden_states, _COLUMN[3:]))
@@ -150,8 +161,8 @@ def _qkv(attn, x, names):
 
 
 class TPQwenImageAttention(TPHeadsMixin):
-    """diffusers' ``Attention`` of a Qwen-Image block with sharded projections. ``heads`` stays the global count
-    (diffusers' processor derives ``head_dim`` from it); ``local_heads`` is this rank's."""
+    """diffusers' ``Attention`` of a Qwen-Image block with sharded projections: ``heads`` and ``inner_dim`` are this
+    rank's (what diffusers' processors reshape by), ``global_heads`` the dense count."""
 
 
 class TPQwenImageBlock:
@@ -173,7 +184,8 @@ class TPQwenImageBlock:
             out.append(m)
         return out
 
-    def _fusable(self, hidden_states, encoder_hidden_states, temb, modulate_index, joint_attention_kwargs) -> bool:
+    def _fusable(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
+                 modulate_index, joint_attention_kwargs) -> bool:
         attn = self.attn
         proc = getattr(attn, "processor", None)
         # zero_cond_t (the edit models) modulates per token through modulate_index: diffusers' forward
@@ -187,6 +199,8 @@ class TPQwenImageBlock:
         batch = hidden_states.shape[0]
         if encoder_hidden_states.shape[0] != batch or temb.shape[0] != batch:
             return False  # broadcasting batches: diffusers' forward broadcasts them
+        if not proc.takes(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, image_rotary_emb):
+            return False
         rows = [attn.to_out[0], attn.to_add_out, self.img_mlp.net[2], self.txt_mlp.net[2]]
         mlps = [self.img_mlp, self.txt_mlp, self.img_mlp.net[0], self.txt_mlp.net[0]]
         dropouts = [m for m in (*attn.to_out[1:], self.img_mlp.net[1], *self.img_mlp.net[3:], self.txt_mlp.net[1],
@@ -207,7 +221,8 @@ class TPQwenImageBlock:
                   "joint_attention_kwargs": joint_attention_kwargs, "modulate_index": modulate_index}
         if not torch.compiler.is_compiling() and inputs_check_due(self, inputs):
             check_inputs_agree(self, self.group, inputs)
-        if not self._fusable(hidden_states, encoder_hidden_states, temb, modulate_index, joint_attention_kwargs):
+        if not self._fusable(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
+                             modulate_index, joint_attention_kwargs):
             return super().forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
                                    image_rotary_emb, joint_attention_kwargs, modulate_index)
         attn = self.attn
@@ -218,11 +233,7 @@ class TPQwenImageBlock:
 
         x = _norm_modulate(self.img_norm1, hidden_states, s1, c1)
         c = _norm_modulate(self.txt_norm1, encoder_hidden_states, ts1, tc1)
-        parts = attn.processor.parts(attn, x, c, encoder_hidden_states_mask, image_rotary_emb)
-        if parts is None:  # not Qwen's RoPE frequencies: diffusers' forward
-            return super().forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
-                                   image_rotary_emb, joint_attention_kwargs, modulate_index)
-        img_attn, txt_attn = parts
+        img_attn, txt_attn = attn.processor.parts(attn, x, c, encoder_hidden_states_mask, image_rotary_emb)
         # residual + gate * (attn @ W_out^T + b), reduced over the group with the gate and residual folded in
         hidden_states = transparent_base(attn.to_out[0]).forward_fused([img_attn], g1, hidden_states)
         encoder_hidden_states = transparent_base(attn.to_add_out).forward_fused([txt_attn], tg1,
@@ -246,24 +257,29 @@ def _norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, sca
     return layernorm_modulate(x, shift, scale, norm.eps)
 
 
-def shard_block(block: nn.Module, group=None) -> nn.Module:
-    """Shard a diffusers ``QwenImageTransformerBlock`` for this rank, in place, and return it (the weights must
-    already agree across ranks: :func:`~tpfuse.tp_layers.parallelize` checks them first)."""
+def check_block(block: nn.Module, world_size: int) -> None:
+    """What :func:`shard_block` refuses, without sharding anything (the family runs it on every block first)."""
     kind = (type(block).__module__, type(block).__name__)
     if kind != _DENSE_BLOCK:
         raise TypeError(f"qwenimage.shard_block expects {'.'.join(_DENSE_BLOCK)}, got {'.'.join(kind)}")
     ties = tied_parameters(block)
     if ties:
         raise ValueError(f"qwenimage.shard_block: {describe_ties(ties)}")
-    group = resolve_group(group)
-    world_size = get_world_size(group)
-    attn = block.attn
-    if getattr(attn, "fused_projections", False):
+    if getattr(block.attn, "fused_projections", False):
         raise ValueError("qwenimage.shard_block: the attention's projections are fused (fuse_qkv_projections()); "
                          "call unfuse_qkv_projections() before parallelizing")
-    heads, head_dim = attn.heads, attn.inner_dim // attn.heads
-    check_divisible(world_size, num_attention_heads=heads,
+    check_divisible(world_size, num_attention_heads=block.attn.heads,
                     **{f"{m}_hidden": getattr(block, m).net[0].proj.out_features for m in ("img_mlp", "txt_mlp")})
+
+
+def shard_block(block: nn.Module, group=None) -> nn.Module:
+    """Shard a diffusers ``QwenImageTransformerBlock`` for this rank, in place, and return it (the weights must
+    already agree across ranks: :func:`~tpfuse.tp_layers.parallelize` checks them first)."""
+    group = resolve_group(group)
+    world_size = get_world_size(group)
+    check_block(block, world_size)
+    attn = block.attn
+    heads, head_dim = attn.heads, attn.inner_dim // attn.heads
     for name in _COLUMN:
         setattr(attn, name, shard_in_block(ColumnParallelLinear, getattr(attn, name), group))
     attn.to_out[0] = shard_in_block(RowParallelLinear, attn.to_out[0], group)
@@ -279,6 +295,8 @@ def shard_block(block: nn.Module, group=None) -> nn.Module:
         mod[1] = shard_linear(ColumnParallelLinear, mod[1], group, None, check_weights=False, gather_output=True)
     attn.__class__ = diffusers_flavour(TPQwenImageAttention, type(attn), __name__)
     attn.group, attn.global_heads, attn.local_heads, attn.head_dim = group, heads, heads // world_size, head_dim
+    # What diffusers' processors reshape by: this rank's heads (0.42's by inner_dim // heads, older ones by heads).
+    attn.heads, attn.inner_dim = heads // world_size, heads // world_size * head_dim
     proc = attn.processor
     if type(proc).__name__ == _DENSE_PROCESSOR and type(proc).__module__ == _DENSE_BLOCK[0]:
         new = object.__new__(diffusers_flavour(TPQwenDoubleStreamAttnProcessor, type(proc), __name__))
