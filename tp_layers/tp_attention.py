@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from ._flavour import flavour
-from .comm import copy_to_tp_region, get_rank, resolve_group
+from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .lora import shard_linear
 
@@ -263,9 +263,11 @@ class TPHeadsMixin:
         return super()._attend(q, k, v, mask, backend, parallel_config)
 
     def fuse_projections(self, *args, **kwargs):
-        """Refused: diffusers' fused ``to_qkv`` would be a plain ``nn.Linear`` over this rank's Q/K/V rows, without
-        the input-gradient all-reduce of a column-parallel layer (wrong input gradients, per-rank-shaped state
-        dict). Fuse projections on the dense model? tpfuse refuses that too; its own kernels read Q/K/V together."""
+        """Refused on 2+ ranks: diffusers' fused ``to_qkv`` would be a plain ``nn.Linear`` over this rank's Q/K/V
+        rows, without the input-gradient all-reduce of a column-parallel layer (wrong input gradients,
+        per-rank-shaped state dict). On one rank nothing is sharded: diffusers' own."""
+        if get_world_size(self.group) == 1:
+            return super().fuse_projections(*args, **kwargs)
         raise NotImplementedError(f"{type(self).__name__}.fuse_projections: fused Q/K/V projections are not supported "
                                   "on a tensor-parallel model (tpfuse's fused path already reads Q, K and V in one "
                                   "GEMM where it applies)")
