@@ -23,12 +23,25 @@ def _error(msg: str) -> int:
     return EXIT_USAGE
 
 
-def _verify_family(args: argparse.Namespace) -> int:
-    """``tpfuse verify --family qwenimage|flux3``: a parallelized diffusers model against the dense one."""
+def _rank_error(exc) -> int:
+    """A rank's failure as `tpfuse verify`'s exit status: bad input in one line (exit 2), anything else with the
+    traceback (exit 3)."""
     import traceback
 
+    from .launch import _last_line
+
+    if exc.exc_type in _INPUT_ERRORS:  # the rank's own message: its last traceback line
+        return _error(f"rank {exc.rank}: {_last_line(exc)}")
+    traceback.print_exc()
+    print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
+          file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _verify_family(args: argparse.Namespace) -> int:
+    """``tpfuse verify --family qwenimage|flux3``: a parallelized diffusers model against the dense one."""
     from .families import family_named
-    from .launch import RankError, _last_line
+    from .launch import RankError
     from .verify_family import check_family, format_family_result
 
     fam = family_named(args.family)
@@ -43,19 +56,12 @@ def _verify_family(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _error(str(exc))
     except RankError as exc:
-        if exc.exc_type in _INPUT_ERRORS:
-            return _error(f"rank {exc.rank}: {_last_line(exc)}")
-        traceback.print_exc()
-        print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return _rank_error(exc)
     print(format_family_result(res), flush=True)
     return EXIT_OK if res.ok else EXIT_FAIL
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import traceback
-
     if args.family != "flux2":
         return _verify_family(args)
     if args.preset is None:
@@ -68,7 +74,7 @@ def _verify(args: argparse.Namespace) -> int:
     import torch
 
     from .flux2.config import Flux2Config
-    from .launch import RankError, _last_line
+    from .launch import RankError
     from .flux2.presets_table import check_world_size
     from .verify import default_backend, format_header, format_summary, verify
 
@@ -93,12 +99,7 @@ def _verify(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         return _error(str(exc))
     except RankError as exc:
-        if exc.exc_type in _INPUT_ERRORS:  # the rank's own message: its last traceback line
-            return _error(f"rank {exc.rank}: {_last_line(exc)}")
-        traceback.print_exc()
-        print(f"tpfuse verify: internal error (exit {EXIT_INTERNAL}): rank {exc.rank} raised {exc.exc_type}",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return _rank_error(exc)
     print(format_summary(res), flush=True)
     return EXIT_OK if res.ok else EXIT_FAIL
 

@@ -135,13 +135,14 @@ def family_for_class(class_name: str) -> Family:
     return _load(name)
 
 
-def family_of(model: nn.Module) -> Family:
-    """The family of a (dense or parallelized) model, by its class or a base class's name."""
-    for cls in type(model).__mro__:
+def family_of(model: nn.Module | type) -> Family:
+    """The family of a (dense or parallelized) model, or of a model class, by its class or a base class's name."""
+    model_cls = model if isinstance(model, type) else type(model)
+    for cls in model_cls.__mro__:
         if cls.__name__ in _CLASS_NAMES:
             return _load(_CLASS_NAMES[cls.__name__])
     raise UnsupportedModelError(f"parallelize: tpfuse has no tensor-parallel family for "
-                                f"{type(model).__module__}.{type(model).__name__}; supported: {supported_classes()}")
+                                f"{model_cls.__module__}.{model_cls.__name__}; supported: {supported_classes()}")
 
 
 def original_format(keys: Iterable[str], family: Family | None = None) -> OriginalFormat | None:

@@ -188,7 +188,10 @@ def adapt_lora(model: nn.Module) -> int:
 
 def check_adapters(linears) -> None:
     """Raise if a LoRA adapter on one of these tensor-parallel linears lacks its collectives (peft injected it
-    after ``parallelize`` without :func:`adapt_lora`): on 2+ ranks it would compute a wrong result silently."""
+    after ``parallelize`` without :func:`adapt_lora`): on 2+ ranks it would compute a wrong result silently.
+    Runs on every block call: plain parallel linears (no wrapper) return at once."""
+    if all(type(lin) in (ColumnParallelLinear, RowParallelLinear) for lin in linears):
+        return
     for lin in linears:
         if not hasattr(lin, "get_base_layer"):  # not wrapped by a peft tuner
             continue

@@ -146,7 +146,7 @@ class TPModelMixin:
 
 
 def _model_flavour(model_cls: type) -> type:
-    family = family_of_class(model_cls)
+    family = family_of(model_cls)
     repeated = list(getattr(model_cls, "_repeated_blocks", None) or [])
     # Regional compilation (compile_repeated_blocks) finds blocks by class name.
     repeated += [c.__name__ for c in family.tp_block_classes() if c.__name__ not in repeated]
@@ -170,15 +170,6 @@ def _model_flavour(model_cls: type) -> type:
 
 def __getattr__(name: str):  # pickle finds the model flavours by their __qualname__
     return resolve(name, {TPModelMixin.__name__: TPModelMixin}, lambda _mixin, cls: _model_flavour(cls))
-
-
-def family_of_class(model_cls: type) -> Family:
-    for cls in model_cls.__mro__:
-        try:
-            return family_for_class(cls.__name__)
-        except TypeError:
-            continue
-    return family_for_class(model_cls.__name__)  # the error naming the supported classes
 
 
 def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,

@@ -32,7 +32,8 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 from .lora import shard_linear
 
 __all__ = ["AttentionMaskError", "HeadRMSNorm", "Projection", "TPHeadNorm", "TPHeadsMixin", "attention",
-           "attention_heads_major", "check_divisible", "describe_ties", "diffusers_flavour", "hooked", "perturb_norms",
+           "attention_heads_major", "check_divisible", "describe_ties", "diffusers_flavour", "hooked", "modules_at",
+           "perturb_norms",
            "plain", "shard_in_block", "shared_eps", "tied_parameters", "transparent_base", "valid_world_sizes"]
 
 
@@ -122,6 +123,18 @@ class Projection:
 
 def _materialize(out):
     return out.materialize() if isinstance(out, Projection) else out
+
+
+def modules_at(root: nn.Module, paths: Sequence[tuple[str, ...]]) -> list[nn.Module]:
+    """The submodules of ``root`` at ``paths`` (each a tuple of names), by direct ``_modules`` lookups: a block's
+    per-call adapter check reads them on every forward, and ``get_submodule`` costs ~10 us a name."""
+    out = []
+    for path in paths:
+        m = root
+        for part in path:
+            m = m._modules[part]
+        out.append(m)
+    return out
 
 
 def perturb_norms(module: nn.Module, scale: float = 0.1) -> None:

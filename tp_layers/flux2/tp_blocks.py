@@ -60,6 +60,7 @@ from ..tp_attention import (
     describe_ties,
     diffusers_flavour,
     hooked,
+    modules_at,
     plain,
     shard_in_block,
     shared_eps,
@@ -252,15 +253,7 @@ class _FusedBlockMixin:
             check_inputs_agree(self, self.attn.group, inputs)
 
     def _pre_forward(self):
-        # Direct _modules lookups (get_submodule costs ~10 us a name): the check runs on every block call.
-        linears = []
-        for path in self._linear_paths:
-            m = self
-            for part in path:
-                m = m._modules[part]
-            linears.append(m)
-        if any(type(m) not in (ColumnParallelLinear, RowParallelLinear) for m in linears):
-            check_adapters(linears)
+        check_adapters(modules_at(self, self._linear_paths))
 
 
 class TPSingleStreamBlock(_FusedBlockMixin, SingleStreamBlock):

@@ -46,6 +46,7 @@ from ..tp_attention import (
     describe_ties,
     diffusers_flavour,
     hooked,
+    modules_at,
     plain,
     shard_in_block,
     tied_parameters,
@@ -67,20 +68,10 @@ class _TPFlux3Block:
     group = None
     _linear_paths = tuple(tuple(n.split(".")) for n in _LINEARS)
 
-    def _linears(self):
-        out = []
-        for path in self._linear_paths:
-            m = self
-            for part in path:
-                m = m._modules[part]
-            out.append(m)
-        return out
-
     def _pre_forward(self, inputs) -> bool:
         """Adapter and cross-rank input checks; whether the fused path applies."""
-        linears = self._linears()
-        if any(type(m) not in (ColumnParallelLinear, RowParallelLinear) for m in linears):
-            check_adapters(linears)
+        linears = modules_at(self, self._linear_paths)
+        check_adapters(linears)
         if not torch.compiler.is_compiling() and inputs_check_due(self, inputs):
             check_inputs_agree(self, self.group, inputs)
         attn, ff = self.attn, self.ff

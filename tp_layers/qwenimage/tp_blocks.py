@@ -52,6 +52,7 @@ from ..tp_attention import (
     describe_ties,
     diffusers_flavour,
     hooked,
+    modules_at,
     plain,
     shard_in_block,
     tied_parameters,
@@ -175,15 +176,6 @@ class TPQwenImageBlock:
                      + ("img_mod.1", "txt_mod.1"))
     _linear_paths = tuple(tuple(n.split(".")) for n in _linear_names)
 
-    def _linears(self):
-        out = []
-        for path in self._linear_paths:
-            m = self
-            for part in path:
-                m = m._modules[part]
-            out.append(m)
-        return out
-
     def _fusable(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
                  modulate_index, joint_attention_kwargs) -> bool:
         attn = self.attn
@@ -213,9 +205,7 @@ class TPQwenImageBlock:
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
                 image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
-        linears = self._linears()
-        if any(type(m) not in (ColumnParallelLinear, RowParallelLinear) for m in linears):
-            check_adapters(linears)
+        check_adapters(modules_at(self, self._linear_paths))
         inputs = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
                   "encoder_hidden_states_mask": encoder_hidden_states_mask, "temb": temb,
                   "joint_attention_kwargs": joint_attention_kwargs, "modulate_index": modulate_index}
