@@ -21,13 +21,19 @@ from __future__ import annotations
 
 if __name__ == "tpfuse.kernels":
     from ._dispatch import record_backends, select_backend
+    from .fused_linear_act import fused_linear_act, fused_linear_act_reference
     from .fused_qkv_mlp_proj import fused_qkv_mlp_proj, fused_qkv_mlp_proj_reference
+    from .joint_qkv_proj import joint_qkv_proj, joint_qkv_proj_reference
     from .layernorm_modulate import layernorm_modulate, layernorm_modulate_reference
     from .qk_norm_rope import qk_norm_rope, qk_norm_rope_joint, qk_norm_rope_joint_reference, qk_norm_rope_reference
 
     __all__ = [
+        "fused_linear_act",
+        "fused_linear_act_reference",
         "fused_qkv_mlp_proj",
         "fused_qkv_mlp_proj_reference",
+        "joint_qkv_proj",
+        "joint_qkv_proj_reference",
         "layernorm_modulate",
         "layernorm_modulate_reference",
         "qk_norm_rope",

@@ -67,7 +67,7 @@ __all__ = ["SUPPORTED_HEAD_DIMS", "fused_qkv_mlp_proj", "fused_qkv_mlp_proj_back
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 
 
-def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype) -> dict:
+def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype, heads: int = 1) -> dict:
     """Tile configuration for sequence length ``s`` (the compile report compiles exactly these).
 
     128 tokens x one head per program, K in steps of 64: two warpgroups each own 64 rows of the accumulator (64 fp32
@@ -75,33 +75,48 @@ def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype) -> dict:
     memory (1 CTA per SM: 136 registers x 256 threads; the epilogue's ~810 instructions per warp against 82 per K
     step x 48 steps at K=3072). Dh=256 runs BLOCK_M=64 on one warpgroup (one n256 wgmma, 128 accumulator
     registers per thread). fp32 inputs (tests, interpreter) halve the stages to stay under the 227 KB limit.
+
+    ``heads=0`` (a feed-forward's ``linear_in``: MLP tiles only, 102-128 registers): 3 stages (96 KB), so two CTAs
+    fit an SM (2 x 256 threads x 128 registers = the 64K register file) and one CTA's epilogue (527 SwiGLU / 927
+    GELU instructions per warp) runs while the other's K loop keeps the tensor cores busy.
     """
     block_m = 128 if s > 64 and head_dim <= 128 else 64
-    stages = 4 if dtype in (torch.bfloat16, torch.float16) else 2
+    stages = (4 if heads else 3) if dtype in (torch.bfloat16, torch.float16) else 2
     return {"BLOCK_M": block_m, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8 if block_m == 128 else 4,
             "num_stages": stages, "EVEN_K": k % 64 == 0}
 
 
+# The activation epilogues of an MLP tile (the ACT constexpr).
+ACT_SWIGLU = 0  # the tile holds Dh/2 gate and the matching Dh/2 up columns; writes silu(gate) * up
+ACT_GELU_TANH = 1  # the tile holds Dh consecutive columns; writes gelu(x, approximate="tanh") (Qwen-Image's MLP)
+ACTIVATIONS = {"swiglu": ACT_SWIGLU, "gelu_tanh": ACT_GELU_TANH}
+# GELU(tanh) as x / (1 + 2^(x (A + B x^2))): A = -2 sqrt(2/pi) log2(e), B = 0.044715 A.
+GELU_A = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634)
+GELU_B = tl.constexpr(0.044715 * -2.0 * 0.7978845608028654 * 1.4426950408889634)
+
+
 @triton.jit
 def _fused_qkv_mlp_kernel(
-    x_ptr, w_ptr, qw_ptr, kw_ptr, ang_ptr, qkv_ptr, mlp_ptr,
+    x_ptr, wq_ptr, wk_ptr, wv_ptr, wm_ptr, bq_ptr, bk_ptr, bv_ptr, bm_ptr, qw_ptr, kw_ptr, ang_ptr, qkv_ptr, mlp_ptr,
     BATCH, K, S, HEADS, MLP,
     stride_xm, stride_wn, stride_ang,
     stride_qkv_w, stride_qkv_b, stride_qkv_h, stride_qkv_s,
     stride_mlp_m,
     eps,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    EVEN_MLP: tl.constexpr, HAS_HEADS: tl.constexpr, HAS_MLP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
+    # Output columns an MLP tile owns: SwiGLU reads HALF gate + HALF up weight rows for HALF outputs.
+    MLP_COLS: tl.constexpr = HALF if ACT == 0 else HEAD_DIM
     # Grouped tile order: GROUP_M row tiles sweep the columns together, so the weight stays in L2. Row tiles
     # never straddle two batch entries (each entry's S rows are cdiv(S, BLOCK_M) tiles), so a program's batch
     # index is one scalar and its token positions are s0 + arange: no per-row integer division in the epilogue.
     pid = tl.program_id(0)
     tiles_per_seq = tl.cdiv(S, BLOCK_M)
     n_tiles_m = BATCH * tiles_per_seq
-    n_tiles_n = 3 * HEADS + tl.cdiv(MLP, HALF)
+    n_tiles_n = 3 * HEADS + tl.cdiv(MLP, MLP_COLS)
     width = GROUP_M * n_tiles_n
     first_m = (pid // width) * GROUP_M
     group_m = min(n_tiles_m - first_m, GROUP_M)
@@ -114,21 +129,38 @@ def _fused_qkv_mlp_kernel(
     offs_m = b_idx * S + s_idx  # rows of x and of the MLP output
 
     c = tl.arange(0, HEAD_DIM)  # tile column
-    head_base = pid_n * HEAD_DIM
-    mlp_base = 3 * HEADS * HEAD_DIM
-    mlp0 = (pid_n - 3 * HEADS) * HALF  # first gate/up column of an MLP tile
     is_mlp = pid_n >= 3 * HEADS
+    which = tl.where(is_mlp, 3, pid_n // tl.maximum(HEADS, 1))  # 0: Q, 1: K, 2: V, 3: an MLP tile
+    head = pid_n - which * HEADS
+    mlp0 = (pid_n - 3 * HEADS) * MLP_COLS  # first output column of an MLP tile
+    # Multi-pointer main loop: each tile reads ONE weight (Q, K, V or the MLP's), so the separate parameters of a
+    # two-stream block are read in place; the pointer is a scalar select per program, outside the K loop (the
+    # packed single-stream weight passes four views of one tensor). Row offsets of the tile inside its weight:
+    if which == 0:
+        w_base = wq_ptr
+    elif which == 1:
+        w_base = wk_ptr
+    elif which == 2:
+        w_base = wv_ptr
+    else:
+        w_base = wm_ptr
+    tile_row0 = tl.where(is_mlp, mlp0, head * HEAD_DIM)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     if USE_TMA:
         # TMA: A as [BLOCK_M, BLOCK_K] boxes of x; B as [2, HALF, BLOCK_K] boxes of a 3-D view of the weight whose
-        # two planes are the tile's column halves: consecutive rows of a Q/K/V head (plane stride HALF rows), or
-        # the gate rows and the matching up rows of an MLP tile (plane stride MLP rows; TMA zero-fills past MLP).
-        # The descriptors are built on the device per program, so one K loop serves every tile kind.
+        # two planes are the tile's column halves: consecutive rows of a Q/K/V head or of a GELU tile (plane
+        # stride HALF rows), or the gate rows and the matching up rows of a SwiGLU tile (plane stride MLP rows; TMA
+        # zero-fills past MLP). The descriptors are built on the device per program, so one K loop serves every
+        # tile kind.
         a_desc = tl.make_tensor_descriptor(x_ptr, shape=[BATCH * S, K], strides=[stride_xm, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
-        plane = tl.where(is_mlp, MLP, HALF)
-        b_desc = tl.make_tensor_descriptor(w_ptr + tl.where(is_mlp, mlp_base + mlp0, head_base) * stride_wn,
-                                           shape=[2, tl.where(is_mlp, MLP - mlp0, HALF), K],
+        if ACT == 0:
+            swiglu_tile = is_mlp
+        else:
+            swiglu_tile = False
+        plane = tl.where(swiglu_tile, MLP, HALF)
+        b_desc = tl.make_tensor_descriptor(w_base + tile_row0 * stride_wn,
+                                           shape=[2, tl.where(swiglu_tile, MLP - mlp0, HALF), K],
                                            strides=[plane * stride_wn, stride_wn, 1], block_shape=[2, HALF, BLOCK_K])
         row0 = b_idx * S + s_idx0  # rows past this sequence's end are computed but never stored
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
@@ -136,18 +168,20 @@ def _fused_qkv_mlp_kernel(
             b = tl.reshape(b_desc.load([0, 0, kk * BLOCK_K]), (HEAD_DIM, BLOCK_K))  # [Dh, BK]: W rows
             acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
     else:
-        # cp.async with the same tile: the weight row feeding tile column c (the head's rows in order, or
-        # [gate rows | up rows] for an MLP tile), gathered by row index.
+        # cp.async with the same tile: the weight row feeding tile column c (the head's rows in order, a GELU
+        # tile's rows in order, or [gate rows | up rows] for a SwiGLU tile), gathered by row index.
         j = c % HALF
-        rows = tl.where(is_mlp, mlp_base + (c // HALF) * MLP + mlp0 + j, head_base + c)
-        # Valid columns: all of a head; the MLP tail tile stops at MLP (a scalar limit: the interpreter rejects a
-        # `scalar | vector` of booleans as a mask).
-        n_mask = j < tl.where(is_mlp, MLP - mlp0, HALF)
+        if ACT == 0:
+            rows = tile_row0 + tl.where(is_mlp, (c // HALF) * MLP + j, c)
+            n_mask = j < tl.where(is_mlp, MLP - mlp0, HALF)
+        else:
+            rows = tile_row0 + c
+            n_mask = c < tl.where(is_mlp, MLP - mlp0, HEAD_DIM)
         # int32 offsets (the launcher checks every tensor has < 2^31 elements): int64 pointer tensors for the A
         # and B tiles cost registers in the K loop.
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-        b_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None]  # [BK, HEAD_DIM], W^T view
+        b_ptrs = w_base + rows[None, :] * stride_wn + offs_k[:, None]  # [BK, HEAD_DIM], W^T view
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
@@ -160,10 +194,19 @@ def _fused_qkv_mlp_kernel(
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
 
-    out_ty = qkv_ptr.dtype.element_ty
-    if pid_n < 3 * HEADS:
-        which = pid_n // HEADS  # 0: Q, 1: K, 2: V
-        head = pid_n % HEADS
+    out_ty = mlp_ptr.dtype.element_ty
+    # HAS_HEADS / HAS_MLP: a launch with only one tile kind (a feed-forward's linear_in, a stream's Q/K/V) compiles
+    # only that epilogue (the GELU launch was 1,247 instructions on its longest path with the unused head epilogue
+    # compiled in, through a branch no program takes).
+    if HAS_HEADS and (not HAS_MLP or pid_n < 3 * HEADS):
+        if HAS_BIAS:  # Qwen-Image's projections: the bias comes before the Q/K RMSNorm
+            if which == 0:
+                b_base = bq_ptr
+            elif which == 1:
+                b_base = bk_ptr
+            else:
+                b_base = bv_ptr
+            acc += tl.load(b_base + tile_row0 + c).to(tl.float32)[None, :]
         row_off = which * stride_qkv_w + b_idx * stride_qkv_b + head * stride_qkv_h + s_idx * stride_qkv_s
         head_ptrs = qkv_ptr + row_off[:, None] + c[None, :]
         if which < 2:
@@ -182,12 +225,35 @@ def _fused_qkv_mlp_kernel(
             tl.store(head_ptrs, out.to(out_ty), mask=m_mask[:, None])
         else:
             tl.store(head_ptrs, acc.to(out_ty), mask=m_mask[:, None])
-    else:
+    elif HAS_MLP and ACT == 0:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up, fp32
         cols = mlp0 + tl.arange(0, HALF)
+        if HAS_BIAS:
+            gate += _load_cols(bm_ptr + cols, cols < MLP, EVEN_MLP)[None, :]
+            up += _load_cols(bm_ptr + MLP + cols, cols < MLP, EVEN_MLP)[None, :]
+        # silu(gate) * up in fp32; the approximate division (div.full.f32, 2 ulp) instead of IEEE div.rn, whose
+        # Newton iterations and slow-path branch per element dominated the epilogue.
+        act = tl.fdiv(gate, 1.0 + tl.exp(-gate)) * up
         ptrs = mlp_ptr + offs_m[:, None] * stride_mlp_m + cols[None, :]
-        tl.store(ptrs, act.to(mlp_ptr.dtype.element_ty), mask=m_mask[:, None] & (cols < MLP)[None, :])
+        tl.store(ptrs, act.to(out_ty), mask=m_mask[:, None] & ((cols < MLP) | EVEN_MLP)[None, :])
+    elif HAS_MLP:
+        cols = mlp0 + c
+        if HAS_BIAS:
+            acc += _load_cols(bm_ptr + cols, cols < MLP, EVEN_MLP)[None, :]
+        # gelu(x, tanh) = x * (1 + tanh(u)) / 2 = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): one exp2 of
+        # -2u log2(e) = x (GELU_A + GELU_B x^2), 3 instructions (FMUL, FFMA, FMUL) with the constants folded
+        # (5 unfolded: 1,246 -> 1,118 instructions on the epilogue's path).
+        act = tl.fdiv(acc, 1.0 + tl.exp2(acc * (GELU_A + GELU_B * (acc * acc))))
+        ptrs = mlp_ptr + offs_m[:, None] * stride_mlp_m + cols[None, :]
+        tl.store(ptrs, act.to(out_ty), mask=m_mask[:, None] & ((cols < MLP) | EVEN_MLP)[None, :])
+
+
+@triton.jit
+def _load_cols(ptrs, mask, EVEN: tl.constexpr):
+    """A bias vector in fp32: unmasked (vector loads) when the MLP width is a multiple of the tile."""
+    if EVEN:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,33 +281,66 @@ def fused_qkv_mlp_proj_reference(x, weight, q_weight, k_weight, cos, sin, heads:
 # Launcher
 # --------------------------------------------------------------------------------------------------------------
 
-def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
+def fused_proj_triton(x, weights, biases, q_weight, k_weight, angles, qkv, mlp, heads: int, head_dim: int,
+                      mlp_hidden: int, eps: float, activation: str = "swiglu") -> None:
+    """Launch the kernel for one input ``x`` ``[B, S, K]``: ``weights``/``biases`` are ``(Q, K, V, MLP)`` row blocks
+    (``None`` where absent; biases all present or all ``None``), written into ``qkv`` (``[3, B, heads, S, Dh]``, any
+    strides with a unit last one: a stream's rows of a joint buffer) and ``mlp`` (``[B, S, mlp_hidden]``).
+    ``angles``: this input's rows of the ``[2, S, Dh/2]`` angle table, or ``None``."""
     B, S, K = x.shape
     M = B * S
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    qkv = torch.empty((3, B, heads, S, head_dim), device=x.device, dtype=x.dtype)  # Q, K, V head-major
-    mlp = torch.empty((B, S, mlp_hidden), device=x.device, dtype=x.dtype)
+    present = [w for w in weights if w is not None]
+    weights = [w if w is None or w.stride(-1) == 1 else w.contiguous() for w in weights]
+    stride_wn = present[0].stride(0)
+    if any(w.stride(0) != stride_wn for w in weights if w is not None):
+        weights = [None if w is None else w.contiguous() for w in weights]
+        stride_wn = K
+    wq, wk, wv, wm = (w if w is not None else present[0] for w in weights)
+    has_bias = biases[0] is not None or biases[3] is not None
+    bq, bk, bv, bm = (b.contiguous() if b is not None else present[0] for b in biases)
     # [Dh] scales read in place, in one dtype (the epilogue picks Q's or K's with one pointer select)
     dtype = torch.promote_types(q_weight.dtype, k_weight.dtype)
     q_weight, k_weight = q_weight.to(dtype).contiguous(), k_weight.to(dtype).contiguous()
-    cfg = proj_config(S, K, head_dim, x.dtype)
-    grid = (B * triton.cdiv(S, cfg["BLOCK_M"]) * (3 * heads + triton.cdiv(mlp_hidden, head_dim // 2)),)
-    has_rope = cos is not None
-    angles = angle_table("fused_qkv_mlp_proj", cos, sin) if has_rope else q_weight  # [2, S, Dh/2] fp32
-    use_tma = tma_ready(x2, weight)
+    act = ACTIVATIONS[activation]
+    cfg = proj_config(S, K, head_dim, x.dtype, heads)
+    mlp_cols = head_dim // 2 if act == ACT_SWIGLU else head_dim
+    grid = (B * triton.cdiv(S, cfg["BLOCK_M"]) * (3 * heads + triton.cdiv(mlp_hidden, mlp_cols)),)
+    if grid[0] == 0:
+        return
+    has_rope = angles is not None
+    # TMA boxes of a GELU tile span Dh consecutive rows: a ragged tail tile would read past the weight.
+    use_tma = tma_ready(x2, *[w for w in weights if w is not None]) and (
+        act == ACT_SWIGLU or mlp_hidden % head_dim == 0)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, no TF32
+    qkv_t = qkv if qkv is not None else mlp
+    mlp_t = mlp if mlp is not None else qkv
+    qkv_strides = qkv.stride()[:4] if qkv is not None else (0, 0, 0, 0)
     _fused_qkv_mlp_kernel[grid](
-        x2, weight, q_weight, k_weight, angles, qkv, mlp,
+        x2, wq, wk, wv, wm, bq, bk, bv, bm, q_weight, k_weight, angles if has_rope else q_weight, qkv_t, mlp_t,
         B, K, S, heads, mlp_hidden,
-        x2.stride(0), weight.stride(0), angles.stride(0) if has_rope else 0,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), mlp_hidden,
+        x2.stride(0), stride_wn, angles.stride(0) if has_rope else 0,
+        *qkv_strides, mlp.stride(1) if mlp is not None else 0,
         eps,
-        HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], EVEN_K=cfg["EVEN_K"], USE_TMA=use_tma, INPUT_PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEAD_DIM=head_dim, HAS_ROPE=has_rope, HAS_BIAS=has_bias, ACT=act, EVEN_MLP=mlp_hidden % mlp_cols == 0,
+        HAS_HEADS=heads > 0, HAS_MLP=mlp_hidden > 0, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], EVEN_K=cfg["EVEN_K"], USE_TMA=use_tma,
+        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _fused_triton(x, weight, q_weight, k_weight, cos, sin, heads, head_dim, mlp_hidden, eps):
+    B, S, K = x.shape
+    qkv = torch.empty((3, B, heads, S, head_dim), device=x.device, dtype=x.dtype)  # Q, K, V head-major
+    mlp = torch.empty((B, S, mlp_hidden), device=x.device, dtype=x.dtype)
+    inner = heads * head_dim
+    # The packed weight as four row blocks (views: the kernel reads the one tensor)
+    blocks = weight.split([inner, inner, inner, 2 * mlp_hidden])
+    angles = angle_table("fused_qkv_mlp_proj", cos, sin) if cos is not None else None  # [2, S, Dh/2] fp32
+    fused_proj_triton(x, blocks, (None,) * 4, q_weight, k_weight, angles, qkv, mlp, heads, head_dim, mlp_hidden,
+                      eps)
     return qkv, mlp  # [3, B, H, S, Dh], [B, S, M]
 
 
