@@ -31,10 +31,24 @@ epilogue, longest path      ~2,270                 ~730                   814
 ==========================  =====================  =====================  =====================
 
 (The TMA epilogue reads the RMSNorm scales in place, 16 32-bit loads, instead of an fp32 copy that cost one
-more launch per call.) Tried and not kept: a persistent grid (a program per SM walking the tiles): without
-flattening, the same code plus 46 registers; flattened (the next tile's TMA loads in flight during the epilogue),
-204 registers, 160 KB of shared memory and twice the code, still 1 CTA per SM. 3 stages under a 128-register cap
-(2 CTAs per SM) spill (40-byte stack). A GPU should settle these (``bench/bench_kernels.py``).
+more launch per call.)
+
+Hiding the epilogue (sm_90, klein-4B TP 2: K=3072, 1,536 tokens, grid 1,296 = 9.8 tiles per SM; triton 3.9 / 3.6).
+At 1 CTA per SM the tensor cores idle through each tile's epilogue (814 / 779 instructions per warp at 2 warps
+per scheduler: >= 1.6k issue cycles, ~2.5-3.5k with the angle loads and the row reduction) and the next tile's
+pipeline fill (~1k cycles) against 48 x 512 = 24.6k cycles of HGMMA: ~9-15% of the kernel exposed. Kept: the
+Q/K epilogue scales and rotates one column half at a time (one half's cos/sin live): 136 -> 104 registers (103),
+no spills, so 3 stages (96 KB) fit 2 CTAs per SM and one CTA's epilogue (757 / 713) runs under the other's K loop
+(exposed only when both are outside it, and on each SM's last tile: ~2-3%), at BLOCK_M=128's 0.0156 L2 bytes per
+FLOP. Not kept: BLOCK_M=64 on 4 warps (142 / 129 registers, 96 KB, 2 CTAs/SM) also hides it but moves 1.5x the
+bytes per FLOP (0.0234: the B tile re-read per 64 rows); 3 stages under maxnreg=128 spill (40 / 32-byte stack);
+one warpgroup over 128 rows takes 255 registers and spills; a persistent grid: unflattened 182 / 156 registers and
+1 CTA/SM, nothing overlaps; flattened 202 registers, 160 KB, 1 CTA/SM, the next tile's loads overlap but not its
+HGMMA, and triton 3.6 fails in TritonGPUFuseNestedLoops. ``tl.range(warp_specialize=True)`` is ignored on sm_90 by
+both: Hopper's partitioner splits a plain TMA matmul loop at num_warps=4 (12 warps, 164 KB) but not at 8 warps, not
+a flattened persistent loop, and not once the accumulator feeds a branch after the loop (Q/K vs V vs MLP). A GPU
+should confirm that 3 stages keep one CTA's HGMMA fed while its partner is in its epilogue
+(``bench/bench_kernels.py``; the fallback is 4 stages, 1 CTA per SM, same code).
 
 RoPE reads one angle per pair from the compact ``[2, S, Dh/2]`` fp32 table of :func:`tpfuse.kernels._rope.
 angle_table` (built on the device, no host sync; ``cos``/``sin`` must repeat each pair's angle, as diffusers'
@@ -71,17 +85,16 @@ def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype, heads: int = 
     """Tile configuration for sequence length ``s`` (the compile report compiles exactly these).
 
     128 tokens x one head per program, K in steps of 64: two warpgroups each own 64 rows of the accumulator (64 fp32
-    registers per thread at Dh=128); a stage of A + B tiles is 32 KB in bf16, so 4 stages fit in 128 KB of shared
-    memory (1 CTA per SM: 136 registers x 256 threads; the epilogue's ~810 instructions per warp against 82 per K
-    step x 48 steps at K=3072). Dh=256 runs BLOCK_M=64 on one warpgroup (one n256 wgmma, 128 accumulator
-    registers per thread). fp32 inputs (tests, interpreter) halve the stages to stay under the 227 KB limit.
-
-    ``heads=0`` (a feed-forward's ``linear_in``: MLP tiles only, 102-128 registers): 3 stages (96 KB), so two CTAs
-    fit an SM (2 x 256 threads x 128 registers = the 64K register file) and one CTA's epilogue (527 SwiGLU / 927
-    GELU instructions per warp) runs while the other's K loop keeps the tensor cores busy.
+    registers per thread at Dh=128); a stage of A + B tiles is 32 KB in bf16, so 3 stages take 96 KB of shared
+    memory and, at 104 registers x 256 threads, 2 CTAs share an SM: one CTA's ~760-instruction epilogue runs
+    under the other's K loop (see the module doc). The same holds for a feed-forward's ``linear_in`` (``heads=0``:
+    90 registers; epilogue 524 SwiGLU / 924 GELU instructions per warp). Dh=256 runs BLOCK_M=64 on one warpgroup
+    (one n256 wgmma, 128 accumulator registers per thread; 40 KB stages, 1 CTA per SM either way: 4 stages). fp32
+    inputs (tests, interpreter) take 2 stages to stay under the 227 KB limit.
     """
+    del heads  # every tile kind takes the same configuration (kept for callers that tune by kind)
     block_m = 128 if s > 64 and head_dim <= 128 else 64
-    stages = (4 if heads else 3) if dtype in (torch.bfloat16, torch.float16) else 2
+    stages = (3 if head_dim <= 128 else 4) if dtype in (torch.bfloat16, torch.float16) else 2
     return {"BLOCK_M": block_m, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8 if block_m == 128 else 4,
             "num_stages": stages, "EVEN_K": k % 64 == 0}
 
@@ -93,6 +106,24 @@ ACTIVATIONS = {"swiglu": ACT_SWIGLU, "gelu_tanh": ACT_GELU_TANH}
 # GELU(tanh) as x / (1 + 2^(x (A + B x^2))): A = -2 sqrt(2/pi) log2(e), B = 0.044715 A.
 GELU_A = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634)
 GELU_B = tl.constexpr(0.044715 * -2.0 * 0.7978845608028654 * 1.4426950408889634)
+
+
+@triton.jit
+def _scale_rope_store(x, nw_ptr, ang_ptr, stride_ang, row_ptrs, s_idx, m_mask, C0: tl.constexpr, HALF: tl.constexpr,
+                      HAS_ROPE: tl.constexpr):
+    """Columns ``C0 + arange(HALF)`` of an RMS-normalized Q/K head tile ``x`` ``[BM, HALF]``: times the norm scale,
+    RoPE on its ``HALF/2`` pairs ``(x[2i], x[2i+1])``, stored at ``row_ptrs[:, None] + columns``."""
+    cols = C0 + tl.arange(0, HALF)
+    x = x * tl.load(nw_ptr + cols).to(tl.float32)[None, :]
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], HALF // 2, 2)))
+    if HAS_ROPE:
+        # The compact angle table: [2, S, HALF] fp32 (cos plane, sin plane), one angle per pair.
+        a_off = s_idx[:, None] * HALF + (C0 // 2 + tl.arange(0, HALF // 2))[None, :]
+        cs = tl.load(ang_ptr + a_off, mask=m_mask[:, None], other=0.0)
+        sn = tl.load(ang_ptr + stride_ang + a_off, mask=m_mask[:, None], other=0.0)
+        even, odd = even * cs - odd * sn, odd * cs + even * sn
+    out = tl.reshape(tl.join(even, odd), (x.shape[0], HALF))
+    tl.store(row_ptrs[:, None] + cols[None, :], out.to(row_ptrs.dtype.element_ty), mask=m_mask[:, None])
 
 
 @triton.jit
@@ -208,23 +239,18 @@ def _fused_qkv_mlp_kernel(
                 b_base = bv_ptr
             acc += tl.load(b_base + tile_row0 + c).to(tl.float32)[None, :]
         row_off = which * stride_qkv_w + b_idx * stride_qkv_b + head * stride_qkv_h + s_idx * stride_qkv_s
-        head_ptrs = qkv_ptr + row_off[:, None] + c[None, :]
         if which < 2:
-            # Per-head RMSNorm (a row reduction over the whole tile), then RoPE on (column j, column j + HALF).
+            # Per-head RMSNorm (a row reduction over the whole tile), then the scale and RoPE one column half at a
+            # time: each thread holds columns of both halves, so the split moves no data, and only one half's
+            # angles are live (136 -> 104 registers: 2 CTAs per SM, see the module doc).
             rstd = 1.0 / tl.sqrt(tl.sum(acc * acc, axis=1) / HEAD_DIM + eps)
-            nw = tl.load(tl.where(which == 0, qw_ptr, kw_ptr) + c).to(tl.float32)
-            n = acc * rstd[:, None] * nw[None, :]
-            even, odd = tl.split(tl.reshape(n, (BLOCK_M, HALF, 2)))
-            if HAS_ROPE:
-                # The compact angle table: [2, S, HALF] fp32 (cos plane, sin plane), one angle per pair.
-                a_off = s_idx[:, None] * HALF + tl.arange(0, HALF)[None, :]
-                cs = tl.load(ang_ptr + a_off, mask=m_mask[:, None], other=0.0)
-                sn = tl.load(ang_ptr + stride_ang + a_off, mask=m_mask[:, None], other=0.0)
-                even, odd = even * cs - odd * sn, odd * cs + even * sn
-            out = tl.reshape(tl.join(even, odd), (BLOCK_M, HEAD_DIM))
-            tl.store(head_ptrs, out.to(out_ty), mask=m_mask[:, None])
+            lo, hi = tl.split(tl.permute(tl.reshape(acc * rstd[:, None], (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            nw_ptr = tl.where(which == 0, qw_ptr, kw_ptr)
+            row_ptrs = qkv_ptr + row_off
+            _scale_rope_store(lo, nw_ptr, ang_ptr, stride_ang, row_ptrs, s_idx, m_mask, 0, HALF, HAS_ROPE)
+            _scale_rope_store(hi, nw_ptr, ang_ptr, stride_ang, row_ptrs, s_idx, m_mask, HALF, HALF, HAS_ROPE)
         else:
-            tl.store(head_ptrs, acc.to(out_ty), mask=m_mask[:, None])
+            tl.store(qkv_ptr + row_off[:, None] + c[None, :], acc.to(out_ty), mask=m_mask[:, None])
     elif HAS_MLP and ACT == 0:
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         cols = mlp0 + tl.arange(0, HALF)

@@ -495,6 +495,10 @@ class _BlockHooks:
         the projection's all-reduce)."""
         return residual + gate * _materialize(out)
 
+    def _gated_residuals(self, items) -> list[torch.Tensor]:
+        """:meth:`_gated_residual` of each ``(residual, gate, out)`` (TP blocks: the streams in one all-reduce)."""
+        return [self._gated_residual(r, g, o) for r, g, o in items]
+
     @staticmethod
     def _attention(attn: nn.Module, inputs: dict[str, Any], kwargs: dict[str, Any]):
         """The attention module's outputs: :class:`Projection` objects from a tpfuse processor's ``parts`` (the
@@ -618,14 +622,15 @@ class DoubleStreamBlock(_BlockHooks, nn.Module):
         attn_img, attn_txt = self._attention(
             self.attn, {"hidden_states": x, "encoder_hidden_states": c, "image_rotary_emb": image_rotary_emb}, kwargs)
 
-        hidden_states = self._gated_residual(hidden_states, gate_msa, attn_img)
+        # The two streams side by side (independent until the next block): a tensor-parallel block reduces each
+        # pair of row-parallel outputs (attention, then feed-forward) with one all-reduce.
+        hidden_states, encoder_hidden_states = self._gated_residuals(
+            [(hidden_states, gate_msa, attn_img), (encoder_hidden_states, c_gate_msa, attn_txt)])
         x = self._norm_modulate(self.norm2, hidden_states, shift_mlp, scale_mlp)
-        hidden_states = self._gated_residual(hidden_states, gate_mlp, self._feed_forward(self.ff, x))
-
-        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_msa, attn_txt)
         c = self._norm_modulate(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp)
-        encoder_hidden_states = self._gated_residual(encoder_hidden_states, c_gate_mlp,
-                                                     self._feed_forward(self.ff_context, c))
+        hidden_states, encoder_hidden_states = self._gated_residuals(
+            [(hidden_states, gate_mlp, self._feed_forward(self.ff, x)),
+             (encoder_hidden_states, c_gate_mlp, self._feed_forward(self.ff_context, c))])
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states

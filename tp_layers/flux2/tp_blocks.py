@@ -35,7 +35,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate, qk_norm_rope_joint
+from tpfuse.kernels import (
+    fused_linear_act,
+    fused_qkv_mlp_proj,
+    joint_qkv_proj,
+    layernorm_modulate,
+    qk_norm_rope_joint,
+)
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
@@ -48,6 +54,7 @@ from ..linear import (
     check_input,
     column_parallel_linear,
 )
+from ..joint_row import joint_row_parallel
 from ..lora import check_adapters
 from ..tp_attention import (
     AttentionMaskError,
@@ -75,7 +82,7 @@ from .blocks import (
     SingleStreamBlock,
 )
 
-__all__ = ["AttentionMaskError", "HeadRMSNorm", "TPDoubleStreamBlock", "TPSingleStreamBlock"]
+__all__ = ["AttentionMaskError", "HeadRMSNorm", "TPDoubleStreamBlock", "TPFeedForward", "TPSingleStreamBlock"]
 
 # Dense block classes accepted by from_dense, by (module prefix, class name): ours and diffusers'. Matched by
 # name so that diffusers stays an optional dependency.
@@ -194,6 +201,22 @@ class TPJointAttention(TPHeadsMixin, JointAttention):
                                   parallel_config)
         txt_len = encoder_hidden_states.shape[1]
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        img_lin, txt_lin = (self.to_q, self.to_k, self.to_v), (self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        if self._joint_projection_fits(hidden_states, img_lin + txt_lin):
+            # Each stream's Q/K/V GEMM with the QK RMSNorm + RoPE epilogue, written head-major into the joint
+            # [B, H_local, St+Si, Dh] Q, K and V: no projection is written and read back, no torch.cat.
+            img_lin, txt_lin = [transparent_base(m) for m in img_lin], [transparent_base(m) for m in txt_lin]
+            check_input(hidden_states, img_lin[0].weight, img_lin[0].input_size, type(self).__name__)
+            check_input(encoder_hidden_states, txt_lin[0].weight, txt_lin[0].input_size, type(self).__name__)
+            q, k, v = joint_qkv_proj(  # [B, H_local, St+Si, Dh] each; backward: dx all-reduced per stream
+                [copy_to_tp_region(encoder_hidden_states, self.group), copy_to_tp_region(hidden_states, self.group)],
+                [[m.weight for m in txt_lin], [m.weight for m in img_lin]],
+                [self.norm_added_q.tp_weight(), self.norm_q.tp_weight()],
+                [self.norm_added_k.tp_weight(), self.norm_k.tp_weight()], cos, sin, self.local_heads,
+                self.head_dim, [eps_txt, eps_img])
+            mask = self._local_mask(attention_mask, q.shape[0], q.shape[2], k.shape[2])
+            out = attention_heads_major(q, k, v, mask, backend, parallel_config)  # [B, St+Si, H_local*Dh]
+            return out[:, txt_len:], out[:, :txt_len]
         q, k, v = (self._heads(t) for t in self._qkv(hidden_states, (self.to_q, self.to_k, self.to_v)))
         cq, ck, cv = (self._heads(t) for t in
                       self._qkv(encoder_hidden_states, (self.add_q_proj, self.add_k_proj, self.add_v_proj)))
@@ -205,6 +228,14 @@ class TPJointAttention(TPHeadsMixin, JointAttention):
         out = self._attend(q, k, v, attention_mask, backend, parallel_config)  # [B, St+Si, H_local*Dh]
         return out[:, txt_len:], out[:, :txt_len]
 
+    def _joint_projection_fits(self, x, linears) -> bool:
+        """The fused joint projection applies: plain bias-free linears (no LoRA, no hooks) and, on Triton, a head
+        width the kernel supports."""
+        if not plain(*linears) or any(transparent_base(m).bias is not None for m in linears):
+            return False
+        return (self.head_dim in SUPPORTED_HEAD_DIMS
+                or resolve_backend("joint_qkv_proj", x.device) != "triton")
+
     def _qkv(self, x, linears):
         if not plain(*linears):
             return [lin(x) for lin in linears]  # LoRA or hooks: each module called
@@ -215,13 +246,32 @@ class TPJointAttention(TPHeadsMixin, JointAttention):
         return column_parallel_linear(x, linears, self.group)  # [B, S, inner/N] each
 
 
+class TPFeedForward(FeedForward):
+    """The sharded ``Flux2FeedForward``: ``linear_in`` column-parallel (packed ``[gate | up]``), ``linear_out``
+    row-parallel. Where ``linear_in`` is plain, the SwiGLU is the GEMM's epilogue (``fused_linear_act``): the
+    ``[tokens, 2M/N]`` projection is never written."""
+
+    @classmethod
+    def from_dense(cls, dense, group) -> TPFeedForward:
+        ff = cls.__new__(cls)
+        nn.Module.__init__(ff)
+        ff.mlp_hidden_dim = dense.linear_in.out_features // 2
+        ff.linear_in = shard_in_block(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
+        ff.linear_out = shard_in_block(RowParallelLinear, dense.linear_out, group)
+        return ff
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear_in
+        if not plain(lin) or transparent_base(lin).bias is not None:
+            return super().hidden(x)  # LoRA or hooks: the module is called
+        lin = transparent_base(lin)
+        check_input(x, lin.weight, lin.input_size, type(self).__name__)
+        # [B, S, M_local] = silu(gate) * up; backward: the input gradient all-reduced (copy_to_tp_region)
+        return fused_linear_act(copy_to_tp_region(x, lin.group), lin.weight, None, "swiglu")
+
+
 def _tp_feed_forward(dense, group) -> FeedForward:
-    ff = FeedForward.__new__(FeedForward)
-    nn.Module.__init__(ff)
-    ff.mlp_hidden_dim = dense.linear_in.out_features // 2
-    ff.linear_in = shard_in_block(ColumnParallelLinear, dense.linear_in, group, [ff.mlp_hidden_dim] * 2)
-    ff.linear_out = shard_in_block(RowParallelLinear, dense.linear_out, group)
-    return ff
+    return TPFeedForward.from_dense(dense, group)
 
 
 def _per_batch(mod: torch.Tensor) -> bool:
@@ -245,6 +295,18 @@ class _FusedBlockMixin:
             # sum is already residual + gate * out.
             return transparent_base(out.proj).forward_fused(out.parts, gate, residual)
         return super()._gated_residual(residual, gate, out)
+
+    def _gated_residuals(self, items):
+        """``[residual + gate * out for (residual, gate, out) in items]``: the streams' row-parallel projections in
+        ONE all-reduce (:func:`~tpfuse.tp_layers.joint_row.joint_row_parallel`) where every ``out`` is a plain
+        row-parallel :class:`Projection` of one group with a gate the kernel takes, else one by one."""
+        outs = [out for _, _, out in items]
+        if (all(isinstance(o, Projection) and plain(o.proj) for o in outs)
+                and all(_per_batch(g) for _, g, _ in items)
+                and len({id(transparent_base(o.proj).group) for o in outs}) == 1):
+            return joint_row_parallel([transparent_base(o.proj) for o in outs], [o.parts for o in outs],
+                                      [g for _, g, _ in items], [r for r, _, _ in items])
+        return super()._gated_residuals(items)
 
     def _check_inputs(self, inputs):
         # The first call (every call in debug mode) all-gathers the input shapes: ranks fed different batch splits
