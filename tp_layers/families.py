@@ -57,6 +57,8 @@ class Family:
     # A model built on the meta device (from_pretrained) -> the state its constructor computes that no checkpoint
     # holds, rebuilt on the CPU (Qwen-Image's RoPE tables are plain attributes, not buffers).
     after_meta_build: Callable[[nn.Module], None] | None = None
+    # Called once the blocks are sharded (e.g. to tell a block how the model uses its outputs).
+    after_parallelize: Callable[[nn.Module], None] | None = None
     # `tpfuse verify --family`: named configs (diffusers kwargs; "tiny" at least, and one block at real width), a
     # seeded dense model of one (preset, seed) -> model, and seeded model inputs (model, batch, text tokens, image
     # tokens, seed) -> forward kwargs; the float tensors among them are the inputs whose gradients are checked.

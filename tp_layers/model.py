@@ -194,6 +194,8 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
             training = blocks[i].training
             blocks[i] = shard(blocks[i], group)  # the dense block is dropped here
             blocks[i].train(training)  # the modules it created follow the block's mode
+    if family.after_parallelize is not None:
+        family.after_parallelize(model)
     if family.after_meta_build is not None:  # a model built on meta (from_pretrained, or by hand) -> load_sharded
         family.after_meta_build(model)
     model.tp_world_size = world_size

@@ -78,6 +78,13 @@ def _shard(block, group):
     return shard_block(block, group)
 
 
+def _after_parallelize(model) -> None:
+    """The model drops the last block's text output: that block reduces its streams separately, so the text
+    branch's weights get no gradient, as in the dense model (a joint reduce would give them zeros)."""
+    if len(model.transformer_blocks):
+        model.transformer_blocks[-1].text_output_used = False
+
+
 def _check_block(block, world_size: int) -> None:
     from .tp_blocks import check_block
 
@@ -100,6 +107,7 @@ FAMILY = Family(
     sizes=_sizes,
     block_counts=(("num_layers", "transformer_blocks.", "two-stream", 60),),
     after_meta_build=_after_meta_build,
+    after_parallelize=_after_parallelize,
     presets=PRESETS,
     random_model=random_model,
     random_inputs=random_inputs,

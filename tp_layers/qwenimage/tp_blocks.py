@@ -26,10 +26,14 @@ Where the block is plain (no hooks, no active adapter, tpfuse's default processo
 entry), the TP forward runs the fused ops instead of diffusers' eager ones:
 
 * ``img_norm1/txt_norm1/...`` + ``x * (1 + scale) + shift``  ->  ``layernorm_modulate``
-* per stream Q/K RMSNorm + Qwen's complex RoPE, then ``cat`` of text and image Q/K/V  ->  ``qk_norm_rope_joint``
-  (Qwen's ``freqs_cis`` multiply is RoPE on interleaved pairs with ``cos = Re``, ``sin = Im``)
-* ``residual + gate * out_proj(attn)`` and ``residual + gate * mlp_out(h)``  ->  the row-parallel reduce with the
-  gate and residual folded in (:meth:`RowParallelLinear.forward_fused`)
+* per stream ``to_q/k/v`` (+ bias), Q/K RMSNorm + Qwen's complex RoPE, then ``cat`` of text and image Q/K/V  ->
+  ``joint_qkv_proj``: each stream's GEMM with the norm + RoPE in its epilogue, written head-major into the joint
+  Q/K/V (Qwen's ``freqs_cis`` multiply is RoPE on interleaved pairs with ``cos = Re``, ``sin = Im``); where the
+  projections carry LoRA or hooks, the modules are called and ``qk_norm_rope_joint`` does the rest
+* ``net[0]`` (``proj`` + GELU(tanh))  ->  ``fused_linear_act`` (the GELU in the GEMM's epilogue, bias included)
+* ``residual + gate * out_proj(attn)`` for both streams  ->  ONE row-parallel reduce (:func:`joint_row_parallel`:
+  gates, residuals and biases folded in); the same for the two MLP outputs: 2 all-reduces per block, not 4 (the
+  last block, whose text output the model drops, reduces its streams one by one: see ``text_output_used``)
 """
 
 from __future__ import annotations
@@ -37,17 +41,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpfuse.kernels import layernorm_modulate, qk_norm_rope_joint
+from tpfuse.kernels import fused_linear_act, joint_qkv_proj, layernorm_modulate, qk_norm_rope_joint
+from tpfuse.kernels._dispatch import resolve_backend
+from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
 from .._flavour import resolve
-from ..comm import get_world_size, resolve_group
+from ..comm import copy_to_tp_region, get_world_size, resolve_group
 from ..consistency import check_inputs_agree, inputs_check_due
 from ..linear import ColumnParallelLinear, RowParallelLinear, check_input, column_parallel_linear
+from ..joint_row import joint_row_parallel
 from ..lora import check_adapters, shard_linear
 from ..tp_attention import (
     TPHeadNorm,
     TPHeadsMixin,
     attention,
+    attention_heads_major,
     check_divisible,
     describe_ties,
     diffusers_flavour,
@@ -139,6 +147,24 @@ class TPQwenDoubleStreamAttnProcessor:
             image_mask = torch.ones((hidden_states.shape[0], img_len), dtype=torch.bool, device=hidden_states.device)
             attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None]
         d = attn.head_dim
+        img_lin, txt_lin = [getattr(attn, n) for n in _COLUMN[:3]], [getattr(attn, n) for n in _COLUMN[3:]]
+        if _joint_projection_fits(attn, hidden_states, img_lin + txt_lin):
+            # Each stream's Q/K/V GEMM (+ bias) with the QK RMSNorm + RoPE epilogue, head-major straight into the
+            # joint [B, H_l, St + Si, D] Q/K/V: no projection written and read back, no cat.
+            img_lin, txt_lin = [transparent_base(m) for m in img_lin], [transparent_base(m) for m in txt_lin]
+            check_input(hidden_states, img_lin[0].weight, img_lin[0].input_size, type(attn).__name__)
+            check_input(encoder_hidden_states, txt_lin[0].weight, txt_lin[0].input_size, type(attn).__name__)
+            biased = img_lin[0].bias is not None
+            q, k, v = joint_qkv_proj(
+                [copy_to_tp_region(encoder_hidden_states, attn.group), copy_to_tp_region(hidden_states, attn.group)],
+                [[m.weight for m in txt_lin], [m.weight for m in img_lin]],
+                [attn.norm_added_q.tp_weight(), attn.norm_q.tp_weight()],
+                [attn.norm_added_k.tp_weight(), attn.norm_k.tp_weight()], cos, sin, attn.local_heads, d,
+                [attn.norm_added_q.eps, attn.norm_q.eps],
+                biases=[[m.bias for m in txt_lin], [m.bias for m in img_lin]] if biased else None)
+            out = attention_heads_major(q, k, v, attention_mask, self._attention_backend,
+                                        self._parallel_config)  # [B, St + Si, H_l*D]
+            return out[:, txt_len:], out[:, :txt_len]
         q, k, v = (t.unflatten(-1, (-1, d)) for t in _qkv(attn, hidden_states, _COLUMN[:3]))  # [B, Si, H_l, D]
         cq, ck, cv = (t.unflatten(-1, (-1, d)) for t in _qkv(attn, encoder_hidden_states, _COLUMN[3:]))
         # Per stream: RMSNorm with the stream's scales, RoPE with the stream's rows, all written with V into the
@@ -149,6 +175,27 @@ class TPQwenDoubleStreamAttnProcessor:
             (attn.norm_added_q.eps, attn.norm_q.eps))
         out = attention(q, k, v, attention_mask, self._attention_backend, self._parallel_config)  # [B, S, H_l*D]
         return out[:, txt_len:], out[:, :txt_len]
+
+
+def _joint_projection_fits(attn, x, linears) -> bool:
+    """The fused joint projection applies: plain linears (no LoRA, no hooks), all with a bias or none, and on
+    Triton a head width the kernel supports."""
+    if not plain(*linears) or len({transparent_base(m).bias is None for m in linears}) != 1:
+        return False
+    return (attn.head_dim in SUPPORTED_HEAD_DIMS
+            or resolve_backend("joint_qkv_proj", x.device) != "triton")
+
+
+def _mlp_hidden(mlp, x: torch.Tensor) -> torch.Tensor:
+    """``net[0](x)`` of a Qwen-Image MLP (diffusers' ``GELU``: a column-parallel ``proj`` then GELU(tanh)), with the
+    GELU in the GEMM's epilogue where ``proj`` is plain: the ``[tokens, 4D/N]`` projection is never written."""
+    act = mlp.net[0]
+    proj = act.proj
+    if not plain(proj) or getattr(act, "approximate", None) != "tanh" or type(act).__name__ != "GELU":
+        return act(x)
+    proj = transparent_base(proj)
+    check_input(x, proj.weight, proj.input_size, type(mlp).__name__)
+    return fused_linear_act(copy_to_tp_region(x, proj.group), proj.weight, proj.bias, "gelu_tanh")
 
 
 def _qkv(attn, x, names):
@@ -171,6 +218,9 @@ class TPQwenImageBlock:
     diffusers' own forward on the shards otherwise."""
 
     group = None
+    # False where the model drops the block's text output (its last block): the streams are then reduced one by one,
+    # so the text branch gets no gradient at all, as in the dense model, instead of zeros from a joint reduce.
+    text_output_used = True
     _linear_names = (tuple(f"attn.{n}" for n in _COLUMN) + ("attn.to_out.0", "attn.to_add_out")
                      + tuple(f"{m}.net.{i}" for m in ("img_mlp", "txt_mlp") for i in ("0.proj", "2"))
                      + ("img_mod.1", "txt_mod.1"))
@@ -203,6 +253,9 @@ class TPQwenImageBlock:
                 and not any(d.p > 0 and d.training for d in dropouts) and len(self.img_mlp.net) == 3
                 and len(self.txt_mlp.net) == 3)
 
+    def _reduce(self, rows, inputs, gates, residuals):
+        return _reduce_streams(self, rows, inputs, gates, residuals)
+
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
                 image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
         check_adapters(modules_at(self, self._linear_paths))
@@ -224,21 +277,29 @@ class TPQwenImageBlock:
         x = _norm_modulate(self.img_norm1, hidden_states, s1, c1)
         c = _norm_modulate(self.txt_norm1, encoder_hidden_states, ts1, tc1)
         img_attn, txt_attn = attn.processor.parts(attn, x, c, encoder_hidden_states_mask, image_rotary_emb)
-        # residual + gate * (attn @ W_out^T + b), reduced over the group with the gate and residual folded in
-        hidden_states = transparent_base(attn.to_out[0]).forward_fused([img_attn], g1, hidden_states)
-        encoder_hidden_states = transparent_base(attn.to_add_out).forward_fused([txt_attn], tg1,
-                                                                                encoder_hidden_states)
+        # residual + gate * (attn @ W_out^T + b) for both streams, ONE all-reduce with the gates, residuals and
+        # biases folded in (then the same for the two MLPs): 2 reductions per block instead of 4
+        hidden_states, encoder_hidden_states = self._reduce(
+            [attn.to_out[0], attn.to_add_out], [img_attn, txt_attn], [g1, tg1], [hidden_states, encoder_hidden_states])
         x = _norm_modulate(self.img_norm2, hidden_states, s2, c2)
-        hidden_states = transparent_base(self.img_mlp.net[2]).forward_fused([self.img_mlp.net[0](x)], g2,
-                                                                            hidden_states)
         c = _norm_modulate(self.txt_norm2, encoder_hidden_states, ts2, tc2)
-        encoder_hidden_states = transparent_base(self.txt_mlp.net[2]).forward_fused([self.txt_mlp.net[0](c)], tg2,
-                                                                                    encoder_hidden_states)
+        hidden_states, encoder_hidden_states = self._reduce(
+            [self.img_mlp.net[2], self.txt_mlp.net[2]], [_mlp_hidden(self.img_mlp, x), _mlp_hidden(self.txt_mlp, c)],
+            [g2, tg2], [hidden_states, encoder_hidden_states])
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
+
+
+def _reduce_streams(block, rows, inputs, gates, residuals):
+    """``residual + gate * row(input)`` per stream, reduced over the group: ONE all-reduce for both streams
+    (:func:`joint_row_parallel`), or one each where the text output is dropped (see ``text_output_used``)."""
+    rows = [transparent_base(r) for r in rows]
+    if block.text_output_used:
+        return joint_row_parallel(rows, [[x] for x in inputs], gates, residuals)
+    return [r.forward_fused([x], g, res) for r, x, g, res in zip(rows, inputs, gates, residuals)]
 
 
 def _norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
