@@ -24,6 +24,22 @@ registers                      102 -> 96                  164 -> 168
 Two parts stay on cp.async: they are two tensors, and a TMA descriptor cannot be chosen per K step without
 splitting the loop again.
 
+Per-token gates (FLUX.3 and FLUX.2's KV-extract mode modulate each token: ``[B, S, N]``, or ``[1, S, N]`` shared
+by the batch) stay in the epilogue: the gate is read by token row as a ``[BLOCK_M, BLOCK_N]`` tile, like the
+residual (8 16-byte loads per thread, no scalar ones). ``[1, S, N]`` with B > 1 wraps the row index into the
+sequence: one scalar mod per tile and a compare per row where S >= BLOCK_M (+56 instructions over ``[B, S, N]``;
+a mod per row cost +109); shorter sequences gather the launch's gate rows in torch and read them as
+``[B, S, N]``. sm_90, bf16, 128x128 tiles, triton 3.9 (3.6: the per-token rows within 9 instructions), epilogue
+instructions per warp / registers; no spills, and no 16-bit scalar loads or stores in the per-token rows:
+
+=============================  ==================  ==================  ==================  ==================
+gate                           one part (TMA)      + residual          two parts           + residual
+=============================  ==================  ==================  ==================  ==================
+per entry ``[B, N]``           335 / 96            520 / 166           318 / 120           502 / 168
+per token ``[B, S, N]``        399 / 102           574 / 164           384 / 106           559 / 166
+per token ``[1, S, N]``, B>1   455 / 104           629 / 164           437 / 126           614 / 166
+=============================  ==================  ==================  ==================  ==================
+
 Every backend runs as ONE ``torch.library`` op (``tpfuse::row_parallel_matmul``: fake implementation, registered
 autograd), so ``torch.compile(fullgraph=True)`` sees one node. Backward is a torch implementation
 (:func:`row_parallel_matmul_backward`, traced into a compiled backward graph), shared with the overlapped
@@ -46,6 +62,7 @@ from ._triton import tl, triton
 
 __all__ = [
     "MAX_PARTS",
+    "gate_layout",
     "row_parallel_matmul",
     "row_parallel_matmul_backward",
     "row_parallel_matmul_forward",
@@ -72,8 +89,8 @@ def rpm_config(m: int, n: int, ks: Sequence[int], dtype: torch.dtype) -> dict:
 def _row_parallel_mm_kernel(
     a0_ptr, a1_ptr, w_ptr, gate_ptr, res_ptr, out_ptr,
     M, N, K0, K1, S, ROW0,
-    stride_a0m, stride_a1m, stride_wn, stride_gb, stride_rm, stride_om,
-    NUM_PARTS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    stride_a0m, stride_a1m, stride_wn, stride_g, stride_rm, stride_om,
+    NUM_PARTS: tl.constexpr, GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -134,24 +151,34 @@ def _row_parallel_mm_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_GATE:
-        if GATE_ROWS:
-            # A [BLOCK_N] gate vector per batch entry, broadcast over rows. The launcher picks this when S >=
-            # BLOCK_M, so a tile's rows span at most two batch entries: the first row's and the next one.
-            row0 = ROW0 + pid_m * BLOCK_M  # the tile's first row among all B*S tokens
-            b0 = row0 // S
-            b1 = tl.minimum(b0 + 1, (ROW0 + M - 1) // S)
-            # Both vectors as one [BLOCK_N, 2] tile: 16-byte loads (two [BLOCK_N] loads in the accumulator's
-            # column layout compiled to 32 scalar 32-bit loads), split in registers.
-            entry = tl.where(tl.arange(0, 2) == 0, b0, b1)
-            g = tl.load(gate_ptr + entry[None, :] * stride_gb + offs_n[:, None], mask=n_mask[:, None], other=0.0)
-            g0, g1 = tl.split(g.to(tl.float32))
-            in_b0 = (offs_m < (b0 + 1) * S - ROW0)[:, None]  # rows before the next entry's first token
-            acc *= tl.where(in_b0, g0[None, :], g1[None, :])
-        else:
-            b_idx = (ROW0 + offs_m) // S  # short sequences: any number of entries per tile
-            acc *= tl.load(gate_ptr + b_idx[:, None] * stride_gb + offs_n[None, :], mask=mask,
-                           other=0.0).to(tl.float32)
+    # GATE: which gate row multiplies each output row (the launcher's _gate_mode). stride_g is the gate's batch
+    # stride for the per-entry modes (0 for a [1, N] gate) and its token-row stride for the per-token ones.
+    if GATE == "pair":
+        # A [BLOCK_N] gate vector per batch entry, broadcast over rows. The launcher picks this when S >= BLOCK_M,
+        # so a tile's rows span at most two batch entries: the first row's and the next one.
+        row0 = ROW0 + pid_m * BLOCK_M  # the tile's first row among all B*S tokens
+        b0 = row0 // S
+        b1 = tl.minimum(b0 + 1, (ROW0 + M - 1) // S)
+        # Both vectors as one [BLOCK_N, 2] tile, split in registers: one load per thread (8 warps, 256 values;
+        # two [BLOCK_N] loads in the accumulator's column layout compiled to 32 scalar 32-bit loads).
+        entry = tl.where(tl.arange(0, 2) == 0, b0, b1)
+        g = tl.load(gate_ptr + entry[None, :] * stride_g + offs_n[:, None], mask=n_mask[:, None], other=0.0)
+        g0, g1 = tl.split(g.to(tl.float32))
+        in_b0 = (offs_m < (b0 + 1) * S - ROW0)[:, None]  # rows before the next entry's first token
+        acc *= tl.where(in_b0, g0[None, :], g1[None, :])
+    elif GATE == "entry":
+        b_idx = (ROW0 + offs_m) // S  # short sequences: any number of entries per tile
+        acc *= tl.load(gate_ptr + b_idx[:, None] * stride_g + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif GATE == "token":
+        # Per-token gate [B, S, N] as rows [B*S, N], based at the launch's first row (as the residual): the row's
+        # own gate, a [BLOCK_M, BLOCK_N] tile read like the residual (16-byte loads where the row stride allows).
+        acc *= tl.load(gate_ptr + offs_m[:, None] * stride_g + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif GATE == "token_bcast":
+        # Per-token gate [1, S, N] shared by every batch entry: row (global token index) mod S. With S >= BLOCK_M
+        # a tile spans at most two entries: one scalar mod per tile and a wrap per row (a mod per row: +109).
+        s_idx = (ROW0 + pid_m * BLOCK_M) % S + tl.arange(0, BLOCK_M)
+        s_idx = tl.where(s_idx >= S, s_idx - S, s_idx)
+        acc *= tl.load(gate_ptr + s_idx[:, None] * stride_g + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -177,6 +204,30 @@ def row_parallel_matmul_reference(parts: Sequence[torch.Tensor], weight: torch.T
 # --------------------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------------------
+
+
+def gate_layout(shape: Sequence[int], B: int, S: int, N: int) -> str | None:
+    """How a gate of ``shape`` multiplies ``[B, S, N]`` outputs: ``"entry"``, one row per batch entry (``[B, N]``
+    or ``[B, 1, N]``), or ``"token"``, one row per token (``[B, S, N]``); a leading 1 for B broadcasts over the
+    batch. ``None`` when it fits neither. ``[B, 1, N]`` with S = 1 is an entry gate (the two mean the same)."""
+    shape = tuple(shape)
+    if len(shape) not in (2, 3) or shape[0] not in (1, B) or shape[-1] != N:
+        return None
+    if len(shape) == 2 or shape[1] == 1:
+        return "entry"
+    return "token" if shape[1] == S else None
+
+
+def _check_gate(gate, B: int, S: int, N: int) -> str:
+    """``gate_layout`` of a gate, or a ValueError naming the shapes it may have."""
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"row_parallel_matmul: gate must be a torch.Tensor, got {type(gate).__name__}")
+    layout = gate_layout(gate.shape, B, S, N)
+    if layout is None:
+        raise ValueError(f"row_parallel_matmul: gate must be [B, N] or [B, 1, N] with B={B}, N={N}, got shape "
+                         f"{tuple(gate.shape)}; per token it must be [B, S, N] = [{B}, {S}, {N}] (B may be 1: "
+                         "broadcast over the batch)")
+    return layout
 
 
 def _validate(parts, weight, gate, residual, add_residual):
@@ -216,9 +267,8 @@ def _validate(parts, weight, gate, residual, add_residual):
         raise ValueError(f"row_parallel_matmul: part widths {widths} sum to {sum(widths)}, but the weight has "
                          f"shape {tuple(weight.shape)} (input width {weight.shape[-1] if weight.dim() else '?'})")
     B, S, N = ref.shape[0], ref.shape[1], weight.shape[0]
-    if gate is not None and not (gate.shape in ((B, N), (B, 1, N)) or gate.shape in ((1, N), (1, 1, N))):
-        raise ValueError(f"row_parallel_matmul: gate must be [B, N] or [B, 1, N] with B={B}, N={N}, got shape "
-                         f"{tuple(gate.shape)}")
+    if gate is not None:
+        _check_gate(gate, B, S, N)
     if residual is not None and residual.shape != (B, S, N):
         raise ValueError(f"row_parallel_matmul: residual must be [{B}, {S}, {N}], got shape {tuple(residual.shape)}")
     return parts
@@ -229,6 +279,40 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     is ambiguous for K = 0."""
     t2 = t.reshape(t.shape[0] * t.shape[1], t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _gate_mode(gate, B: int, S: int, N: int, r0: int, r1: int, block_m: int):
+    """(the kernel's GATE mode, the gate as it is passed, its row stride) for the launch on rows r0..r1.
+
+    * ``"entry"``: ``[B or 1, N]``, each row gathers its batch entry's gate (sequences shorter than a row tile);
+    * ``"pair"``: the same gate where S >= BLOCK_M: a tile spans at most two entries, two ``[BLOCK_N]`` vectors;
+    * ``"token"``: ``[B, S, N]`` as rows ``[B*S, N]`` sliced at r0, a ``[BLOCK_M, BLOCK_N]`` tile (as the
+      residual);
+    * ``"token_bcast"``: ``[1, S, N]`` with B > 1 and S >= BLOCK_M, row ``(r0 + m) mod S`` of ``[S, N]`` (a tile
+      spans at most two entries: one wrap per row); for shorter sequences the launch's rows are gathered in torch
+      and read as ``"token"``.
+    """
+    if gate is None:
+        return "none", None, 0
+    if gate_layout(gate.shape, B, S, N) == "token":
+        # A broadcast view (expand) of a smaller gate reads as that gate: no [B*S, N] copy to flatten it.
+        if gate.stride(1) == 0:
+            gate = gate[:, :1]
+        elif B > 1 and gate.stride(0) == 0:
+            gate = gate[:1]
+    if gate_layout(gate.shape, B, S, N) == "token":
+        if gate.shape[0] == B:
+            g = _rows(gate)[r0:r1]  # [rows, N]
+            return "token", g, g.stride(0)
+        if S < block_m:  # a tile spans 3+ entries: this launch's rows gathered (fewer than B * 128 of them)
+            g = gate[0][torch.arange(r0, r1, device=gate.device) % S]  # [rows, N]
+            return "token", g, g.stride(0)
+        g = gate[0] if gate.stride(-1) == 1 else gate[0].contiguous()  # [S, N]
+        return "token_bcast", g, g.stride(0)
+    g = gate.reshape(gate.shape[0], N)  # [B or 1, N]
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    return ("pair" if S >= block_m else "entry"), g, g.stride(0) if g.shape[0] > 1 else 0
 
 
 def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_residual=False, out=None,
@@ -245,32 +329,26 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
     if out is None:
         out = torch.empty((M_total, N), device=weight.device, dtype=weight.dtype)
     out_rows = out[r0:r1]
-    g = None
-    if gate is not None:
-        g = gate.reshape(gate.shape[0], N)
-        if g.stride(-1) != 1:
-            g = g.contiguous()
+    cfg = rpm_config(M_total, N, [p.shape[-1] for p in parts], weight.dtype)
+    mode, g, stride_g = _gate_mode(gate, B, S, N, r0, r1, cfg["BLOCK_M"])
     check_int32_addressable("row_parallel_matmul", {**{f"parts[{i}]": p for i, p in enumerate(a)},
-                                                     "weight": weight, "residual": res, "out": out})
+                                                     "weight": weight, "gate": g, "residual": res, "out": out})
     M = r1 - r0
     if M == 0 or N == 0:  # nothing to write (a grid of 0 programs)
         return out
     ks = [p.shape[-1] for p in parts]
-    # The tile shape follows the whole row count, not the chunk's: every chunk of an overlapped layer then runs the
-    # same code per row as the one-chunk launch, so chunking is bitwise invisible (also in the interpreter, whose
-    # numpy matmul is not row-invariant across tile heights).
-    cfg = rpm_config(M_total, N, ks, weight.dtype)
+    # The tile shape (cfg above) follows the whole row count, not the chunk's: every chunk of an overlapped layer
+    # then runs the same code per row as the one-chunk launch, so chunking is bitwise invisible (also in the
+    # interpreter, whose numpy matmul is not row-invariant across tile heights).
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"
     use_tma = len(parts) == 1 and tma_ready(a[0], weight)
     _row_parallel_mm_kernel[grid](
         a[0], a[-1], weight, g if g is not None else weight, res if res is not None else out_rows, out_rows,
         M, N, ks[0], ks[1] if len(ks) > 1 else 0, S, r0,
-        a[0].stride(0), a[-1].stride(0), weight.stride(0),
-        (g.stride(0) if g.shape[0] > 1 else 0) if g is not None else 0,
+        a[0].stride(0), a[-1].stride(0), weight.stride(0), stride_g,
         res.stride(0) if res is not None else 0, out_rows.stride(0),
-        NUM_PARTS=len(parts), HAS_GATE=g is not None, GATE_ROWS=g is not None and S >= cfg["BLOCK_M"],
-        HAS_RESIDUAL=res is not None,
+        NUM_PARTS=len(parts), GATE=mode, HAS_RESIDUAL=res is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         EVEN_K=cfg["EVEN_K"], USE_TMA=use_tma, INPUT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -292,8 +370,13 @@ def row_parallel_matmul_forward(parts, weight, gate=None, residual=None, add_res
     x = torch.cat([_rows(p)[r0:r1] for p in parts], dim=-1)  # [rows, K]
     y = F.linear(x, weight)
     if gate is not None:
-        g = gate.reshape(gate.shape[0], N)
-        y = y * (g[torch.arange(r0, r1, device=g.device) // S] if g.shape[0] > 1 else g)
+        rows = torch.arange(r0, r1, device=gate.device)  # global token indices among B*S
+        if gate_layout(gate.shape, B, S, N) == "token":  # [B, S, N]: each row's own gate; [1, S, N]: row mod S
+            g = _rows(gate)[r0:r1] if gate.shape[0] == B else gate[0][rows % S]
+        else:
+            g = gate.reshape(gate.shape[0], N)
+            g = g[rows // S] if g.shape[0] > 1 else g
+        y = y * g
     if add_residual:
         y = y + _rows(residual)[r0:r1]
     out[r0:r1] = y
@@ -302,7 +385,9 @@ def row_parallel_matmul_forward(parts, weight, gate=None, residual=None, add_res
 
 def row_parallel_matmul_backward(grad: torch.Tensor, parts, weight, gate, needs: Sequence[bool]):
     """Local gradients of ``gate * (cat(parts) @ W^T) + residual`` for ``grad`` ``[B, S, N]``:
-    ``(dparts..., dweight, dgate, dresidual)``, ``None`` where ``needs`` is False.
+    ``(dparts..., dweight, dgate, dresidual)``, ``None`` where ``needs`` is False. ``dgate`` has the gate's
+    shape: summed over S for an entry gate, per token as it is for a ``[B, S, N]`` one, summed over B for a gate
+    broadcast over the batch.
 
     ``dgate`` recomputes the (local) product rather than keeping it from the forward: one GEMM in exchange for
     no saved ``[B, S, N]`` activation. For a row-parallel shard it is this rank's partial sum (the caller
@@ -325,9 +410,11 @@ def row_parallel_matmul_backward(grad: torch.Tensor, parts, weight, gate, needs:
     dgate = None
     if need_gate:
         local = F.linear(torch.cat(list(parts), dim=-1), weight)  # [B, S, N]
-        dgate = (grad * local).sum(dim=1, keepdim=gate.dim() == 3)
+        dgate = grad * local  # [B, S, N]: a per-token gate's gradient as it is
+        if gate_layout(gate.shape, *local.shape) == "entry":
+            dgate = dgate.sum(dim=1, keepdim=gate.dim() == 3)  # [B, N] or [B, 1, N]
         if gate.shape[0] == 1 and dgate.shape[0] > 1:
-            dgate = dgate.sum(dim=0, keepdim=True)
+            dgate = dgate.sum(dim=0, keepdim=True)  # a gate broadcast over the batch
     return (*dparts, dweight, dgate, grad if need_res else None)
 
 
@@ -372,7 +459,8 @@ def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gat
     Args:
         parts: 1 or 2 tensors ``[B, S, K_i]`` whose widths sum to ``weight.shape[1]``.
         weight: ``[N, sum(K_i)]`` (``nn.Linear`` layout; a row-parallel shard).
-        gate: ``[B, N]`` or ``[B, 1, N]`` (``B`` may be 1), multiplied into every token's output.
+        gate: ``[B, N]`` or ``[B, 1, N]``, multiplied into every token of a batch entry, or per token
+            ``[B, S, N]``; ``B`` may be 1 (broadcast over the batch).
         residual: ``[B, S, N]``, added when ``add_residual``.
         backend: ``"torch"`` or ``"triton"``; default: triton for CUDA tensors, torch on CPU.
 
@@ -384,7 +472,9 @@ def row_parallel_matmul(parts: Sequence[torch.Tensor], weight: torch.Tensor, gat
         # as eager code applies them outside the linear (kernels/_autocast.py).
         with autocast_off(weight.device):
             y = row_parallel_matmul([_like(p, dtype=cast) for p in parts], weight.to(cast), backend=backend)
-        y = y if gate is None else y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
+        if gate is not None:
+            _check_gate(gate, *y.shape)  # [B, S, N] broadcasting would also take shapes the op refuses
+            y = y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
         return residual + y if add_residual else y
     parts = _validate(parts, weight, gate, residual, add_residual)
     chosen = select_backend("row_parallel_matmul", weight.device, backend)

@@ -237,8 +237,9 @@ def joint_row_parallel(layers: Sequence[RowParallelLinear], parts: Sequence[Sequ
         from .linear import chunk_bounds
 
         edges = [0] + [r1 for _, r1 in chunk_bounds(rows, first.overlap)]
-    if not torch.compiler.is_compiling():
-        first.last_chunks = len(edges) - 1
+    if not torch.compiler.is_compiling():  # eager only (see RowParallelLinear.last_chunks)
+        for layer in layers:
+            layer.last_chunks = len(edges) - 1
     backend = select_backend("row_parallel_matmul", first.weight.device)
     present = lambda ts: [t for t in ts if t is not None]  # noqa: E731
     biases = [layer.bias for layer in layers]

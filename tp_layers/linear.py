@@ -24,6 +24,7 @@ from tpfuse.kernels import select_backend
 from tpfuse.kernels._autocast import _like, autocast_dtype, autocast_off
 from tpfuse.kernels._math import each_needs
 from tpfuse.kernels.row_parallel_matmul import (
+    gate_layout,
     row_parallel_matmul_backward,
     row_parallel_matmul_forward,
 )
@@ -413,7 +414,8 @@ class RowParallelLinear(_ParallelLinear):
 
         ``parts`` are this rank's slices of the input (their widths sum to the local in-features, e.g.
         ``[attn, mlp]``); the cat is never materialized on the triton backend. ``gate``: ``[B, out]`` or
-        ``[B, 1, out]``; ``residual``: ``[B, S, out]``.
+        ``[B, 1, out]`` (one per batch entry), or ``[B, S, out]`` (per token), ``B`` may be 1 (broadcast over the
+        batch); ``residual``: ``[B, S, out]``.
 
         Precision: with the residual folded into the reduction, each of the all-reduce's N-1 additions rounds at
         the residual stream's magnitude; in bf16 that is up to ~(N-1) u |residual| where adding it after the
@@ -457,9 +459,10 @@ class RowParallelLinear(_ParallelLinear):
                 check_input(t, self.weight, self.out_features, f"{name} {what}")
         if residual is not None and residual.shape != (B, S, self.out_features):
             raise ValueError(f"{name}: residual must be [{B}, {S}, {self.out_features}], got {tuple(residual.shape)}")
-        if gate is not None and not (gate.dim() in (2, 3) and gate.shape[0] in (1, B) and
-                                     (gate.dim() == 2 or gate.shape[1] == 1)):
-            raise ValueError(f"{name}: gate must be [B, out] or [B, 1, out] with B={B}, got {tuple(gate.shape)}")
+        if gate is not None and gate_layout(gate.shape, B, S, self.out_features) is None:
+            raise ValueError(f"{name}: gate must be [B, out] or [B, 1, out] with B={B}, got {tuple(gate.shape)}; per "
+                             f"token it must be [B, S, out] = [{B}, {S}, {self.out_features}] (B may be 1: broadcast "
+                             "over the batch)")
         rows = B * S
         if self.overlap == "auto":
             # Wave-aligned, front-loaded chunks: as many GEMM waves as one launch, a small exposed last chunk.
