@@ -87,9 +87,9 @@ def rpm_config(m: int, n: int, ks: Sequence[int], dtype: torch.dtype) -> dict:
 
 @triton.jit
 def _row_parallel_mm_kernel(
-    a0_ptr, a1_ptr, w_ptr, gate_ptr, res_ptr, out_ptr,
+    a0_ptr, a1_ptr, w_ptr, w1_ptr, gate_ptr, res_ptr, out_ptr,
     M, N, K0, K1, S, ROW0,
-    stride_a0m, stride_a1m, stride_wn, stride_g, stride_rm, stride_om,
+    stride_a0m, stride_a1m, stride_wn, stride_w1n, stride_g, stride_rm, stride_om,
     NUM_PARTS: tl.constexpr, GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -132,15 +132,19 @@ def _row_parallel_mm_kernel(
                 a_base = tl.where(in0, a0_ptr, a1_ptr)
                 stride_am = tl.where(in0, stride_a0m, stride_a1m)
                 k_part = tl.where(in0, K0, K1)
-                w_col = tl.where(in0, 0, K0) + k_local  # the tile's first column of the packed weight
+                # Each part's own weight (FLUX.3 sums to_out and ff.linear_out; a packed [attn | mlp] weight comes
+                # as two column views of one tensor): a scalar pointer/stride select per K step.
+                w_base = tl.where(in0, w_ptr, w1_ptr)
+                stride_w = tl.where(in0, stride_wn, stride_w1n)
             else:
                 k_local = kk * BLOCK_K
                 a_base = a0_ptr
                 stride_am = stride_a0m
                 k_part = K0
-                w_col = k_local
+                w_base = w_ptr
+                stride_w = stride_wn
             a_ptrs = a_base + offs_m[:, None] * stride_am + (k_local + offs_k)[None, :]  # [BM, BK]
-            b_ptrs = w_ptr + offs_n[None, :] * stride_wn + (w_col + offs_k)[:, None]  # [BK, BN], W^T view
+            b_ptrs = w_base + offs_n[None, :] * stride_w + (k_local + offs_k)[:, None]  # [BK, BN], W^T view
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
                 b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
@@ -315,16 +319,32 @@ def _gate_mode(gate, B: int, S: int, N: int, r0: int, r1: int, block_m: int):
     return ("pair" if S >= block_m else "entry"), g, g.stride(0) if g.shape[0] > 1 else 0
 
 
+def split_weights(parts, weight) -> list[torch.Tensor]:
+    """One ``[N, K_i]`` weight per part: ``weight`` as given when it is a sequence (one per part, summed: FLUX.3's
+    ``to_out`` + ``ff.linear_out``), else column views of the packed ``[N, sum K_i]`` tensor."""
+    if isinstance(weight, torch.Tensor):
+        return list(weight.split([p.shape[-1] for p in parts], dim=1)) if len(parts) > 1 else [weight]
+    return list(weight)
+
+
+def _cat_linear(parts, weight) -> torch.Tensor:
+    """``cat(parts) @ W^T`` for a packed weight, ``sum_i parts_i @ W_i^T`` for per-part weights."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(torch.cat(list(parts), dim=-1), weight)
+    return sum(F.linear(p, w) for p, w in zip(parts, weight))
+
+
 def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_residual=False, out=None,
                                row_range: tuple[int, int] | None = None) -> torch.Tensor:
     """The kernel on rows ``row_range`` of the flattened ``[B*S]`` tokens, written into ``out`` (``[B*S, N]``)
-    when given: the chunked overlap computes each chunk straight into its slice of one output buffer."""
+    when given: the chunked overlap computes each chunk straight into its slice of one output buffer. ``weight``:
+    the packed ``[N, sum K_i]`` tensor or one ``[N, K_i]`` tensor per part."""
     B, S = parts[0].shape[:2]
+    ws = [w if w.stride(-1) == 1 else w.contiguous() for w in split_weights(parts, weight)]
+    weight = ws[0]
     M_total, N = B * S, weight.shape[0]
     r0, r1 = row_range if row_range is not None else (0, M_total)
     a = [_rows(p)[r0:r1] for p in parts]
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
     res = _rows(residual)[r0:r1] if add_residual else None
     if out is None:
         out = torch.empty((M_total, N), device=weight.device, dtype=weight.dtype)
@@ -332,7 +352,8 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
     cfg = rpm_config(M_total, N, [p.shape[-1] for p in parts], weight.dtype)
     mode, g, stride_g = _gate_mode(gate, B, S, N, r0, r1, cfg["BLOCK_M"])
     check_int32_addressable("row_parallel_matmul", {**{f"parts[{i}]": p for i, p in enumerate(a)},
-                                                     "weight": weight, "gate": g, "residual": res, "out": out})
+                                                     "weight": weight, "weight1": ws[-1], "gate": g, "residual": res,
+                                                     "out": out})
     M = r1 - r0
     if M == 0 or N == 0:  # nothing to write (a grid of 0 programs)
         return out
@@ -344,9 +365,9 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"
     use_tma = len(parts) == 1 and tma_ready(a[0], weight)
     _row_parallel_mm_kernel[grid](
-        a[0], a[-1], weight, g if g is not None else weight, res if res is not None else out_rows, out_rows,
+        a[0], a[-1], weight, ws[-1], g if g is not None else weight, res if res is not None else out_rows, out_rows,
         M, N, ks[0], ks[1] if len(ks) > 1 else 0, S, r0,
-        a[0].stride(0), a[-1].stride(0), weight.stride(0), stride_g,
+        a[0].stride(0), a[-1].stride(0), weight.stride(0), ws[-1].stride(0), stride_g,
         res.stride(0) if res is not None else 0, out_rows.stride(0),
         NUM_PARTS=len(parts), GATE=mode, HAS_RESIDUAL=res is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
@@ -363,12 +384,12 @@ def row_parallel_matmul_forward(parts, weight, gate=None, residual=None, add_res
     if backend == "triton":
         return row_parallel_matmul_triton(parts, weight, gate, residual, add_residual, out, row_range)
     B, S = parts[0].shape[:2]
-    N = weight.shape[0]
+    w0 = split_weights(parts, weight)[0]
+    N = w0.shape[0]
     r0, r1 = row_range if row_range is not None else (0, B * S)
     if out is None:
-        out = torch.empty((B * S, N), device=weight.device, dtype=weight.dtype)
-    x = torch.cat([_rows(p)[r0:r1] for p in parts], dim=-1)  # [rows, K]
-    y = F.linear(x, weight)
+        out = torch.empty((B * S, N), device=w0.device, dtype=w0.dtype)
+    y = _cat_linear([_rows(p)[r0:r1] for p in parts], weight)  # [rows, N]
     if gate is not None:
         rows = torch.arange(r0, r1, device=gate.device)  # global token indices among B*S
         if gate_layout(gate.shape, B, S, N) == "token":  # [B, S, N]: each row's own gate; [1, S, N]: row mod S
@@ -399,17 +420,22 @@ def row_parallel_matmul_backward(grad: torch.Tensor, parts, weight, gate, needs:
     if gate is not None:
         scaled = grad * (gate.unsqueeze(1) if gate.dim() == 2 else gate)  # [B, S, N]
     widths = [p.shape[-1] for p in parts]
+    packed = isinstance(weight, torch.Tensor)
     dparts = [None] * n_parts
     if any(need_parts):
-        dx = scaled @ weight  # [B, S, K]
-        dparts = [d if need else None for d, need in zip(dx.split(widths, dim=-1), need_parts)]
+        if packed:
+            dparts = list((scaled @ weight).split(widths, dim=-1))  # [B, S, K_i] each
+        else:
+            dparts = [scaled @ w if need else None for w, need in zip(weight, need_parts)]
+        dparts = [d if need else None for d, need in zip(dparts, need_parts)]
     dweight = None
-    if need_w:
+    if need_w:  # packed: [N, sum K_i]; per-part weights: a list of [N, K_i]
         g2 = _rows(scaled)
-        dweight = torch.cat([g2.T @ _rows(p) for p in parts], dim=1)  # [N, K]
+        dweight = [g2.T @ _rows(p) for p in parts]
+        dweight = torch.cat(dweight, dim=1) if packed else dweight
     dgate = None
     if need_gate:
-        local = F.linear(torch.cat(list(parts), dim=-1), weight)  # [B, S, N]
+        local = _cat_linear(parts, weight)  # [B, S, N]
         dgate = grad * local  # [B, S, N]: a per-token gate's gradient as it is
         if gate_layout(gate.shape, *local.shape) == "entry":
             dgate = dgate.sum(dim=1, keepdim=gate.dim() == 3)  # [B, N] or [B, 1, N]

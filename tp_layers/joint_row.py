@@ -20,13 +20,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tpfuse.kernels import select_backend
 from tpfuse.kernels._math import each_needs
 from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_backward, row_parallel_matmul_forward
 
 from .comm import _record, all_reduce_start, all_reduce_wait, get_rank, get_world_size, process_group
 from .consistency import check_inputs_agree, inputs_check_due
-from .linear import RowParallelLinear, _sm_count, check_input
+from .linear import RowParallelLinear, _sm_count, check_input, chunk_bounds
 from .schedule import wave_schedule
 
 __all__ = ["joint_row_parallel"]
@@ -52,17 +53,20 @@ def _present(values: Sequence, flags: Sequence[bool]) -> list:
 
 @torch.library.custom_op("tpfuse::joint_row_parallel_linear", mutates_args=())
 def _joint_row_parallel_linear(parts: list[torch.Tensor], counts: list[int], weights: list[torch.Tensor],
-                               gates: list[torch.Tensor], has_gate: list[bool], residuals: list[torch.Tensor],
+                               wcounts: list[int], gates: list[torch.Tensor], has_gate: list[bool], residuals: list[torch.Tensor],
                                has_residual: list[bool], biases: list[torch.Tensor], has_bias: list[bool],
                                add_residual: bool, edges: list[int], group: str, backend: str) -> torch.Tensor:
-    """``[sum_i B_i S_i, N]``: stream i's rows are ``residual_i + gate_i * all_reduce(cat(parts_i) W_i^T + b_i)``.
+    """``[sum_i B_i S_i, N]``: stream i's rows are ``residual_i + gate_i * all_reduce(cat(parts_i) W_i^T + b_i)``;
+    ``wcounts[i]`` weights per stream: 1 (packed ``[N, sum K]``) or one per part (their products summed).
     Optional per-stream tensors come as the present ones plus ``has_*`` flags (a ``Tensor?[]`` cannot hold None).
     ``edges``: chunk boundaries over the joint rows; ``group``: the process group's name (``""``: no reduce)."""
     streams = _split(parts, counts)
+    weights = [w[0] if len(w) == 1 else w for w in _split(weights, wcounts)]
     gates_, res_, biases_ = _present(gates, has_gate), _present(residuals, has_residual), _present(biases, has_bias)
-    n = weights[0].shape[0]
+    w0 = weights[0][0] if isinstance(weights[0], list) else weights[0]
+    n = w0.shape[0]
     sizes = [p[0].shape[0] * p[0].shape[1] for p in streams]
-    out = torch.empty((sum(sizes), n), device=weights[0].device, dtype=weights[0].dtype)
+    out = torch.empty((sum(sizes), n), device=w0.device, dtype=w0.dtype)
     bases = [sum(sizes[:i]) for i in range(len(sizes))]
     streams = [[p if p.is_contiguous() else p.contiguous() for p in ps] for ps in streams]
     # The bias folded into the residual the adding rank passes: gate * b + residual (torch, [B, S, N] on that
@@ -100,34 +104,35 @@ def _joint_row_parallel_linear(parts: list[torch.Tensor], counts: list[int], wei
 
 
 @_joint_row_parallel_linear.register_fake
-def _(parts, counts, weights, gates, has_gate, residuals, has_residual, biases, has_bias, add_residual, edges, group,
+def _(parts, counts, weights, wcounts, gates, has_gate, residuals, has_residual, biases, has_bias, add_residual, edges, group,
       backend):
     streams = _split(parts, counts)
     return weights[0].new_empty((sum(p[0].shape[0] * p[0].shape[1] for p in streams), weights[0].shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    parts, counts, weights, gates, has_gate, residuals, has_residual, biases, has_bias = inputs[:9]
+    parts, counts, weights, wcounts, gates, has_gate, residuals, has_residual, biases, has_bias = inputs[:10]
     ctx.save_for_backward(*parts, *weights, *gates, *biases)
-    ctx.meta = (list(counts), list(has_gate), list(has_residual), list(has_bias), len(parts), len(weights),
-                len(gates))
-    ctx.group = inputs[11]
+    ctx.meta = (list(counts), list(wcounts), list(has_gate), list(has_residual), list(has_bias), len(parts),
+                len(weights), len(gates))
+    ctx.group = inputs[12]
 
 
 def _backward(ctx, grad):
-    counts, has_gate, has_residual, has_bias, n_parts, n_w, n_g = ctx.meta
+    counts, wcounts, has_gate, has_residual, has_bias, n_parts, n_w, n_g = ctx.meta
     saved = list(ctx.saved_tensors)
     parts, weights = saved[:n_parts], saved[n_parts:n_parts + n_w]
     gates, biases = saved[n_parts + n_w:n_parts + n_w + n_g], saved[n_parts + n_w + n_g:]
     streams = _split(parts, counts)
     gates_, biases_ = _present(gates, has_gate), _present(biases, has_bias)
     flags = ctx.needs_input_grad
-    # The tensor-list inputs: parts (0), weights (2), gates (3), residuals (5), biases (7).
-    need_parts, need_w = _split(each_needs(flags[0], n_parts), counts), each_needs(flags[2], n_w)
-    need_g = iter(each_needs(flags[3], n_g))
-    need_r = iter(each_needs(flags[5], sum(has_residual)))
-    need_b = iter(each_needs(flags[7], len(biases)))
-    n = weights[0].shape[0]
+    # The tensor-list inputs: parts (0), weights (2), gates (4), residuals (6), biases (8).
+    need_parts, need_w = _split(each_needs(flags[0], n_parts), counts), _split(each_needs(flags[2], n_w), wcounts)
+    weights = [w[0] if len(w) == 1 else w for w in _split(weights, wcounts)]
+    need_g = iter(each_needs(flags[4], n_g))
+    need_r = iter(each_needs(flags[6], sum(has_residual)))
+    need_b = iter(each_needs(flags[8], len(biases)))
+    n = grad.shape[-1]
     dparts, dws, dgates, dres, dbs, grads = [], [], [], [], [], []
     row = 0
     for i, ps in enumerate(streams):
@@ -138,9 +143,10 @@ def _backward(ctx, grad):
         gate = gates_[i]
         need_gate = gate is not None and next(need_g)
         *dp, dw, dg, _ = row_parallel_matmul_backward(g_i, ps, weights[i], gate,
-                                                      [*need_parts[i], need_w[i], need_gate, False])
+                                                      [*need_parts[i], any(need_w[i]), need_gate, False])
         dparts += dp
-        dws.append(dw)
+        dw = dw if isinstance(dw, list) else [dw]  # per-part weights: a list
+        dws += [d if need else None for d, need in zip(dw, need_w[i])]
         if gate is not None:
             dgates.append(dg)
         if has_residual[i]:
@@ -167,85 +173,95 @@ def _backward(ctx, grad):
                 term = term.sum(dim=0, keepdim=True)
             dgates[j] = dgates[j] + term.to(dgates[j].dtype)
         j += 1
-    return dparts, None, dws, dgates, None, dres, None, dbs, None, None, None, None, None
+    return dparts, None, dws, None, dgates, None, dres, None, dbs, None, None, None, None, None
 
 
 _joint_row_parallel_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def joint_row_parallel(layers: Sequence[RowParallelLinear], parts: Sequence[Sequence[torch.Tensor]],
-                       gates: Sequence[torch.Tensor | None], residuals: Sequence[torch.Tensor | None]
-                       ) -> list[torch.Tensor]:
+def joint_row_parallel(layers: Sequence[RowParallelLinear | Sequence[RowParallelLinear]],
+                       parts: Sequence[Sequence[torch.Tensor]], gates: Sequence[torch.Tensor | None],
+                       residuals: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """``[residual_i + gate_i * (cat(parts_i) @ W_i^T + b_i)]`` for row-parallel ``layers`` of one group, with ONE
     (chunked, overlapped) all-reduce for all of them; each output ``[B_i, S_i, out]`` replicated on every rank.
 
     Args:
-        layers: row-parallel layers with the same group, output width, dtype and device.
-        parts: per layer, this rank's input slices ``[B_i, S_i, K]`` (their widths sum to the layer's local
-            in-features).
-        gates: per layer ``[B_i, out]``, ``[B_i, 1, out]`` or ``[B_i, S_i, out]`` (per token), or ``None``.
-        residuals: per layer ``[B_i, S_i, out]`` or ``None``.
+        layers: per stream a row-parallel layer, or one layer per part whose outputs are summed (FLUX.3's
+            ``to_out`` + ``ff.linear_out``: ``a W_o^T + m W_f^T`` without a cat of the weights); all of one group,
+            output width, dtype and device.
+        parts: per stream, this rank's input slices ``[B_i, S_i, K]`` (their widths sum to the layer's local
+            in-features; one per layer for a sequence of layers).
+        gates: per stream ``[B_i, out]``, ``[B_i, 1, out]`` or ``[B_i, S_i, out]`` (per token), or ``None``.
+        residuals: per stream ``[B_i, S_i, out]`` or ``None``.
     """
     name = "joint_row_parallel"
     if not (len(layers) == len(parts) == len(gates) == len(residuals)) or not layers:
         raise ValueError(f"{name}: layers, parts, gates and residuals need one entry per stream, got "
                          f"{len(layers)}, {len(parts)}, {len(gates)}, {len(residuals)}")
-    first = layers[0]
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, RowParallelLinear):
-            raise TypeError(f"{name}: layers[{i}] must be a RowParallelLinear, got {type(layer).__name__}")
-        if layer.group is not first.group or layer.out_features != first.out_features or \
-                layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device:
-            raise ValueError(f"{name}: layers[{i}] differs from layers[0] in group, out_features, dtype or device "
-                             f"({layer.out_features} {layer.weight.dtype} {layer.weight.device} vs "
-                             f"{first.out_features} {first.weight.dtype} {first.weight.device})")
+    groups = [[lay] if isinstance(lay, nn.Module) else list(lay) for lay in layers]
+    first = groups[0][0]
+    for i, group in enumerate(groups):
+        for layer in group:
+            if not isinstance(layer, RowParallelLinear):
+                raise TypeError(f"{name}: layers[{i}] must be RowParallelLinear(s), got {type(layer).__name__}")
+            if layer.group is not first.group or layer.out_features != first.out_features or \
+                    layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device:
+                raise ValueError(f"{name}: layers[{i}] differs from layers[0] in group, out_features, dtype or "
+                                 f"device ({layer.out_features} {layer.weight.dtype} {layer.weight.device} vs "
+                                 f"{first.out_features} {first.weight.dtype} {first.weight.device})")
     inputs = {"parts": [list(p) for p in parts], "gates": list(gates), "residuals": list(residuals)}
     if inputs_check_due(first, inputs):
         check_inputs_agree(first, first.group, inputs, sharded=("parts",))
     n = first.out_features
-    flat_parts, counts = [], []
-    for i, (layer, ps, gate, res) in enumerate(zip(layers, parts, gates, residuals)):
+    flat_parts, counts, weights, wcounts, biases = [], [], [], [], []
+    for i, (group, ps, gate, res) in enumerate(zip(groups, parts, gates, residuals)):
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         widths = [p.shape[-1] if isinstance(p, torch.Tensor) and p.dim() else None for p in ps]
-        if not ps or None in widths or sum(widths) != layer.in_features_per_partition:
+        if len(group) > 1:  # one layer per part
+            if len(group) != len(ps) or [lay.in_features_per_partition for lay in group] != widths:
+                raise ValueError(f"{name}: parts[{i}] widths {widths} must be the local in_features "
+                                 f"{[lay.in_features_per_partition for lay in group]} of layers[{i}], one part each")
+        elif not ps or None in widths or sum(widths) != group[0].in_features_per_partition:
             raise ValueError(f"{name}: parts[{i}] widths {widths} must sum to layers[{i}]'s local in_features "
-                             f"{layer.in_features_per_partition}")
+                             f"{group[0].in_features_per_partition}")
         for j, p in enumerate(ps):
-            check_input(p, layer.weight, p.shape[-1], f"{name} parts[{i}][{j}]")
+            check_input(p, group[0].weight, p.shape[-1], f"{name} parts[{i}][{j}]")
             if p.dim() != 3 or p.shape[:2] != ps[0].shape[:2]:
                 raise ValueError(f"{name}: parts[{i}][{j}] must be [B, S, K] like parts[{i}][0] "
                                  f"{tuple(ps[0].shape)}, got {tuple(p.shape)}")
         B, S = ps[0].shape[:2]
         if res is not None:
-            check_input(res, layer.weight, n, f"{name} residuals[{i}]")
+            check_input(res, first.weight, n, f"{name} residuals[{i}]")
             if res.shape != (B, S, n):
                 raise ValueError(f"{name}: residuals[{i}] must be [{B}, {S}, {n}], got {tuple(res.shape)}")
         if gate is not None:
-            check_input(gate, layer.weight, n, f"{name} gates[{i}]")
+            check_input(gate, first.weight, n, f"{name} gates[{i}]")
             if not (gate.dim() in (2, 3) and gate.shape[0] in (1, B)
                     and (gate.dim() == 2 or gate.shape[1] in (1, S))):
                 raise ValueError(f"{name}: gates[{i}] must be [B, out], [B, 1, out] or [B, S, out] with B={B}, "
                                  f"S={S}, got {tuple(gate.shape)}")
         flat_parts += ps
         counts.append(len(ps))
+        weights += [lay.weight for lay in group]
+        wcounts.append(len(group))
+        present = [lay.bias for lay in group if lay.bias is not None]
+        biases.append(None if not present else present[0] if len(present) == 1 else sum(present))
     rows = sum(p[0].shape[0] * p[0].shape[1] for p in _split(flat_parts, counts))
     world = get_world_size(first.group)
-    local_k = first.in_features_per_partition
-    edges = wave_schedule(rows, n, local_k, world, first.weight.element_size(),
-                          _sm_count(first.weight.device)).edges
-    if first.overlap != "auto":
-        from .linear import chunk_bounds
-
+    if first.overlap == "auto":  # the wave-aligned schedule of the joint row count
+        edges = wave_schedule(rows, n, sum(w.shape[1] for w in weights[:wcounts[0]]), world,
+                              first.weight.element_size(), _sm_count(first.weight.device)).edges
+    else:
         edges = [0] + [r1 for _, r1 in chunk_bounds(rows, first.overlap)]
     if not torch.compiler.is_compiling():  # eager only (see RowParallelLinear.last_chunks)
-        for layer in layers:
-            layer.last_chunks = len(edges) - 1
+        for group in groups:
+            for layer in group:
+                layer.last_chunks = len(edges) - 1
     backend = select_backend("row_parallel_matmul", first.weight.device)
     present = lambda ts: [t for t in ts if t is not None]  # noqa: E731
-    biases = [layer.bias for layer in layers]
     out = _joint_row_parallel_linear(
-        flat_parts, counts, [layer.weight for layer in layers], present(gates), [g is not None for g in gates],
-        present(residuals), [r is not None for r in residuals], present(biases), [b is not None for b in biases],
+        flat_parts, counts, weights, wcounts, present(gates), [g is not None for g in gates], present(residuals),
+        [r is not None for r in residuals], present(biases), [b is not None for b in biases],
         get_rank(first.group) == 0, edges, first.group_name if world > 1 else "", backend)
     outs, row = [], 0
     for ps in _split(flat_parts, counts):
