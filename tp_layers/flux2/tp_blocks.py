@@ -290,9 +290,9 @@ class _FusedBlockMixin:
         return layernorm_modulate(x, shift, scale, norm.eps)
 
     def _gated_residual(self, residual, gate, out):
-        if isinstance(out, Projection) and plain(out.proj) and _per_batch(gate):
-            # gate applied before the (chunked, overlapped) all-reduce and residual added by rank 0: the reduced
-            # sum is already residual + gate * out.
+        if isinstance(out, Projection) and plain(out.proj):
+            # gate (per batch entry, or per token in KV-extract mode) applied before the (chunked, overlapped)
+            # all-reduce and residual added by rank 0: the reduced sum is already residual + gate * out.
             return transparent_base(out.proj).forward_fused(out.parts, gate, residual)
         return super()._gated_residual(residual, gate, out)
 
@@ -302,7 +302,6 @@ class _FusedBlockMixin:
         row-parallel :class:`Projection` of one group with a gate the kernel takes, else one by one."""
         outs = [out for _, _, out in items]
         if (all(isinstance(o, Projection) and plain(o.proj) for o in outs)
-                and all(_per_batch(g) for _, g, _ in items)
                 and len({id(transparent_base(o.proj).group) for o in outs}) == 1):
             return joint_row_parallel([transparent_base(o.proj) for o in outs], [o.parts for o in outs],
                                       [g for _, g, _ in items], [r for r, _, _ in items])
