@@ -36,6 +36,30 @@ def median_ms(fn: Callable[[], object], device: str, rep_ms: int = 100) -> float
     return statistics.median(times)
 
 
+def median_ms_fixed(fn: Callable[[], object], device: str, warmup: int = 5, reps: int = 20) -> float:
+    """Median milliseconds of ``fn()`` over a FIXED number of calls: for code with collectives, where every rank
+    must call ``fn`` equally often (``do_bench`` sizes its repetitions from a first estimate, which may differ
+    between ranks, and a rank left waiting in a collective hangs until the process group's timeout). CUDA events
+    around each call; no L2 flush between calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.startswith("cuda"):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 @dataclasses.dataclass
 class Peaks:
     """Measured on this device (not datasheet numbers): what the roofline percentages are relative to."""

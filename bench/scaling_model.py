@@ -1,27 +1,56 @@
-"""A tensor-parallel scaling model for FLUX.2 on paper: predicted step time and speedup at TP 1/2/4/8.
+"""A tensor-parallel scaling model for FLUX.2 and Qwen-Image on paper: predicted step time and speedup at TP 1/2/4/8.
 
 Nobody here has a multi-GPU machine, so the scaling question is answered with arithmetic whose assumptions are
 written down below, and checked against single-GPU measurements when ``bench/results/`` has them. Per block
-(double- and single-stream) and for the whole transformer of klein-4B, klein-9B and dev, at 1024^2 and 2048^2
-images (4,096 and 16,384 image tokens + 512 text tokens), on H100 SXM, H200 (NVLink) and L40S (PCIe):
+(double- and single-stream) and for the whole transformer of klein-4B, klein-9B, dev and Qwen-Image (60 two-stream
+blocks, no single-stream ones), at 1024^2 and 2048^2 images (4,096 and 16,384 image tokens + 512 text tokens), on
+H100 SXM, H200 (NVLink) and L40S (PCIe):
 
-* **GEMMs** in 128 x 128 output tiles: ``waves x time per wave`` on the GPU's SMs (1 CTA per SM, what
-  ``tpfuse compile-report`` finds for the GEMM kernels), so wave quantization at high TP shows. Each SM runs its
+* **GEMMs** in 128 x 128 output tiles: ``waves x time per wave`` on the GPU's SMs (``ceil(tiles / SMs)`` tiles per
+  SM: the row-parallel GEMM runs 1 CTA per SM, the fused projections 2, as ``tpfuse compile-report`` finds), so
+  wave quantization at high TP shows. Each SM runs its
   tile at ``GEMM_EFFICIENCY`` of the dense bf16 tensor-core peak, or at the rate ``bench/bench_kernels.py``
   measured (the best TFLOP/s of the fused GEMM kernels, the closest to a full wave) when a
   ``bench/results/kernels-*.json`` exists for that GPU.
 * **Attention**: ``4 S^2 D`` FLOPs over the local heads at ``ATTENTION_EFFICIENCY`` of peak (FlashAttention-3
   reaches ~60% of H100's bf16 peak at head dim 128 and long sequences; FA2 on Ada ~45%), in waves of one CTA per
   (head, 128-query tile).
-* **Memory-bound ops** (LayerNorm+modulate, the double block's joint QK-norm/RoPE and SwiGLU; the single block
-  fuses the latter into its GEMM epilogue): bytes / (``COPY_EFFICIENCY`` x HBM bandwidth), at least
-  ``MIN_KERNEL_US`` each. LayerNorm+modulate runs on the replicated activation: TP does not shrink it.
+* **Memory-bound ops**: bytes / (``COPY_EFFICIENCY`` x HBM bandwidth), at least ``MIN_KERNEL_US`` each.
+  LayerNorm+modulate runs on the replicated activation: TP does not shrink it. A GEMM's own output write is under
+  its compute time here (D >= 3,072 FLOPs per output byte), so what fusing an epilogue saves is the separate pass
+  that reads the output back.
+* **The two-stream (double) block**, three accountings (``ACCOUNTINGS``; ``--accounting``):
+
+  - ``after`` (tpfuse now, issue 23): per stream one Q/K/V GEMM whose epilogue does the QK-norm + RoPE and writes
+    head-major into the joint Q/K/V (``joint_qkv_proj``), and the feed-forward's ``linear_in`` with the SwiGLU
+    (FLUX.2) or GELU(tanh) (Qwen-Image) epilogue (``fused_linear_act``): no memory-bound pass but the 4
+    LayerNorm+modulates. The image and text streams' row-parallel outputs are reduced together
+    (``tp_layers/joint_row.py``): one all-reduce of ``[img + txt tokens, D]`` for the two attention
+    out-projections and one for the two feed-forward outputs, chunked on the wave schedule of the JOINT row count
+    (image rows first, as the blocks order them); each chunk's GEMM is one launch per stream it covers (each
+    with its own wave quantization). 2 all-reduces per block.
+  - ``before`` (the accounting this model had before issue 23's fusion, unchanged so the saving can be shown):
+    plain per-stream GEMMs, a joint QK-norm/RoPE pass reading and writing Q/K/V (``qk_norm_rope_joint``), the
+    activation as a pass over the ``[tokens, 2M/N]`` gate|up (SwiGLU, one pass counted; the eager code ran two,
+    ``silu`` then ``mul``, so "before" is if anything optimistic) or ``[tokens, M/N]`` (GELU), and each stream's
+    two row-parallel layers reduced on their own: 4 all-reduces per block, the text stream's (512 tokens, 3 MiB
+    at D = 3,072) one unchunked, latency-bound message each.
+  - ``per-stream``: the fused projections of ``after`` with the 4 per-stream reductions of ``before``: Qwen-Image's
+    last block (its text output is dropped, so it reduces the streams one by one), and the reductions' share of
+    the saving.
+
+  The fused projections run 2 CTAs per SM (``kernels/fused_qkv_mlp_proj.py``): the tiles per SM, and so the wave
+  quantization below, are the same as at 1 CTA per SM; the second CTA hides the epilogue, so they run at the GEMM
+  rate. Qwen-Image's blocks each carry their own adaLN (``img_mod``/``txt_mod``, ``D -> 6D``, column-parallel): a
+  GEMV reading ``6 D^2 / N`` weights per stream and an all-gather of ``[B, 6D]`` per stream (latency-bound,
+  exposed), in both accountings. FLUX.2's modulation is shared by all blocks (outside them).
 * **All-reduce** of each row-parallel output: ``alpha + 2 (N - 1) / N x bytes / busbw`` (ring) or with NVLink
   SHARP (NVLS, H100/H200 only) a higher bus bandwidth and lower latency. Bus bandwidths from published nccl-tests
   figures: 8 x H100 SXM5 NVLink busbw 460-480 GB/s at large sizes, 8 x H100 PCIe (no NVSwitch) 35-45 GB/s
   (Alaya NeW, "NCCL-tests in practice", 2026-05-06, https://docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests);
   ring at the tens-of-MB messages of a block: 360 GB/s (the figure tpfuse's overlap design uses); L40S has PCIe
-  Gen4 x16 and no NVLink: half the PCIe Gen5 figure, 20 GB/s.
+  Gen4 x16 and no NVLink: half the PCIe Gen5 figure, 20 GB/s. All-gathers and all-to-alls: ``alpha + (N - 1) / N x
+  bytes / busbw`` (ring latency and bandwidth).
 * **Exposed communication** under ``RowParallelLinear(overlap="auto")``'s chunk schedule
   (:func:`tpfuse.tp_layers.schedule.wave_schedule`): chunk i's all-reduce starts when its GEMM ends (and the
   previous all-reduce is done) and runs while chunk i+1 computes, which NCCL slows by ``OVERLAP_SLOWDOWN`` (its
@@ -85,6 +114,37 @@ GPUS = [
     GPU("L40S", 142, 362.0, 864.0, {"ring": (20.0, 30.0)}, "L40S"),
 ]
 
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What the model needs of a transformer: widths, block counts, the feed-forward's activation."""
+
+    name: str
+    hidden_size: int
+    heads: int
+    head_dim: int
+    mlp_hidden: int  # M: the feed-forward's hidden width (one SwiGLU half for a gated MLP)
+    num_layers: int  # two-stream (double) blocks
+    num_single_layers: int
+    gated: bool = True  # SwiGLU: linear_in is [gate | up], 2M wide; GELU(tanh): M wide
+    block_adaln: bool = False  # each block computes its own modulation (Qwen-Image's img_mod/txt_mod)
+    last_block_per_stream: bool = False  # the last block reduces its streams one by one (Qwen-Image)
+
+    @classmethod
+    def from_flux2(cls, name: str) -> Shape:
+        cfg = PRESETS[name]
+        return cls(name, cfg.hidden_size, cfg.heads, cfg.head_dim, cfg.mlp_hidden, cfg.num_layers,
+                   cfg.num_single_layers)
+
+
+# Qwen-Image (20B; Qwen/Qwen-Image's transformer config, diffusers' QwenImageTransformer2DModel defaults): 60
+# two-stream blocks of 24 heads x 128, a GELU(tanh) MLP 4 x 3,072 wide (not gated), biased linears, per-block adaLN.
+QWEN_IMAGE = Shape("qwen-image", 3072, 24, 128, 4 * 3072, 60, 0, gated=False, block_adaln=True,
+                   last_block_per_stream=True)
+MODELS = {**{name: Shape.from_flux2(name) for name in ("klein-4b", "klein-9b", "dev")}, QWEN_IMAGE.name: QWEN_IMAGE}
+
+# The double block's accountings (see the module doc): (fused projections, joint reductions).
+ACCOUNTINGS = {"after": (True, True), "per-stream": (True, False), "before": (False, False)}
 
 MEASURED_DIRS = [RESULTS]  # where measurements are read from (--results adds one)
 
@@ -184,24 +244,42 @@ def alltoall_us(r: Rates, nbytes_per_gpu: float, n: int) -> float:
     return alpha + (n - 1) / n * nbytes_per_gpu / (busbw * 1e9) * 1e6
 
 
-def row_layer(r: Rates, rows: int, out: int, k_local: int, n: int) -> dict:
-    """A row-parallel layer under the wave-aligned chunk schedule: GEMM time, all-reduce time, exposed part."""
+def allgather_us(r: Rates, nbytes: float, n: int) -> float:
+    """An all-gather whose gathered result is ``nbytes``: each GPU receives (n-1)/n of it."""
+    return alltoall_us(r, nbytes, n)
+
+
+def joint_row_layer(r: Rates, streams, out: int, k_local: int, n: int) -> dict:
+    """Row-parallel layers of several streams (rows ``streams``, in the buffer's order) reduced as ONE all-reduce
+    (``tp_layers/joint_row.py``), chunked on the wave schedule of the joint row count: chunk i's GEMM is one launch
+    per stream whose rows it covers, its all-reduce runs while chunk i+1 computes; GEMM time, all-reduce time,
+    exposed part. One stream: :func:`row_layer`."""
+    rows = sum(streams)
+    starts = [sum(streams[:i]) for i in range(len(streams))]
+
+    def gemm(r0: int, r1: int) -> float:  # the joint rows [r0, r1): one GEMM per stream piece
+        return sum(gemm_us(r, max(0, min(r1, a + s) - max(r0, a)), out, k_local) for a, s in zip(starts, streams))
+
     if n == 1:
-        g = gemm_us(r, rows, out, k_local)
-        return {"gemm": g, "comm": 0.0, "exposed": 0.0, "chunks": 1}
-    sched = wave_schedule(rows, out, k_local, n, ELEMENT, r.gpu.sms)
+        return {"gemm": gemm(0, rows), "comm": 0.0, "exposed": 0.0, "chunks": 1, "allreduces": 0}
+    edges = wave_schedule(rows, out, k_local, n, ELEMENT, r.gpu.sms).edges
     gemm_end = comm_end = 0.0
     comm_total = gemm_total = 0.0
-    chunked = 1.0 + (r.chunk_overhead if len(sched.rows) > 1 else 0.0)
-    for i, rows_i in enumerate(sched.rows):
-        g = gemm_us(r, rows_i, out, k_local) * chunked * (1 + OVERLAP_SLOWDOWN if i > 0 else 1.0)
-        c = allreduce_us(r, rows_i * out * ELEMENT, n)
+    chunked = 1.0 + (r.chunk_overhead if len(edges) > 2 else 0.0)
+    for i, (r0, r1) in enumerate(zip(edges, edges[1:])):
+        g = gemm(r0, r1) * chunked * (1 + OVERLAP_SLOWDOWN if i > 0 else 1.0)
+        c = allreduce_us(r, (r1 - r0) * out * ELEMENT, n)
         gemm_end += g
         comm_end = max(gemm_end, comm_end) + c
         comm_total += c
         gemm_total += g
     return {"gemm": gemm_total, "comm": comm_total, "exposed": max(0.0, comm_end - gemm_end),
-            "chunks": len(sched.rows)}
+            "chunks": len(edges) - 1, "allreduces": 1}
+
+
+def row_layer(r: Rates, rows: int, out: int, k_local: int, n: int) -> dict:
+    """A row-parallel layer under the wave-aligned chunk schedule: GEMM time, all-reduce time, exposed part."""
+    return joint_row_layer(r, [rows], out, k_local, n)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,62 +297,110 @@ def single_block(cfg, r: Rates, img: int, tp: int, sp: int = 1) -> dict:
     a2a = 4 * alltoall_us(r, s * d // tp * ELEMENT, sp)
     compute = col + attn + mem + row["gemm"]
     return {"compute": compute, "comm": row["comm"] + a2a, "exposed": row["exposed"] + a2a,
-            "total": compute + row["exposed"] + a2a}
+            "total": compute + row["exposed"] + a2a, "allreduces": row["allreduces"]}
 
 
-def double_block(cfg, r: Rates, img: int, tp: int, sp: int = 1) -> dict:
+def double_block(cfg, r: Rates, img: int, tp: int, sp: int = 1, accounting: str = "after") -> dict:
+    """One two-stream block under ``accounting`` (``ACCOUNTINGS``: "after" = fused projections and 2 joint
+    all-reduces; "before" = this model's accounting before issue 23, 4 per-stream all-reduces; "per-stream")."""
+    fused, joint = ACCOUNTINGS[accounting]
     d, m = cfg.hidden_size, cfg.mlp_hidden
-    streams = [img // sp, TEXT_TOKENS // sp]
+    mlp_in = 2 * m if cfg.gated else m  # linear_in's width: [gate | up] or the GELU input
+    streams = [img // sp, TEXT_TOKENS // sp]  # image rows first, as the joint buffer holds them
     s = sum(streams)
     compute = attention_us(r, img + TEXT_TOKENS, cfg.heads // (tp * sp), cfg.head_dim)
     comm = exposed = 0.0
+    allreduces = 0
     for rows in streams:
-        compute += gemm_us(r, rows, 3 * d // tp, d) + gemm_us(r, rows, 2 * m // tp, d)  # QKV, MLP-in
+        # Q/K/V and linear_in: plain GEMMs (before) or the fused projections (joint_qkv_proj, fused_linear_act:
+        # norm + RoPE, the activation in the epilogue); the same tiles either way.
+        compute += gemm_us(r, rows, 3 * d // tp, d) + gemm_us(r, rows, mlp_in // tp, d)
         compute += 2 * memory_us(r, 2 * rows * d * ELEMENT)  # norm1 and norm2 (+ modulate)
-        compute += memory_us(r, 3 * rows * m // tp * ELEMENT)  # SwiGLU: read gate and up, write
-        for k in (d // tp, m // tp):  # attention out, MLP out
-            row = row_layer(r, rows, d, k, tp)
+        if not fused:  # the activation pass: SwiGLU reads gate and up and writes; GELU reads and writes
+            compute += memory_us(r, (3 if cfg.gated else 2) * rows * m // tp * ELEMENT)
+    if not fused:
+        compute += memory_us(r, 2 * 3 * s * d // tp * ELEMENT)  # joint QK-norm + RoPE, V into the joint layout
+    for k in (d // tp, m // tp):  # attention out, MLP out
+        layers = [joint_row_layer(r, streams, d, k, tp)] if joint else [row_layer(r, rows, d, k, tp)
+                                                                       for rows in streams]
+        for row in layers:
             compute += row["gemm"]
             comm += row["comm"]
             exposed += row["exposed"]
-    compute += memory_us(r, 2 * 3 * s * d // tp * ELEMENT)  # joint QK-norm + RoPE, V into the joint layout
+            allreduces += row["allreduces"]
+    if cfg.block_adaln:  # per stream: the [B, D] x [6D/N, D] GEMV (a weight read) and the [B, 6D] all-gather
+        compute += 2 * memory_us(r, 6 * d * d // tp * ELEMENT)
+        gather = 2 * allgather_us(r, 6 * d * ELEMENT, tp)
+        comm += gather
+        exposed += gather
     a2a = 4 * alltoall_us(r, s * d // tp * ELEMENT, sp)
-    return {"compute": compute, "comm": comm + a2a, "exposed": exposed + a2a, "total": compute + exposed + a2a}
+    return {"compute": compute, "comm": comm + a2a, "exposed": exposed + a2a, "total": compute + exposed + a2a,
+            "allreduces": allreduces}
 
 
-def transformer(cfg, r: Rates, img: int, tp: int, sp: int = 1) -> dict:
-    dbl, sgl = double_block(cfg, r, img, tp, sp), single_block(cfg, r, img, tp, sp)
-    total = cfg.num_layers * dbl["total"] + cfg.num_single_layers * sgl["total"]
-    exposed = cfg.num_layers * dbl["exposed"] + cfg.num_single_layers * sgl["exposed"]
-    comm = cfg.num_layers * dbl["comm"] + cfg.num_single_layers * sgl["comm"]
-    return {"double_us": dbl["total"], "single_us": sgl["total"], "step_ms": total / 1e3,
-            "comm_ms": comm / 1e3, "exposed_ms": exposed / 1e3}
+def transformer(cfg, r: Rates, img: int, tp: int, sp: int = 1, accounting: str = "after") -> dict:
+    dbl, sgl = double_block(cfg, r, img, tp, sp, accounting), single_block(cfg, r, img, tp, sp)
+    blocks = [(cfg.num_layers, dbl), (cfg.num_single_layers, sgl)]
+    if cfg.last_block_per_stream and cfg.num_layers and accounting == "after":
+        # the last block's text output is dropped: it reduces its streams one by one (4 all-reduces)
+        blocks = [(cfg.num_layers - 1, dbl), (1, double_block(cfg, r, img, tp, sp, "per-stream")),
+                  (cfg.num_single_layers, sgl)]
+    total, exposed, comm = (sum(n * b[key] for n, b in blocks) for key in ("total", "exposed", "comm"))
+    return {"double_us": dbl["total"], "single_us": sgl["total"] if cfg.num_single_layers else 0.0,
+            "step_ms": total / 1e3, "comm_ms": comm / 1e3, "exposed_ms": exposed / 1e3,
+            "allreduces": sum(n * b["allreduces"] for n, b in blocks)}
 
 
 def _fits(cfg, tp: int, sp: int = 1) -> bool:
     return cfg.heads % (tp * sp) == 0 and cfg.mlp_hidden % tp == 0
 
 
-def model(presets=("klein-4b", "klein-9b", "dev"), gpus=GPUS) -> dict:
-    rows, hybrid, limits = [], [], []
+def double_blocks(cfg, r: Rates, img: int, tp: int) -> dict:
+    """One two-stream block under every accounting, flattened: ``{f"{key}_{accounting}": value}``; and the text
+    stream's ``[512, D]`` all-reduce on its own against what its rows add to a joint one (bandwidth only)."""
+    out = {}
+    for accounting in ACCOUNTINGS:
+        b = double_block(cfg, r, img, tp, accounting=accounting)
+        out.update({f"{k}_{accounting}": (round(v, 3) if isinstance(v, float) else v) for k, v in b.items()})
+    nbytes = TEXT_TOKENS * cfg.hidden_size * ELEMENT
+    alone = allreduce_us(r, nbytes, tp)
+    out["text_allreduce_alone_us"] = round(alone, 3)
+    out["text_allreduce_in_joint_us"] = round(alone - r.gpu.links[r.algo][1], 3) if tp > 1 else 0.0
+    return out
+
+
+def model(presets=tuple(MODELS), gpus=GPUS, accounting: str = "after") -> dict:
+    """Every GPU x all-reduce algorithm x model x image x TP degree. ``rows`` (the whole transformer under
+    ``accounting``, with the step time under "before" alongside), ``tp_limits``, ``hybrid`` (TP x Ulysses) and
+    ``double_blocks`` (one two-stream block under every accounting)."""
+    if accounting not in ACCOUNTINGS:
+        raise ValueError(f"accounting must be one of {sorted(ACCOUNTINGS)}, got {accounting!r}")
+    rows, hybrid, limits, doubles = [], [], [], []
     for gpu in gpus:
         for algo in gpu.links:
             r = rates_for(gpu, algo)
             for name in presets:
-                cfg = PRESETS[name]
+                cfg = MODELS[name]
                 for image, img in IMAGES.items():
-                    base = transformer(cfg, r, img, 1)
+                    base = transformer(cfg, r, img, 1, accounting=accounting)
+                    base_before = transformer(cfg, r, img, 1, accounting="before")
                     prev = None
                     stop = None
                     for tp in TP_DEGREES:
                         if not _fits(cfg, tp):
                             continue
-                        t = transformer(cfg, r, img, tp)
+                        t = transformer(cfg, r, img, tp, accounting=accounting)
+                        before = transformer(cfg, r, img, tp, accounting="before")
                         speedup = base["step_ms"] / t["step_ms"]
                         rows.append({"gpu": gpu.name, "allreduce": algo, "model": name, "image": image, "tp": tp,
                                      **{k: round(v, 3) for k, v in t.items()}, "speedup": round(speedup, 3),
-                                     "efficiency": round(speedup / tp, 3), "gemm_rate": r.gemm_source,
-                                     "chunk_overhead": r.chunk_source})
+                                     "efficiency": round(speedup / tp, 3), "accounting": accounting,
+                                     "step_ms_before": round(before["step_ms"], 3),
+                                     "speedup_before": round(base_before["step_ms"] / before["step_ms"], 3),
+                                     "gemm_rate": r.gemm_source, "chunk_overhead": r.chunk_source})
+                        if cfg.num_layers:
+                            doubles.append({"gpu": gpu.name, "allreduce": algo, "model": name, "image": image,
+                                            "tp": tp, **double_blocks(cfg, r, img, tp)})
                         if prev is not None and stop is None and speedup / prev < 1.25:
                             stop = tp  # doubling the GPUs gives < 1.25x: TP has stopped scaling
                         prev = speedup
@@ -285,20 +411,25 @@ def model(presets=("klein-4b", "klein-9b", "dev"), gpus=GPUS) -> dict:
                             sp = gpus_n // tp
                             if tp * sp != gpus_n or not _fits(cfg, tp, sp):
                                 continue
-                            t = transformer(cfg, r, img, tp, sp)
+                            t = transformer(cfg, r, img, tp, sp, accounting=accounting)
                             hybrid.append({"gpu": gpu.name, "allreduce": algo, "model": name, "image": image,
                                            "gpus": gpus_n, "tp": tp, "sp": sp, "step_ms": round(t["step_ms"], 3),
                                            "speedup": round(base["step_ms"] / t["step_ms"], 3)})
     return {"assumptions": {
         "gemm_efficiency": GEMM_EFFICIENCY, "attention_efficiency": ATTENTION_EFFICIENCY,
         "copy_efficiency": COPY_EFFICIENCY, "min_kernel_us": MIN_KERNEL_US, "overlap_slowdown": OVERLAP_SLOWDOWN,
-        "text_tokens": TEXT_TOKENS, "image_tokens": IMAGES, "dtype": "bf16",
+        "text_tokens": TEXT_TOKENS, "image_tokens": IMAGES, "dtype": "bf16", "accounting": accounting,
+        "double_block_accountings": {
+            "after": "fused projections (joint_qkv_proj, fused_linear_act), 2 joint all-reduces per block",
+            "per-stream": "fused projections, 4 per-stream all-reduces (Qwen-Image's last block)",
+            "before": "plain GEMMs + QK-norm/RoPE and activation passes, 4 per-stream all-reduces (pre issue 23)"},
+        "models": {name: dataclasses.asdict(MODELS[name]) for name in presets},
         "gpus": [dataclasses.asdict(g) for g in gpus],
         "sources": ["nccl-tests busbw: https://docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests",
                     "anchors: cache-dit FLUX.1 TP on L20 1.62x/2.22x at 2/4; xDiT Ulysses-4 FLUX.1 2.63x"],
         "measured": "GEMM rate (bench_kernels) and the schedule's chunking overhead (bench_overlap) from "
                     "bench/results when present (columns gemm_rate, chunk_overhead); everything else modelled",
-    }, "rows": rows, "tp_limits": limits, "hybrid": hybrid}
+    }, "rows": rows, "tp_limits": limits, "hybrid": hybrid, "double_blocks": doubles}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,11 +437,19 @@ def model(presets=("klein-4b", "klein-9b", "dev"), gpus=GPUS) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_DOUBLE_WHAT = {"after": "fused projections, 2 joint all-reduces per double block",
+                "before": "the accounting before issue 23's fusion: 4 all-reduces per double block",
+                "per-stream": "fused projections, 4 per-stream all-reduces per double block"}
+
+
 def markdown(result: dict, gpu: str = "H100 SXM", algo: str = "ring") -> str:
+    accounting = result["assumptions"].get("accounting", "after")
+    compare = accounting != "before"
     lines = [f"Predicted TP speedup over 1 GPU (whole transformer, one step, bf16; {gpu}, {algo} all-reduce; "
-             "modelled, not measured):", "",
-             "| model | image | TP 1 ms | TP 2 | TP 4 | TP 8 | exposed comm at TP 8 | TP stops scaling at |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{_DOUBLE_WHAT[accounting]}; modelled, not measured):", "",
+             "| model | image | TP 1 ms | TP 2 | TP 4 | TP 8 | exposed comm at TP 8 | TP stops scaling at |"
+             + (" TP 8 step vs before |" if compare else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if compare else "")]
     limits = {(x["model"], x["image"]): x["tp_stops_scaling_at"] for x in result["tp_limits"]
               if x["gpu"] == gpu and x["allreduce"] == algo}
     keyed = {(x["model"], x["image"], x["tp"]): x for x in result["rows"] if x["gpu"] == gpu and x["allreduce"] == algo}
@@ -323,8 +462,10 @@ def markdown(result: dict, gpu: str = "H100 SXM", algo: str = "ring") -> str:
                      for tp in (2, 4, 8)]
             t8 = keyed.get((name, image, 8))
             exposed = f"{t8['exposed_ms'] / t8['step_ms']:.0%} of the step" if t8 else "-"
+            vs = (f" {t8['step_ms'] / t8['step_ms_before'] - 1:+.1%} |" if t8 else " - |") if compare else ""
             lines.append(f"| {name} | {image} | {one['step_ms']:.0f} | {' | '.join(cells)} | {exposed} | "
-                         f"{limits.get((name, image)) or 'beyond 8'} |")
+                         f"{limits.get((name, image)) or 'beyond 8'} |{vs}")
+    lines += double_block_table(result, gpu, algo)
     lines += ["", f"Hybrid TP x Ulysses on {gpu} ({algo}), speedup over 1 GPU:", "",
               "| model | image | GPUs | tp x sp | speedup |", "| --- | --- | --- | --- | --- |"]
     for h in result["hybrid"]:
@@ -342,6 +483,38 @@ def markdown(result: dict, gpu: str = "H100 SXM", algo: str = "ring") -> str:
             cells.append(" / ".join("-" if v is None else f"{v:.2f}x" for v in vals))
         lines.append(f"| {g} | {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def double_block_table(result: dict, gpu: str = "H100 SXM", algo: str = "ring", images=tuple(IMAGES),
+                       models=None) -> list[str]:
+    """Markdown lines: one two-stream block under the three accountings, per model, image and TP degree."""
+    lines = ["", f"One two-stream (double) block, microseconds ({gpu}, {algo} all-reduce; modelled, not measured): "
+             "before = plain GEMMs + QK-norm/RoPE and activation passes, 4 per-stream all-reduces; fused = the fused "
+             "projections with the same 4; after = fused + the 2 joint all-reduces (Qwen-Image's last block runs "
+             "fused):", "",
+             "| model | image | TP | before (4 all-reduces) | fused | after (2 joint) | saved | all-reduce time, "
+             "4 -> 2 | exposed, 4 -> 2 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in result["double_blocks"]:
+        if (x["gpu"], x["allreduce"]) != (gpu, algo) or x["image"] not in images or (models and x["model"]
+                                                                                       not in models):
+            continue
+        before, fused, after = x["total_before"], x["total_per-stream"], x["total_after"]
+        comm = (f"{x['comm_before']:.0f} -> {x['comm_after']:.0f}" if x["tp"] > 1 else "-")
+        exposed = (f"{x['exposed_before']:.0f} -> {x['exposed_after']:.0f}" if x["tp"] > 1 else "-")
+        lines.append(f"| {x['model']} | {x['image']} | {x['tp']} | {before:.0f} | {fused:.0f} | {after:.0f} | "
+                     f"{1 - after / before:.1%} | {comm} | {exposed} |")
+    text = {}
+    for x in result["double_blocks"]:
+        if (x["gpu"], x["allreduce"]) == (gpu, algo) and x["tp"] > 1 and (not models or x["model"] in models):
+            text.setdefault(x["model"], {})[x["tp"]] = (x["text_allreduce_alone_us"], x["text_allreduce_in_joint_us"])
+    if text:
+        parts = [f"{name} " + " / ".join(f"{a:.0f}" for a, _ in by_tp.values()) + " us alone, "
+                 + " / ".join(f"{j:.0f}" for _, j in by_tp.values()) + " us in the joint one"
+                 for name, by_tp in text.items()]
+        tps = "/".join(str(tp) for tp in next(iter(text.values())))
+        lines += ["", f"The text stream's {TEXT_TOKENS}-token all-reduce at TP {tps}: " + "; ".join(parts) + "."]
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -367,7 +540,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("predicted speedup over TP 1")
     axes[-1].legend(fontsize=7)
-    fig.suptitle("tpfuse FLUX.2 TP scaling model (modelled, not measured)")
+    fig.suptitle("tpfuse FLUX.2 / Qwen-Image TP scaling model (modelled, not measured)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -380,10 +553,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     parser.add_argument("--results", default=None,
                         help="also read GPU measurements (kernels-*.json, overlap-*.json) from this folder")
+    parser.add_argument("--accounting", default="after", choices=list(ACCOUNTINGS),
+                        help="the double block's accounting for the step tables: after (fused, 2 joint all-reduces), "
+                             "before (this model before issue 23: 4 per-stream all-reduces), per-stream (fused, 4); "
+                             "the double-block table always shows all three (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.results:
         MEASURED_DIRS.append(Path(args.results))
-    result = model()
+    result = model(accounting=args.accounting)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -164,8 +164,21 @@ def test_bench_model_dry_run(tmp_path):
 
 
 def test_bench_model_distributed_dry_run(tmp_path):
-    _, data = _dry_run("bench_model.py", tmp_path / "model-dist.json", distributed=True)
-    assert data["rows"][0]["tp"] == 2
+    """TP 2 on gloo ranks: the parallelized model (tiny: 1 double + 1 single block) issues 2 + 1 all-reduces per
+    forward; the double block 2 with the joint reductions, 4 per stream (fused or unfused), all equal."""
+    _, data = _dry_run("bench_model.py", tmp_path / "model-dist.json", distributed=True,
+                       args=("--what", "model,blocks"))
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert all(r["tp"] == 2 for r in rows.values())
+    assert rows["tpfuse"]["all_reduces"] == 3
+    assert {"joint_qkv_proj", "fused_linear_act"} <= set(rows["tpfuse"]["ops"].split(", "))
+    joint, per_stream, unfused = (rows[f"double: {v}"] for v in ("fused, joint reductions",
+                                                                 "fused, per-stream reductions",
+                                                                 "unfused (before issue 23)"))
+    assert (joint["all_reduces"], per_stream["all_reduces"], unfused["all_reduces"]) == (2, 4, 4)
+    assert rows["single: fused"]["all_reduces"] == 1
+    assert "qk_norm_rope_joint" in unfused["ops"] and "joint_qkv_proj" not in unfused["ops"]
+    assert per_stream["rel_err"] <= 1e-6 and unfused["rel_err"] <= 1e-6
 
 
 def test_bench_compile_dry_run(tmp_path):
@@ -195,10 +208,13 @@ def test_scaling_model_writes_table_plot_and_reads_measurements(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
     md = out.with_suffix(".md").read_text()
     assert "| klein-4b | 1024^2 |" in md and "modelled, not measured" in md and "Hybrid TP x Ulysses" in md
+    assert "| qwen-image | 1024^2 |" in md and "One two-stream (double) block" in md
     data = json.loads(out.with_suffix(".json").read_text())
     rows = data["rows"]
     combos = {(r["gpu"], r["allreduce"], r["model"], r["image"]) for r in rows}
-    assert len(combos) == 5 * 3 * 2  # (H100 ring/nvls, H200 ring/nvls, L40S ring) x 3 models x 2 images
+    assert len(combos) == 5 * 4 * 2  # (H100 ring/nvls, H200 ring/nvls, L40S ring) x 4 models x 2 images
+    assert all((d["allreduces_after"], d["allreduces_before"]) == ((2, 4) if d["tp"] > 1 else (0, 0))
+               for d in data["double_blocks"])
     for combo in combos:
         mine = sorted((r for r in rows if (r["gpu"], r["allreduce"], r["model"], r["image"]) == combo),
                       key=lambda r: r["tp"])
@@ -211,3 +227,36 @@ def test_scaling_model_writes_table_plot_and_reads_measurements(tmp_path):
     assert all(r["chunk_overhead"] == "measured (bench_overlap)" for r in h100)
     assert all(r["gemm_rate"].startswith("assumed") for r in rows if r["gpu"] == "L40S")
     assert {h["gpus"] for h in data["hybrid"]} == {4, 8} and data["tp_limits"]
+
+
+def _bench_module(name: str):
+    """``bench/<name>.py`` as a module (registered while it runs: its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_scaling_model_double_block_accountings():
+    """The double block: 2 joint all-reduces (after issue 23's fusion) against 4 per stream (the accounting before
+    it, which still reproduces the figures published with it); Qwen-Image's last block reduces per stream."""
+    sm = _bench_module("scaling_model")
+    gpu = sm.GPUS[0]
+    r = sm.Rates(gpu, sm.GEMM_EFFICIENCY * gpu.bf16_tflops, "assumed", "ring")  # not bench/results' measurements
+    for name in ("klein-4b", "dev", "qwen-image"):
+        cfg = sm.MODELS[name]
+        assert sm.double_block(cfg, r, 4096, 1)["allreduces"] == 0
+        for tp in (2, 4, 8):
+            after, fused, before = (sm.double_block(cfg, r, 4096, tp, accounting=a)
+                                    for a in ("after", "per-stream", "before"))
+            assert (after["allreduces"], fused["allreduces"], before["allreduces"]) == (2, 4, 4)
+            assert after["exposed"] < fused["exposed"] == before["exposed"] and after["total"] < before["total"]
+    qwen = sm.MODELS["qwen-image"]
+    assert sm.transformer(qwen, r, 4096, 4)["allreduces"] == 59 * 2 + 4
+    klein = sm.MODELS["klein-4b"]
+    before = [sm.transformer(klein, r, 4096, tp, accounting="before")["step_ms"] for tp in (1, 8)]
+    assert round(before[0] / before[1], 2) == 4.29  # README's klein-4B 1024^2 TP 8 figure before the fusion
