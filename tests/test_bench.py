@@ -31,8 +31,8 @@ def test_bench_kernels_dry_run(tmp_path):
     stdout, data = _dry_run("bench_kernels.py", out, env={"TRITON_INTERPRET": "1"})
     assert data["dry_run"] and data["complete"] and {"device", "torch", "triton", "date"} <= set(data["info"])
     assert {r["op"] for r in data["rows"]} == {"fused_qkv_mlp_proj", "qk_norm_rope", "qk_norm_rope_joint",
-                                               "layernorm_modulate",
-                                               "row_parallel_matmul"}
+                                               "layernorm_modulate", "row_parallel_matmul", "joint_qkv_proj",
+                                               "fused_linear_act"}
     fused = next(r for r in data["rows"] if r["op"] == "fused_qkv_mlp_proj")
     assert {"ours_ms", "eager_ms", "bare_gemm_ms", "ratio_to_bare_gemm", "gemm_epilogue_ms",
             "speedup_vs_gemm_epilogue", "tflops", "pct_peak"} <= set(fused)
