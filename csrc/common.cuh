@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace tpfuse {
 
 // dtype codes shared with the Python launchers (tpfuse.kernels.csrc.DTYPE_CODES)
@@ -59,6 +61,56 @@ __device__ __forceinline__ void store_vec_global(T* p, const float (&in)[VEC]) {
   } else {
     store_vec<T, VEC>(p, in);
   }
+}
+
+// 32-bit words of two 16-bit elements (element 2i in the low half: little-endian), for rows that are not 16-byte
+// aligned: one 32-bit access instead of two 16-bit ones (LDG.E.U16/STG.E.U16: half the bytes per instruction).
+template <typename T> __device__ __forceinline__ float2 word_to_float2(uint32_t w);
+template <> __device__ __forceinline__ float2 word_to_float2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));  // bf16 -> fp32 is a shift
+}
+template <> __device__ __forceinline__ float2 word_to_float2<__half>(uint32_t w) {
+  __half2 h;
+  memcpy(&h, &w, 4);
+  return __half22float2(h);
+}
+template <typename T> __device__ __forceinline__ uint32_t float2_to_word(float a, float b);  // one F2FP pack
+template <> __device__ __forceinline__ uint32_t float2_to_word<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &h, 4);
+  return w;
+}
+template <> __device__ __forceinline__ uint32_t float2_to_word<__half>(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &h, 4);
+  return w;
+}
+
+// p, hidden from the optimiser: a lane-base pointer whose per-step offsets must stay immediates. Without it, nvcc
+// folds the lane's index back into each access's address (the word kernel's predicates compare lane + step) and
+// issues a 64-bit IMAD.WIDE per access instead of one [R+imm] load.
+template <typename P>
+__device__ __forceinline__ P* opaque(P* p) {
+  asm("" : "+l"(p));
+  return p;
+}
+
+// A plain (weak, write-back) 32-bit global store, for a pointer the optimiser cannot see is global (opaque above):
+// st.global.b32 is STG.E, where a plain C++ store through it would be a generic ST.E.
+__device__ __forceinline__ void store_global(uint32_t* p, uint32_t v) {
+  asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// The same, predicated in the instruction (@p STG): a C++ `if` around an asm store became a BSSY/BRA/BSYNC triple
+// per store in the unrolled pair loops.
+__device__ __forceinline__ void store_global_if(bool ok, uint32_t* p, uint32_t v) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p st.global.b32 [%0], %1;\n}" ::"l"(p), "r"(v),
+               "r"(int(ok)) : "memory");
+}
+__device__ __forceinline__ void store_global_if(bool ok, float2* p, float2 v) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n @p st.global.v2.f32 [%0], {%1, %2};\n}" ::"l"(p),
+               "f"(v.x), "f"(v.y), "r"(int(ok)) : "memory");
 }
 
 // Sum over a group of `width` lanes (a power of two <= 32) that are contiguous within the warp.

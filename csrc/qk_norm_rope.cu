@@ -5,13 +5,16 @@
 //
 // Vector kernel (16-byte aligned rows, D = TPR * VPL * VEC): a group of TPR lanes owns one (b, s, h) row, a lane VPL
 // vectors of VEC consecutive features (VEC/2 RoPE pairs each, so the partner is in the lane's own registers);
-// two vectors per lane (D = 128 bf16: 8 lanes) spend one shuffle level less per row than one (16 lanes). One lane does the Q row
-// and the K row of the same (b, s, h), so the angles are read once for both, and ROWS rows of each in turn, so
-// its RMSNorm scales are read once for all of them. 32-bit index math; (b, s, h) from the row index with two
-// multiply-high divisions (FastDiv) for a lane's first row, then a carry step per row. Sums are TPR-lane xor
+// two vectors per lane (D = 128 bf16: 8 lanes) spend one shuffle level less per row than one (16 lanes). One lane
+// does the Q row and the K row of the same (b, s, h), so the angles are read once for both, and ROWS rows of each in
+// turn, so its RMSNorm scales are read once for all of them. 32-bit index math; (b, s, h) from the row index with
+// two multiply-high divisions (FastDiv) for a lane's first row, then a carry step per row. Sums are TPR-lane xor
 // shuffles.
 //
-// Scalar kernel (rows not 16-byte aligned, or D not TPR * VEC for a supported TPR): a pair per lane per step.
+// Pair kernel (the fallback: any even D up to 16 * TPR, rows that start at an even element but not 16-byte
+// aligned): the same layout with one RoPE pair per access, a 32-bit word (bf16/fp16) or an 8-byte float2 (fp32),
+// 8 pairs per lane, masked by a per-lane bit set. No 16-bit access, no division (1/D from the host). Rows starting
+// at an odd element never reach a kernel: the launcher copies them (tpfuse.kernels.cuda_backend).
 #include "common.cuh"
 
 namespace tpfuse {
@@ -112,38 +115,105 @@ __global__ void qk_norm_rope_vec_kernel(const T* __restrict__ q, const T* __rest
   }
 }
 
-template <typename T>
-__global__ void qk_norm_rope_scalar_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                           const T* __restrict__ qw, const T* __restrict__ kw,
-                                           const float* __restrict__ ang, T* __restrict__ qo, T* __restrict__ ko,
-                                           int n_rows, FastDiv H, FastDiv S, int D, RowStrides sq, RowStrides sk,
-                                           RowStrides sqo, RowStrides sko, float eps, int has_rope, int tpr) {
-  // One group of tpr lanes per row of Q (rows [0, n_rows)) or of K (rows [n_rows, 2 n_rows)).
-  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / tpr;
-  const int lane = threadIdx.x % tpr;
-  const bool active = row < 2 * n_rows;
-  const bool is_k = row >= n_rows;
-  const RowIndex at = split_row(!active ? 0 : (is_k ? row - n_rows : row), H, S);
-  const T* x = (is_k ? k : q) + offset(is_k ? sk : sq, at);
-  T* y = (is_k ? ko : qo) + offset(is_k ? sko : sqo, at);
-  const T* w = is_k ? kw : qw;
-  const int d_end = active ? D : 0;
-  float ss = 0.f;
-  for (int d = 2 * lane; d < d_end; d += 2 * tpr) {
-    const float a = to_float(x[d]), c = to_float(x[d + 1]);
-    ss += a * a + c * c;
+// One RoPE pair (elements 2p, 2p + 1) as one aligned access: a 32-bit word of two 16-bit elements, or a float2.
+template <typename T> struct Pair {
+  using U = uint32_t;
+  static __device__ __forceinline__ float2 unpack(U u) { return word_to_float2<T>(u); }
+  static __device__ __forceinline__ U pack(float a, float b) { return float2_to_word<T>(a, b); }
+};
+template <> struct Pair<float> {
+  using U = float2;
+  static __device__ __forceinline__ float2 unpack(U u) { return u; }
+  static __device__ __forceinline__ U pack(float a, float b) { return make_float2(a, b); }
+};
+
+constexpr int kQkPairsPerLane = 8;  // 16 features per lane: the vector kernel's 2 x 8 at D = 128, 8 lanes
+
+template <typename T, int TPR, int ROWS, bool ROPE>
+__global__ void __launch_bounds__(256) qk_norm_rope_pair_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ qw, const T* __restrict__ kw,
+    const float* __restrict__ ang, T* __restrict__ qo, T* __restrict__ ko, int n_rows, FastDiv H, FastDiv S, int D,
+    RowStrides sq, RowStrides sk, RowStrides sqo, RowStrides sko, float inv_d, float eps) {
+  using P = Pair<T>;
+  using U = typename P::U;
+  constexpr int PPL = kQkPairsPerLane;
+  const int lane = threadIdx.x % TPR;  // TPR: a power of two, so these are shifts and masks
+  const int group = (blockIdx.x * blockDim.x + threadIdx.x) / TPR;
+  const int half = D >> 1;  // pairs per row; the lane's pair v is v * TPR + lane
+  const int n_pairs = min(PPL, max(0, (half - lane + TPR - 1) / TPR));
+  const uint32_t lane_valid = (1u << n_pairs) - 1;  // bit v: pair v is in the row
+  float2 wq[PPL], wk[PPL];
+  {
+    const U* qwl = reinterpret_cast<const U*>(qw) + lane;
+    const U* kwl = reinterpret_cast<const U*>(kw) + lane;
+#pragma unroll
+    for (int v = 0; v < PPL; ++v) {
+      wq[v] = (lane_valid >> v) & 1 ? P::unpack(__ldg(qwl + v * TPR)) : make_float2(0.f, 0.f);
+      wk[v] = (lane_valid >> v) & 1 ? P::unpack(__ldg(kwl + v * TPR)) : make_float2(0.f, 0.f);
+    }
   }
-  const float rstd = rsqrtf(group_sum(ss, tpr) / D + eps);
-  const float* cr = has_rope ? ang + at.s * (D / 2) : nullptr;
-  const float* sr = has_rope ? cr + int(S.d) * (D / 2) : nullptr;
-  for (int d = 2 * lane; d < d_end; d += 2 * tpr) {
-    const float e = to_float(x[d]) * rstd * to_float(w[d]);
-    const float o = to_float(x[d + 1]) * rstd * to_float(w[d + 1]);
-    const float c = has_rope ? cr[d / 2] : 1.f, s = has_rope ? sr[d / 2] : 0.f;
-    y[d] = from_float<T>(e * c - o * s);
-    y[d + 1] = from_float<T>(o * c + e * s);
+  const int ang_plane = int(S.d) * half;
+  const int r0 = group * ROWS;
+  RowIndex at = split_row(r0 < n_rows ? r0 : 0, H, S);
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    if (i > 0 && ++at.h == int(H.d)) {
+      at.h = 0;
+      if (++at.s == int(S.d)) at.s = 0, ++at.b;
+    }
+    const uint32_t valid = r0 + i < n_rows ? lane_valid : 0u;  // rows past the end: shuffles only
+    // Lane-base pointers, opaque so each pair's offset stays an immediate (see common.cuh).
+    const U* xr = opaque(reinterpret_cast<const U*>(q + offset(sq, at)) + lane);
+    const U* yr = opaque(reinterpret_cast<const U*>(k + offset(sk, at)) + lane);
+    const float* cr = opaque(ang + (at.s * half + lane));  // cos plane
+    const float* sr = opaque(cr + ang_plane);               // sin plane: its own base, so offsets stay immediates
+    float2 x[PPL], y[PPL];
+    float c[PPL], sn[PPL];
+    float ssx = 0.f, ssy = 0.f;
+#pragma unroll
+    for (int v = 0; v < PPL; ++v) {
+      const bool ok = (valid >> v) & 1;
+      x[v] = ok ? P::unpack(__ldg(xr + v * TPR)) : make_float2(0.f, 0.f);
+      y[v] = ok ? P::unpack(__ldg(yr + v * TPR)) : make_float2(0.f, 0.f);
+      if (ROPE && ok) {  // unset for padding pairs, whose results are never stored
+        c[v] = __ldg(cr + v * TPR);
+        sn[v] = __ldg(sr + v * TPR);
+      }
+      ssx += x[v].x * x[v].x;  // one FFMA each: (a*a + b*b) + ss would be FMUL, FFMA, FADD
+      ssx += x[v].y * x[v].y;
+      ssy += y[v].x * y[v].x;
+      ssy += y[v].y * y[v].y;
+    }
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off /= 2) {
+      ssx += __shfl_xor_sync(0xffffffffu, ssx, off, TPR);
+      ssy += __shfl_xor_sync(0xffffffffu, ssy, off, TPR);
+    }
+    const float rx = rsqrtf(ssx * inv_d + eps), ry = rsqrtf(ssy * inv_d + eps);
+    U* xo = opaque(reinterpret_cast<U*>(qo + offset(sqo, at)) + lane);
+    U* yo = opaque(reinterpret_cast<U*>(ko + offset(sko, at)) + lane);
+#pragma unroll
+    for (int v = 0; v < PPL; ++v) {
+      const bool ok = (valid >> v) & 1;
+      const float xe = x[v].x * rx * wq[v].x, xd = x[v].y * rx * wq[v].y;
+      const float ye = y[v].x * ry * wk[v].x, yd = y[v].y * ry * wk[v].y;
+      if (ROPE) {
+        const float cs = c[v], sv = sn[v];
+        store_global_if(ok, xo + v * TPR, P::pack(xe * cs - xd * sv, xd * cs + xe * sv));
+        store_global_if(ok, yo + v * TPR, P::pack(ye * cs - yd * sv, yd * cs + ye * sv));
+      } else {
+        store_global_if(ok, xo + v * TPR, P::pack(xe, xd));
+        store_global_if(ok, yo + v * TPR, P::pack(ye, yd));
+      }
+    }
   }
 }
+
+// The instantiated shapes, mirrored by tpfuse.kernels.cuda_backend (tested). Vector kernel: (TPR, VPL), two
+// vectors per lane (one spends a shuffle level more per 16 bytes: 0.11-0.12 warp instructions per byte against
+// 0.09, so D = 64 bf16 takes 4 lanes x 2, not 8 x 1). Pair kernel: TPR lanes x 8 pairs, D <= 16 TPR.
+#define TPFUSE_QK_VEC_SHAPES(X) X(8, 2) X(16, 2) X(4, 2)
+#define TPFUSE_QK_PAIR_LANES(X) X(4) X(8) X(16) X(32)
 
 template <typename T, int VEC>
 static cudaError_t launch(int tpr, int vpl, int vector, const void* q, const void* k, const void* qw, const void* kw,
@@ -151,8 +221,9 @@ static cudaError_t launch(int tpr, int vpl, int vector, const void* q, const voi
                           RowStrides sq, RowStrides sk, RowStrides sqo, RowStrides sko, float eps, int has_rope,
                           int block, int grid, cudaStream_t stream) {
 #define TPFUSE_QKR_ARGS (const T*)q, (const T*)k, (const T*)qw, (const T*)kw, ang, (T*)qo, (T*)ko, n_rows, H, S
-#define TPFUSE_QKR_VEC(TPR, VPL)                                                                       \
-  if (tpr == TPR && vpl == VPL) {                                                                        \
+#define TPFUSE_QKR_VEC(TPR, VPL)                                                                         \
+  if (vector && tpr == TPR && vpl == VPL) {                                                              \
+    if (D != TPR * VPL * VEC) return cudaErrorInvalidValue;                                              \
     if (has_rope)                                                                                        \
       qk_norm_rope_vec_kernel<T, VEC, TPR, VPL, 4, true><<<grid, block, 0, stream>>>(TPFUSE_QKR_ARGS, sq, sk, \
                                                                                       sqo, sko, eps);    \
@@ -161,20 +232,29 @@ static cudaError_t launch(int tpr, int vpl, int vector, const void* q, const voi
                                                                                        sqo, sko, eps);   \
     return cudaGetLastError();                                                                           \
   }
-  if (!vector) {
-    qk_norm_rope_scalar_kernel<T><<<grid, block, 0, stream>>>(TPFUSE_QKR_ARGS, D, sq, sk, sqo, sko, eps, has_rope,
-                                                               tpr);
-    return cudaGetLastError();
+#define TPFUSE_QKR_PAIR(TPR)                                                                             \
+  if (!vector && tpr == TPR) {                                                                           \
+    if (D > 2 * kQkPairsPerLane * TPR) return cudaErrorInvalidValue;                                     \
+    const float inv_d = 1.0f / float(D); /* on the host: no division in the kernel */                   \
+    if (has_rope)                                                                                        \
+      qk_norm_rope_pair_kernel<T, TPR, 4, true><<<grid, block, 0, stream>>>(TPFUSE_QKR_ARGS, D, sq, sk, sqo, \
+                                                                             sko, inv_d, eps);           \
+    else                                                                                                 \
+      qk_norm_rope_pair_kernel<T, TPR, 4, false><<<grid, block, 0, stream>>>(TPFUSE_QKR_ARGS, D, sq, sk, sqo,\
+                                                                              sko, inv_d, eps);          \
+    return cudaGetLastError();                                                                           \
   }
-  TPFUSE_QKR_VEC(8, 2) TPFUSE_QKR_VEC(16, 2) TPFUSE_QKR_VEC(8, 1) TPFUSE_QKR_VEC(16, 1) TPFUSE_QKR_VEC(32, 1)
+  TPFUSE_QK_VEC_SHAPES(TPFUSE_QKR_VEC)
+  TPFUSE_QK_PAIR_LANES(TPFUSE_QKR_PAIR)
   return cudaErrorInvalidValue;
+#undef TPFUSE_QKR_PAIR
 #undef TPFUSE_QKR_VEC
 #undef TPFUSE_QKR_ARGS
 }
 
 }  // namespace tpfuse
 
-// Launch configuration (vector or scalar kernel, lanes per row, block, grid, fast divisors) is chosen by the Python
+// Launch configuration (vector or pair kernel, lanes per row, block, grid, fast divisors) is chosen by the Python
 // launcher (tested on the CPU); this only dispatches. Returns a cudaError_t code (0: success).
 // strides: q (b, s, h), k (b, s, h), qo (b, s, h), ko (b, s, h); divisors: H then S as (d, mul, shr).
 extern "C" int tpfuse_qk_norm_rope_fwd(int dtype, int vector, int vpl, const void* q, const void* k, const void* qw,
@@ -182,7 +262,7 @@ extern "C" int tpfuse_qk_norm_rope_fwd(int dtype, int vector, int vpl, const voi
                                        const int* strides, const unsigned* divisors, float eps, int has_rope,
                                        int tpr, int block, int grid, cudaStream_t stream) {
   using namespace tpfuse;
-  if (D % 2 != 0 || tpr < 1 || tpr > 32 || (tpr & (tpr - 1)) || block % 32) return int(cudaErrorInvalidValue);
+  if (D % 2 != 0 || block % 32) return int(cudaErrorInvalidValue);
   const RowStrides sq{strides[0], strides[1], strides[2]}, sk{strides[3], strides[4], strides[5]};
   const RowStrides sqo{strides[6], strides[7], strides[8]}, sko{strides[9], strides[10], strides[11]};
   const FastDiv H{divisors[0], divisors[1], divisors[2]}, S{divisors[3], divisors[4], divisors[5]};
