@@ -337,9 +337,10 @@ def test_fused_lora_takes_the_fused_kernels(world_size):
     r = results[0]
     ops, calls = r["fused_path"]
     # the model without adapters takes every fused kernel
-    assert {op for op, _ in ops} >= {"layernorm_modulate", "fused_qkv_mlp_proj", "qk_norm_rope_joint",
-                                   "row_parallel_matmul"}
-    assert ("row_parallel_linear", True) in calls and ("column_parallel_linear", 3) in calls
+    assert {op for op, _ in ops} >= {"layernorm_modulate", "fused_qkv_mlp_proj", "joint_qkv_proj",
+                                   "fused_linear_act", "row_parallel_matmul"}
+    # the single block's gated reduce; the double block's Q/K/V are joint_qkv_proj, not column-parallel GEMMs
+    assert ("row_parallel_linear", True) in calls and ("column_parallel_linear", 3) not in calls
     assert r["lora_path"] != r["fused_path"]  # an active adapter: its layers are called (the test can tell)
     assert r["lora"][0] <= F32 and r["lora"][1] > 1e-2
     assert r["merged"]

@@ -1,7 +1,8 @@
 """The two-stream blocks end to end on the Triton path (interpreter, fp32) at 2 gloo ranks: the forward of a TP
 FLUX.2 double block and of a TP Qwen-Image block launches no top-level matmul or activation op (the projections
 and activations are epilogues of tpfuse's fused ops), at most 2 row-parallel reductions, and equals diffusers'
-dense block (output, input gradients, weight-gradient shards) to the fp32 tolerance, identically on every rank."""
+dense block (output, input gradients, weight-gradient shards) to the fp32 tolerance, identically on every rank.
+FLUX.3's blocks, whose modulation is per token, stay on the same fused path (one reduction each)."""
 
 import os
 
@@ -44,6 +45,7 @@ def _check(dense, tp, inputs, batch_rows):
         for t in leaves.values():
             t.grad = None
         outs = block(**inputs)
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         gen = torch.Generator().manual_seed(5)
         torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen) for o in outs])
         return [o.detach() for o in outs], {k: t.grad.clone() for k, t in leaves.items()}
@@ -116,21 +118,66 @@ def _qwen(_=None):
     return _check(dense, tp, inputs, B)
 
 
-@pytest.mark.parametrize("family", ["flux2", "qwenimage"])
+def _flux3(_=None):
+    """FLUX.3's mode block and joint single block, with per-token modulation ([B, S, 3D]) and RoPE."""
+    import copy
+
+    from diffusers.models.transformers.transformer_flux3 import (Flux3ModeTransformerBlock,
+                                                                  Flux3SingleTransformerBlock)
+
+    from tpfuse.tp_layers.flux3.tp_blocks import shard_block
+    from tpfuse.tp_layers.tp_attention import perturb_norms
+
+    os.environ["TPFUSE_BACKEND"] = "triton"
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    ang = torch.rand(TXT + IMG, 16, generator=g) * 6.28
+    rope = (ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1))  # [S, 32], pairs
+    out = []
+    for cls in (Flux3ModeTransformerBlock, Flux3SingleTransformerBlock):
+        dense = cls(dim=64, num_attention_heads=2, attention_head_dim=32).eval()
+        perturb_norms(dense)
+        if cls is Flux3ModeTransformerBlock:
+            inputs = dict(hidden_states=torch.randn(B, TXT + IMG, 64, generator=g).requires_grad_(),
+                          temb_mod=(0.5 * torch.randn(B, TXT + IMG, 192, generator=g)).requires_grad_(),
+                          image_rotary_emb=rope)
+        else:
+            inputs = dict(hidden_states=torch.randn(B, IMG, 64, generator=g).requires_grad_(),
+                          encoder_hidden_states=torch.randn(B, TXT, 64, generator=g).requires_grad_(),
+                          temb_mod=(0.5 * torch.randn(B, IMG, 192, generator=g)).requires_grad_(),
+                          temb_mod_context=(0.5 * torch.randn(B, TXT, 192, generator=g)).requires_grad_(),
+                          image_rotary_emb=rope)
+        tp = shard_block(copy.deepcopy(dense))
+        out.append(_check(dense, tp, inputs, None))
+    return out
+
+
+CASES = {"flux2": (_flux2, {"tpfuse::joint_qkv_proj", "tpfuse::fused_linear_act"}, 2),
+         "qwenimage": (_qwen, {"tpfuse::joint_qkv_proj", "tpfuse::fused_linear_act"}, 2),
+         # per-token modulation: layernorm_modulate and the gated reduce take [B, S, D] on the fused path
+         "flux3": (_flux3, {"tpfuse::fused_qkv_mlp_proj"}, 1)}
+
+
+@pytest.mark.parametrize("family", ["flux2", "qwenimage", "flux3"])
 def test_two_stream_block_runs_fused_ops_only_and_matches_diffusers(family):
     from tpfuse.kernels._dispatch import interpreting
 
     if not (interpreting() or torch.cuda.is_available()):
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
-    results = run_ranks(_flux2 if family == "flux2" else _qwen, 2)
+    fn, expected, max_reduces = CASES[family]
+    results = run_ranks(fn, 2)
+    if family == "flux3":  # two blocks per rank: mode, single
+        results = [r for rank in results for r in rank]
     for errors, matmuls, acts, tpfuse_ops, reduces, _ in results:
         bad = {k: v for k, v in errors.items() if not v <= TOL}
         assert not bad, f"relative errors above {TOL}: {bad}"
         # Qwen-Image's adaLN modulation (silu, then temb [B, D] -> [B, 6D]) is all that is left: B rows, no tokens.
         assert not matmuls, f"top-level matmuls on token rows: {matmuls}"
         assert not acts, f"standalone activation ops: {acts}"
-        assert {"tpfuse::joint_qkv_proj", "tpfuse::fused_linear_act", "tpfuse::joint_row_parallel_linear",
-                "tpfuse::layernorm_modulate"} <= set(tpfuse_ops), tpfuse_ops
-        assert reduces <= 2, reduces
+        assert expected | {"tpfuse::joint_row_parallel_linear", "tpfuse::layernorm_modulate"} <= set(tpfuse_ops), \
+            tpfuse_ops
+        assert reduces <= max_reduces, reduces
     outs = [r[-1] for r in results]
-    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))  # identical on every rank
+    per_rank = len(outs) // 2
+    assert all(torch.equal(a, b) for i in range(per_rank)  # identical on every rank
+               for a, b in zip(outs[per_rank + i], outs[i]))

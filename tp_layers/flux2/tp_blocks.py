@@ -274,18 +274,13 @@ def _tp_feed_forward(dense, group) -> FeedForward:
     return TPFeedForward.from_dense(dense, group)
 
 
-def _per_batch(mod: torch.Tensor) -> bool:
-    """A modulation the fused kernels take: one row per batch entry ([B, D] or [B, 1, D]), not one per token."""
-    return mod.dim() == 2 or mod.shape[1] == 1
-
-
 class _FusedBlockMixin:
     _linear_names: tuple[str, ...]
 
     def _norm_modulate(self, norm, x, shift, scale):
-        if not (_per_batch(shift) and _per_batch(scale)) or hooked(norm):
-            return super()._norm_modulate(norm, x, shift, scale)  # per-token modulation (KV extract mode)
-        # The kernels read rows with unit stride; the dense block takes any layout, so a copy, not an error.
+        if hooked(norm):
+            return super()._norm_modulate(norm, x, shift, scale)
+        # Per batch entry ([B, 1, D]) or per token ([B, S, D]: KV-extract mode), one kernel either way. The kernels read rows with unit stride; the dense block takes any layout, so a copy, not an error.
         x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
         return layernorm_modulate(x, shift, scale, norm.eps)
 

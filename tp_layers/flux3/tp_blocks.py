@@ -5,7 +5,7 @@ Both block kinds are "parallel" blocks: attention and feed-forward read one modu
 summed before the gate. The plan, per block:
 
 ``attn.to_q/to_k/to_v`` + ``ff.linear_in`` (SwiGLU, ``[gate | up]``)   column: ONE projection (see below)
-``attn.to_out.0`` + ``ff.linear_out``                                   row: ONE all-reduce of their summed outputs
+``attn.to_out.0`` + ``ff.linear_out``                                   row: ONE gated all-reduce of their sum
 ``attn.norm_q/norm_k``                                                  replicated, fp32 (``_keep_in_fp32_modules``),
                                                                         gradient summed over the group
 ``norm`` and the per-token modulation                                   replicated
@@ -13,10 +13,11 @@ summed before the gate. The plan, per block:
 The four column weights stay diffusers' four parameters, but their shards are consecutive rows of one tensor
 (:mod:`..packing`), so ``fused_qkv_mlp_proj`` reads them as the packed ``[Q | K | V | gate | up]`` weight without a
 copy in inference: one GEMM whose epilogue does the Q/K RMSNorm (fp32 scales, fp32 math), RoPE, SwiGLU and the
-head-major Q/K/V. The two row layers' partial outputs are summed locally and all-reduced once (``attn + ff`` is one
-row-parallel matmul over ``[attn | mlp]``). The per-token modulation (``[B, S, D]`` shift/scale/gate) and the gated
-residual run in torch: the fused ``layernorm_modulate`` and gated reduce take one modulation row per batch entry
-(per-token modulation in the kernels is issue 23's).
+head-major Q/K/V. The two row layers are ONE row-parallel GEMM over ``[attn | mlp]`` (each part read with its own
+weight, no cat of ``to_out`` and ``linear_out``) with the per-token gate and the residual in its epilogue, chunked
+and all-reduced once (:func:`..joint_row.joint_row_parallel`; a single block's text and image rows, each with its own
+gate and residual, share that one all-reduce). The per-token modulation (``[B, S, D]`` shift/scale) runs in
+``layernorm_modulate``.
 
 The attention module's ``heads`` becomes the *local* head count: diffusers' ``Flux3AttnProcessor`` reshapes by
 ``attn.heads``, so every path that calls modules (LoRA, hooks, a user's processor) runs diffusers' code on the
@@ -28,13 +29,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpfuse.kernels import fused_qkv_mlp_proj
+from tpfuse.kernels import fused_qkv_mlp_proj, layernorm_modulate
 from tpfuse.kernels._dispatch import resolve_backend
 from tpfuse.kernels.fused_qkv_mlp_proj import SUPPORTED_HEAD_DIMS
 
 from .._flavour import resolve
-from ..comm import copy_to_tp_region, get_world_size, reduce_from_tp_region, resolve_group
+from ..comm import copy_to_tp_region, get_world_size, resolve_group
 from ..consistency import check_inputs_agree, inputs_check_due
+from ..joint_row import joint_row_parallel
 from ..linear import ColumnParallelLinear, RowParallelLinear, check_input
 from ..lora import check_adapters
 from ..packing import packed_rows, share_rows
@@ -81,6 +83,7 @@ class _TPFlux3Block:
                 and not getattr(attn, "fused_projections", False) and plain(*linears)
                 and not any(hooked(m) for m in (attn, ff, ff.act_fn, self.norm, attn.norm_q, attn.norm_k))
                 and all(transparent_base(m).bias is None for m in linears)  # the fused path has no biases
+                and isinstance(self.norm, nn.LayerNorm) and self.norm.weight is None
                 and type(ff.act_fn).__name__ == "Flux3SwiGLU" and isinstance(attn.norm_q, HeadRMSNorm)
                 and isinstance(attn.norm_k, HeadRMSNorm) and attn.norm_q.eps == attn.norm_k.eps
                 and not (isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training)
@@ -94,8 +97,9 @@ class _TPFlux3Block:
         if all(isinstance(m, ColumnParallelLinear) for m in cols):
             share_rows(cols)
 
-    def _attn_plus_ff(self, x: torch.Tensor, image_rotary_emb) -> torch.Tensor:
-        """``attn(x) + ff(x)``, reduced over the group: one fused projection, one all-reduce."""
+    def _attn_and_mlp(self, x: torch.Tensor, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's attention output and SwiGLU activation for ``x``: ``[B, S, H_local*D]``, ``[B, S, M_local]``
+        (one fused projection; the row reduce is left to the caller)."""
         attn, ff = self.attn, self.ff
         cols = [transparent_base(m) for m in (attn.to_q, attn.to_k, attn.to_v, ff.linear_in)]
         check_input(x, cols[0].weight, cols[0].input_size, type(self).__name__)
@@ -105,10 +109,19 @@ class _TPFlux3Block:
             cos, sin, attn.local_heads, attn.head_dim, cols[3].local_blocks[0], attn.norm_q.eps_for(torch.float32))
         proc = attn.processor
         a = attention_heads_major(q, k, v, None, proc._attention_backend, proc._parallel_config)  # [B, S, H_l*D]
-        out_attn, out_ff = transparent_base(attn.to_out[0]), transparent_base(ff.linear_out)
-        # The two row layers' partial products summed on this rank, then one all-reduce (not two).
-        y = torch.nn.functional.linear(a, out_attn.weight) + torch.nn.functional.linear(mlp, out_ff.weight)
-        return reduce_from_tp_region(y, self.group)  # [B, S, D]
+        return a, mlp
+
+    def _row_pair(self):
+        """``to_out.0`` and ``ff.linear_out``: one row-parallel GEMM over ``[attn | mlp]`` with each part's own
+        weight, reduced once (:func:`joint_row_parallel` with a layer per part)."""
+        return (transparent_base(self.attn.to_out[0]), transparent_base(self.ff.linear_out))
+
+
+def _norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(1 + scale) * norm(x) + shift`` with per-token ``[B, S, D]`` shift/scale, one kernel (rows read with unit
+    stride: the chunks of the modulation are strided views, made contiguous here)."""
+    x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
+    return layernorm_modulate(x, shift, scale, norm.eps)
 
 
 class TPFlux3ModeBlock(_TPFlux3Block):
@@ -119,8 +132,10 @@ class TPFlux3ModeBlock(_TPFlux3Block):
                                   "image_rotary_emb": image_rotary_emb}):
             return super().forward(hidden_states, temb_mod, image_rotary_emb)
         shift, scale, gate = torch.chunk(temb_mod, 3, dim=-1)  # [B, S, D] each: per-token modulation
-        x = (1 + scale) * self.norm(hidden_states) + shift
-        return hidden_states + gate * self._attn_plus_ff(x, image_rotary_emb)
+        x = _norm_modulate(self.norm, hidden_states, shift, scale)
+        a, mlp = self._attn_and_mlp(x, image_rotary_emb)
+        # residual + gate * (a W_o^T + mlp W_f^T): the per-token gate and the residual folded into one reduce
+        return joint_row_parallel([self._row_pair()], [[a, mlp]], [gate], [hidden_states])[0]
 
 
 class TPFlux3SingleBlock(_TPFlux3Block):
@@ -134,11 +149,15 @@ class TPFlux3SingleBlock(_TPFlux3Block):
                                    image_rotary_emb)
         shift, scale, gate = torch.chunk(temb_mod, 3, dim=-1)
         c_shift, c_scale, c_gate = torch.chunk(temb_mod_context, 3, dim=-1)
-        x = (1 + scale) * self.norm(hidden_states) + shift
-        c = (1 + c_scale) * self.norm(encoder_hidden_states) + c_shift
-        out = self._attn_plus_ff(torch.cat([c, x], dim=1), image_rotary_emb)  # [B, St + Si, D]
-        context_out, content_out = torch.split(out, [encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-        return encoder_hidden_states + c_gate * context_out, hidden_states + gate * content_out
+        x = _norm_modulate(self.norm, hidden_states, shift, scale)
+        c = _norm_modulate(self.norm, encoder_hidden_states, c_shift, c_scale)
+        a, mlp = self._attn_and_mlp(torch.cat([c, x], dim=1), image_rotary_emb)  # [B, St + Si, ...]
+        t = encoder_hidden_states.shape[1]
+        # Both streams' rows, each with its own per-token gate and residual, in ONE all-reduce.
+        context_out, content_out = joint_row_parallel(
+            [self._row_pair()] * 2, [[a[:, :t], mlp[:, :t]], [a[:, t:], mlp[:, t:]]], [c_gate, gate],
+            [encoder_hidden_states, hidden_states])
+        return context_out, content_out
 
 
 def check_block(block: nn.Module, world_size: int) -> None:
