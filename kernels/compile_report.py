@@ -29,16 +29,20 @@ reads the SASS (``cuobjdump -sass``) for:
   about 0.22 warp instructions per DRAM byte at 4.3 TB/s (132 SMs x 4 schedulers x ~1.75 GHz), so a kernel above
   that is issue-bound, not bandwidth-bound.
 
+After the table, :func:`format_block_launches` lists per FLUX.2 block kind the kernels one forward launches (the
+same launcher calls as the TP blocks), the programs and DRAM bytes of each step and the all-reduces.
+
 Checks (``CompileReport.failures``): everything compiles; every GEMM kernel uses wgmma; shared memory within the
 sm_90 per-block limit; no spills, no stack frame, no local memory; no GEMM HGMMA narrower than n128; no 16-bit
 scalar global store in any kernel (one bf16 per instruction: 8x the stores of 128-bit vectors); no GEMM epilogue
 longer than 900 instructions per warp at one CTA per SM; at most 32 scalar global loads + stores in a GEMM (its
 epilogue should move whole vectors).
 
-The CUDA C++ kernels (``csrc/``) go through the same reading: nvcc compiles each source to an sm_90 cubin and the
-kernel instantiation each csrc launcher picks for a shape (``cuda_backend.qk_launch_config`` /
-``ln_launch_config``; 16-byte aligned rows) is inspected with that launch's grid and bytes (skipped where nvcc is
-missing). Memory-bound kernels have a target rather than a rule: at most 0.10 warp instructions per DRAM byte, no
+The CUDA C++ kernels (``csrc/``) go through the same reading: nvcc compiles each source to an sm_90 cubin and
+every kernel instantiation is inspected: the ones the csrc launchers pick at the FLUX.2 shapes (per batch and per
+token modulation) with those launches' grids and bytes, every other one (the scalar fallbacks, other widths and
+dtypes) at its own width (skipped where nvcc is missing; 0.050-0.099 warp instructions per byte, no ``CALL``, no
+16-bit global access). Memory-bound kernels have a target rather than a rule: at most 0.10 warp instructions per DRAM byte, no
 ``CALL``, no 16-bit scalar global loads; the report lists every miss under "targets missed".
 
 ``--dump DIR`` writes every compiled cubin and ``DIR/index.json`` (one entry per compilation: these facts and the
@@ -614,6 +618,26 @@ def _launches_for(cfg, tp: int, tokens: int, txt: int = 512,
         proj_mod._fused_triton(x, w, q_norm, k_norm, cos, sin, heads, d, mlp, cfg.eps)
     out += [("fused_qkv_mlp_proj", True, launch) for launch in rec]
 
+    # The two-stream block: each stream's Q/K/V (its own three weights) into its rows of the joint buffer, and the
+    # feed-forward's linear_in with the SwiGLU (FLUX.2) or biased GELU(tanh) (Qwen-Image) epilogue.
+    with _recording(proj_mod, ["_fused_qkv_mlp_kernel"]) as rec:
+        qkv = torch.empty(3, 1, heads, tokens, d, **meta)
+        angles = torch.empty(2, tokens, d // 2, device="meta", dtype=torch.float32)
+        row = 0
+        for n in (txt, tokens - txt):
+            ws = tuple(torch.empty(heads * d, hidden, **meta) for _ in range(3))
+            proj_mod.fused_proj_triton(torch.empty(1, n, hidden, **meta), (*ws, None), (None,) * 4, q_norm, k_norm,
+                                       angles[:, row:row + n], qkv[:, :, :, row:row + n], None, heads, d, 0, cfg.eps)
+            row += n
+        act_out = torch.empty(1, tokens, mlp, **meta)
+        proj_mod.fused_proj_triton(x, (None, None, None, torch.empty(2 * mlp, hidden, **meta)), (None,) * 4, q_norm,
+                                   k_norm, None, None, act_out, 0, 128, mlp, 0.0, "swiglu")
+        proj_mod.fused_proj_triton(x, (None, None, None, torch.empty(mlp, hidden, **meta)),
+                                   (None, None, None, torch.empty(mlp, **meta)), q_norm, k_norm, None, None, act_out,
+                                   0, 128, mlp, 0.0, "gelu_tanh")
+    out += [(name, True, launch) for name, launch in
+            zip(("joint_qkv_proj.txt", "joint_qkv_proj.img", "fused_linear_act.swiglu", "fused_linear_act.gelu"), rec)]
+
     with _recording(qk_mod, ["_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"]) as rec:
         q, k, gq, gk = (torch.empty(1, tokens, heads, d, **meta) for _ in range(4))
         qk_mod._fwd_triton(q, k, q_norm, k_norm, cos, sin, cfg.eps)  # inference
@@ -630,6 +654,9 @@ def _launches_for(cfg, tp: int, tokens: int, txt: int = 512,
     with _recording(ln_mod, ["_ln_mod_fwd_kernel"]) as rec:
         shift, scale = torch.empty(1, hidden, **meta), torch.empty(1, hidden, **meta)
         ln_mod._layernorm_modulate_triton(x, shift, scale, cfg.eps)
+        # per-token modulation (FLUX.3, FLUX.2's KV-extract mode): [1, S, D] shift and scale
+        shift, scale = torch.empty(1, tokens, hidden, **meta), torch.empty(1, tokens, hidden, **meta)
+        ln_mod._layernorm_modulate_triton(x, shift, scale, cfg.eps)
     out += [("layernorm_modulate", False, launch) for launch in rec]
 
     # Row-parallel out-projections: single-stream to_out over [attn | mlp] with gate + residual (rank 0), and a
@@ -642,8 +669,124 @@ def _launches_for(cfg, tp: int, tokens: int, txt: int = 512,
         rpm_mod.row_parallel_matmul_triton([attn, act], w_out, gate, x, True)
         w_ff = torch.empty(hidden, mlp, **meta)
         rpm_mod.row_parallel_matmul_triton([act], w_ff, gate, None, False, row_range=(0, tokens // 4))
+        # Per-token gate (FLUX.3, FLUX.2's KV-extract mode) over [attn | mlp] with each part's own weight (FLUX.3's
+        # to_out + ff.linear_out), residual added (rank 0).
+        gate_tok = torch.empty(1, tokens, hidden, **meta)
+        rpm_mod.row_parallel_matmul_triton([attn, act], [torch.empty(hidden, heads * d, **meta), w_ff], gate_tok,
+                                           x, True)
     out += [("row_parallel_matmul", True, launch) for launch in rec]
     return out
+
+
+def block_launches(cfg, tp: int, txt: int, img: int, dtype=torch.bfloat16) -> dict[str, list[tuple[str, int, int]]]:
+    """The kernels one block's forward launches on rank 0, in order, per FLUX.2 block kind: ``(kernel, grid size,
+    DRAM bytes)`` each, plus ``("all_reduce", chunks, payload bytes)`` entries for its row-parallel reductions
+    (the attention itself, SDPA / flash attention, is not tpfuse's and not listed). The launchers run on ``meta``
+    tensors with the kernels recorded, not compiled or run: the same calls the TP blocks make."""
+    from tpfuse.tp_layers.schedule import wave_schedule  # pure arithmetic, no torch.distributed
+
+    proj_mod = importlib.import_module(f"{__package__}.fused_qkv_mlp_proj")
+    ln_mod = importlib.import_module(f"{__package__}.layernorm_modulate")
+    rpm_mod = importlib.import_module(f"{__package__}.row_parallel_matmul")
+    meta = {"device": "meta", "dtype": dtype}
+    heads, d, hidden, mlp = cfg.heads // tp, cfg.head_dim, cfg.hidden_size, cfg.mlp_hidden // tp
+    inner = heads * d
+    element = torch.empty((), dtype=dtype).element_size()
+    norms = (torch.empty(d, **meta), torch.empty(d, **meta))
+
+    def t(*shape, dt=None):
+        return torch.empty(*shape, device="meta", dtype=dt or dtype)
+
+    def ln(x):
+        ln_mod._layernorm_modulate_triton(x, t(1, hidden), t(1, hidden), cfg.eps)
+
+    def reduce(streams, k):  # [(parts, weight)] per stream, as joint_row_parallel launches them
+        rows = [p[0].shape[1] for p, _ in streams]
+        edges = wave_schedule(sum(rows), hidden, k, tp, element).edges
+        bases = [sum(rows[:i]) for i in range(len(rows))]
+        for r0, r1 in zip(edges, edges[1:]):
+            for (parts, w), base, n in zip(streams, bases, rows):
+                lo, hi = max(r0, base), min(r1, base + n)
+                if lo < hi:
+                    rpm_mod.row_parallel_matmul_triton(parts, w, t(1, hidden), t(1, n, hidden), True,
+                                                       t(n, hidden), (lo - base, hi - base))
+        return ("all_reduce", len(edges) - 1, sum(rows) * hidden * element)
+
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    names = ["_fused_qkv_mlp_kernel", "_ln_mod_fwd_kernel", "_row_parallel_mm_kernel"]
+    for kind in ("single", "double"):
+        sink: list = []
+        events: list = []
+        saved = {m: {n: getattr(m, n) for n in names if hasattr(m, n)} for m in (proj_mod, ln_mod, rpm_mod)}
+        try:
+            for m, fns in saved.items():
+                for n, k in fns.items():
+                    setattr(m, n, _Recorder(k, sink))
+            mark = lambda label: events.append((label, len(sink)))  # noqa: E731
+            if kind == "single":
+                x = t(1, txt + img, hidden)
+                ln(x), mark("layernorm_modulate")
+                proj_mod._fused_triton(x, t(3 * inner + 2 * mlp, hidden), *norms, t(txt + img, d, dt=torch.float32),
+                                       t(txt + img, d, dt=torch.float32), heads, d, mlp, cfg.eps)
+                mark("fused_qkv_mlp_proj")
+                ar = reduce([([t(1, txt + img, inner), t(1, txt + img, mlp)], t(hidden, inner + mlp))], inner + mlp)
+                mark("row_parallel_matmul [attn | mlp]")
+                reduces = [ar]
+            else:
+                xs = [t(1, txt, hidden), t(1, img, hidden)]
+                for x in xs:
+                    ln(x)
+                mark("layernorm_modulate x2")
+                qkv, ang, row = t(3, 1, heads, txt + img, d), t(2, txt + img, d // 2, dt=torch.float32), 0
+                for x in xs:
+                    n = x.shape[1]
+                    proj_mod.fused_proj_triton(x, (t(inner, hidden), t(inner, hidden), t(inner, hidden), None),
+                                               (None,) * 4, *norms, ang[:, row:row + n], qkv[:, :, :, row:row + n],
+                                               None, heads, d, 0, cfg.eps)
+                    row += n
+                mark("joint_qkv_proj (text, image)")
+                ar1 = reduce([([t(1, x.shape[1], inner)], t(hidden, inner)) for x in xs], inner)
+                mark("joint row reduce: to_add_out + to_out")
+                for x in xs:
+                    ln(x)
+                mark("layernorm_modulate x2")
+                for x in xs:
+                    proj_mod.fused_proj_triton(x, (None, None, None, t(2 * mlp, hidden)), (None,) * 4, *norms, None,
+                                               None, t(1, x.shape[1], mlp), 0, 128, mlp, 0.0, "swiglu")
+                mark("fused_linear_act (SwiGLU) x2")
+                ar2 = reduce([([t(1, x.shape[1], mlp)], t(hidden, mlp)) for x in xs], mlp)
+                mark("joint row reduce: ff_context + ff linear_out")
+                reduces = [ar1, ar2]
+        finally:
+            for m, fns in saved.items():
+                for n, k in fns.items():
+                    setattr(m, n, k)
+        rows, start, r = [], 0, iter(reduces)
+        for label, end in events:
+            launches = sink[start:end]
+            rows.append((f"{label} ({len(launches)} launch{'es' if len(launches) != 1 else ''})",
+                         sum(math.prod(_grid_shape(x)) for x in launches), sum(_launch_bytes(x) for x in launches)))
+            if "row" in label:
+                rows.append(next(r))
+            start = end
+        out[kind] = rows
+    return out
+
+
+def format_block_launches(preset: str, tp: int, txt: int, img: int) -> str:
+    """:func:`block_launches` as a table: per block kind, each step's launches, programs and DRAM bytes."""
+    from tpfuse.tp_layers.flux2.config import Flux2Config
+
+    table = block_launches(Flux2Config.preset(preset), tp, txt, img)
+    lines = [f"Per block forward, {preset} TP {tp}, {txt}+{img} tokens, bf16, rank 0 (attention not listed):"]
+    for kind, rows in table.items():
+        kernel_bytes = sum(b for name, _, b in rows if name != "all_reduce")
+        n_reduce = sum(1 for name, _, _ in rows if name == "all_reduce")
+        lines.append(f"  {kind}-stream: {kernel_bytes / 2**20:.1f} MiB through DRAM, {n_reduce} all-reduce(s)")
+        for name, count, nbytes in rows:
+            what = f"{count} chunk(s)" if name == "all_reduce" else f"{count} programs"
+            lines.append(f"    {name:<58} {what:>14} {nbytes / 2**20:>9.1f} MiB")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -711,30 +854,89 @@ def _shapes(presets: Sequence[str], tp: Sequence[int], tokens: Sequence[tuple[in
 # --------------------------------------------------------------------------------------------------------------
 
 _CSRC_TYPES = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f"}  # Itanium mangling
+_CSRC_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# The (token, head) rows per token of the catalogue's qk_norm_rope launches: FLUX.2 klein-4B's and Qwen-Image's 24
+# heads at TP 1, the most rows sharing one token's angles (the fewest DRAM bytes per row, so the highest rate).
+_CSRC_CATALOGUE_HEADS = 24
+
+
+def _csrc_symbol(kernel: str, dtype, *args) -> str:
+    """The Itanium-mangled name prefix of ``tpfuse::kernel<dtype, args...>`` (ints and bools)."""
+    targs = "".join(f"Lb{int(a)}E" if isinstance(a, bool) else f"Li{a}E" for a in args)
+    return f"_ZN6tpfuse{len(kernel)}{kernel}I{_CSRC_TYPES[dtype]}{targs}EE"
+
+
+def _csrc_ln(dtype, tokens: int, d: int, launch: dict, per_token: bool) -> tuple[str, str, str, dict, int]:
+    size = torch.empty((), dtype=dtype).element_size()
+    nbytes = 2 * tokens * d * size + 2 * (tokens if per_token else 1) * d * size  # x in, y out; shift, scale
+    mode = "per-token" if per_token else "per-batch"
+    if launch["kind"] == 0:
+        symbol = _csrc_symbol("ln_mod_vec_kernel", dtype, launch["vec"], launch["nv"], launch["wpr"], launch["tiles"],
+                              per_token)
+        label = f"{_CSRC_NAMES[dtype]} vector {mode} nv={launch['nv']}"
+    else:
+        symbol = _csrc_symbol("ln_mod_word_kernel", dtype, launch["nv"], launch["wpr"], launch["tiles"], per_token)
+        label = f"{_CSRC_NAMES[dtype]} word {mode} nw={launch['nv']}"
+    label += f" wpr={launch['wpr']} tiles={launch['tiles']} rows/block={launch['rows']} smem={launch['smem']}"
+    return "csrc layernorm_modulate", symbol, label, launch, nbytes
+
+
+def _csrc_qk(dtype, rows: int, tokens: int, d: int, launch: dict, rope: bool) -> tuple[str, str, str, dict, int]:
+    size = torch.empty((), dtype=dtype).element_size()
+    nbytes = 4 * rows * d * size + 2 * d * size + (2 * tokens * (d // 2) * 4 if rope else 0)  # q, k in+out; angles
+    rope_label = "rope" if rope else "no-rope"
+    if launch["vector"]:
+        symbol = _csrc_symbol("qk_norm_rope_vec_kernel", dtype, launch["vec"], launch["tpr"], launch["vpl"],
+                              launch["rows"], rope)
+        label = f"{_CSRC_NAMES[dtype]} vector {rope_label} vec={launch['vec']} tpr={launch['tpr']} vpl={launch['vpl']}"
+    else:
+        symbol = _csrc_symbol("qk_norm_rope_pair_kernel", dtype, launch["tpr"], launch["rows"], rope)
+        label = f"{_CSRC_NAMES[dtype]} pair {rope_label} tpr={launch['tpr']} pairs/lane={launch['vpl']}"
+    label += f" rows/lane={launch['rows']} block={launch['block']}"
+    return "csrc qk_norm_rope", symbol, label, launch, nbytes
 
 
 def _csrc_launches(cfg, tp: int, tokens: int, dtype=torch.bfloat16) -> list[tuple[str, str, str, dict, int]]:
     """(kernel, mangled-name prefix, config label, launch config, DRAM bytes) the csrc launchers pick for a shape
-    (one sequence, 16-byte aligned rows: the vector kernels)."""
+    (one sequence, 16-byte aligned rows): qk_norm_rope with RoPE, layernorm_modulate per batch and per token
+    (FLUX.2's KV-extract mode, FLUX.3)."""
     from . import cuda_backend as cb
 
     heads, d, hidden = cfg.heads // tp, cfg.head_dim, cfg.hidden_size
-    size = torch.empty((), dtype=dtype).element_size()
-    vec = cb.vector_width(dtype, aligned=True)
-    t = _CSRC_TYPES[dtype]
+    qk = cb.qk_launch_config(tokens * heads, d, cb.vector_width(dtype, aligned=True))
+    out = [_csrc_qk(dtype, tokens * heads, tokens, d, qk, True)]
+    for per_token in (False, True):
+        ln = cb.ln_launch_config(1, tokens, hidden, dtype, vector=True, per_token=per_token)
+        if ln is not None:
+            out.append(_csrc_ln(dtype, tokens, hidden, ln, per_token))
+    return out
+
+
+def _csrc_catalogue(tokens: int) -> list[tuple[str, str, str, str, dict, int]]:
+    """(use, kernel, symbol, label, launch, bytes) for every kernel instantiation in csrc/, each at the width it is
+    instantiated for (its capacity), ``tokens`` tokens, batch 1, every dtype: the fallbacks (word and pair kernels:
+    rows not 16-byte aligned, or widths off the vector shapes) and the shapes no preset uses, so every kernel's
+    rate, CALL and 16-bit counts are in the report."""
+    from . import cuda_backend as cb
+
     out = []
-    qk = cb.qk_launch_config(tokens * heads, d, vec)
-    if qk["vector"]:
-        qk_bytes = 4 * tokens * heads * d * size + 2 * tokens * (d // 2) * 4 + 2 * d * size  # q, k in+out; angles
-        out.append(("csrc qk_norm_rope", f"_ZN6tpfuse23qk_norm_rope_vec_kernelI{t}Li{vec}ELi{qk['tpr']}ELi"
-                    f"{qk['vpl']}ELi{qk['rows']}ELb1EE", f"vec={vec} tpr={qk['tpr']} vpl={qk['vpl']} "
-                    f"rows/lane={qk['rows']} block={qk['block']}", qk, qk_bytes))
-    ln = cb.ln_launch_config(1, tokens, hidden, vec)
-    if ln["nv"]:
-        ln_bytes = 2 * tokens * hidden * size + 2 * hidden * size  # x in, y out, shift and scale
-        out.append(("csrc layernorm_modulate", f"_ZN6tpfuse17ln_mod_vec_kernelI{t}Li{vec}ELi{ln['nv']}ELi"
-                    f"{ln['wpr']}EE", f"vec={vec} nv={ln['nv']} wpr={ln['wpr']} rows/block={ln['rows']} "
-                    f"smem={(2 * hidden + 8) * 4}", ln, ln_bytes))
+    for dtype in _CSRC_TYPES:
+        size = torch.empty((), dtype=dtype).element_size()
+        vec, epw = 16 // size, 4 // size
+        widths = [(nv * wpr * 32 * vec, True) for nv, wpr, _ in cb.LN_VEC_SHAPES]
+        widths += [(nw * wpr * 32 * epw, False) for nw, wpr, _ in cb.ln_word_shapes(dtype)]
+        for d, vector in widths:
+            for per_token in (False, True):
+                launch = cb.ln_launch_config(1, tokens, d, dtype, vector=vector, per_token=per_token)
+                out.append((f"D={d} {tokens} tokens", *_csrc_ln(dtype, tokens, d, launch, per_token)))
+        widths = [(tpr * vpl * vec, vec) for tpr, vpl in cb.QK_VECTOR_SHAPES]
+        widths += [(2 * cb.QK_PAIRS_PER_LANE * tpr, cb.vector_width(dtype, aligned=False)) for tpr in cb.QK_PAIR_LANES]
+        rows = tokens * _CSRC_CATALOGUE_HEADS
+        for d, per_access in widths:
+            launch = cb.qk_launch_config(rows, d, per_access)
+            for rope in (True, False):
+                out.append((f"D={d} {tokens} tokens x {_CSRC_CATALOGUE_HEADS} heads",
+                            *_csrc_qk(dtype, rows, tokens, d, launch, rope)))
     return out
 
 
@@ -746,9 +948,10 @@ def _split_functions(text: str) -> dict[str, str]:
 
 def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: Sequence[tuple[int, int]],
                  dump_dir: Path | None = None) -> list[KernelResult]:
-    """Compile ``csrc/*.cu`` for ``arch`` and inspect the kernel instantiations the launchers use at these shapes
-    (with ``dump_dir``, each source's cubin goes there as ``csrc_<name>.cubin``); empty when nvcc is missing (the
-    Triton report stands alone)."""
+    """Compile ``csrc/*.cu`` for ``arch`` and inspect the kernel instantiations the launchers use at these shapes,
+    then every other instantiation at its own width (:func:`_csrc_catalogue`); an instantiation that nothing
+    inspects is a failure. With ``dump_dir``, each source's cubin goes there as ``csrc_<name>.cubin``. Empty when
+    nvcc is missing (the Triton report stands alone)."""
     from . import cuda_backend as cb
 
     try:
@@ -756,27 +959,36 @@ def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: S
     except cb.CsrcError:
         return []
     results: dict[str, KernelResult] = {}
-    meta: dict[str, tuple[str, dict]] = {}
+    smem: dict[str, int] = {}  # dynamic shared memory per launch (cuobjdump counts static only)
+
+    def add(use, kernel, symbol, label, launch, nbytes):
+        if symbol not in results:
+            grid = launch["grid"] if isinstance(launch["grid"], tuple) else (launch["grid"],)
+            results[symbol] = KernelResult(kernel, False, label, [], grid=list(grid), bytes=nbytes,
+                                           num_warps=launch["block"] // 32)
+            smem[symbol] = launch.get("smem", 0)
+        results[symbol].uses.append(use)
+
     for use, cfg, n, txt, img in _shapes(presets, tp, tokens):
-        for kernel, symbol, label, launch, nbytes in _csrc_launches(cfg, n, txt + img):
-            if symbol not in results:
-                grid = launch["grid"] if isinstance(launch["grid"], tuple) else (launch["grid"],)
-                results[symbol] = KernelResult(kernel, False, label, [], grid=list(grid), bytes=nbytes,
-                                               num_warps=launch["block"] // 32)
-                meta[symbol] = (label, launch)
-            results[symbol].uses.append(use)
+        for entry in _csrc_launches(cfg, n, txt + img):
+            add(use, *entry)
+    for entry in _csrc_catalogue(sum(tokens[0])):
+        if entry[2] not in results:
+            add(*entry)
     with tempfile.TemporaryDirectory() as tmp:
         sass, usage, verbose, cubin_of = {}, "", "", {}
-        for source in cb.sources():
-            cubin = Path(tmp, source.stem + ".cubin")
-            proc = subprocess.run([nvcc, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                                   "-cubin", "-Xptxas", "-v", str(source), "-o", str(cubin)],
-                                  capture_output=True, text=True)
+        # Both sources at once: each is a few seconds of nvcc per hundred instantiations.
+        cubins = [Path(tmp, source.stem + ".cubin") for source in cb.sources()]
+        procs = [subprocess.Popen([nvcc, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                                   "-cubin", "-Xptxas", "-v", str(source), "-o", str(cubin)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for source, cubin in zip(cb.sources(), cubins)]
+        logs = [proc.communicate() for proc in procs]
+        for source, cubin, proc, (stdout, stderr) in zip(cb.sources(), cubins, procs, logs):
             if proc.returncode != 0:
                 for r in results.values():
-                    r.error = f"nvcc failed on {source.name}: {proc.stderr.strip().splitlines()[-1:]}"
+                    r.error = f"nvcc failed on {source.name}: {stderr.strip().splitlines()[-1:]}"
                 return list(results.values())
-            verbose += proc.stdout + proc.stderr
+            verbose += stdout + stderr
             if dump_dir is not None:
                 (dump_dir / f"csrc_{cubin.name}").write_bytes(cubin.read_bytes())
             functions = _split_functions(subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
@@ -797,8 +1009,7 @@ def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: S
         try:
             m = re.search(re.escape(name) + r":\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
             result.registers, result.stack_bytes, static_shared, result.local_bytes = map(int, m.groups())
-            hidden_smem = re.search(r"smem=(\d+)", meta[symbol][0])
-            result.shared_bytes = static_shared + (int(hidden_smem.group(1)) if hidden_smem else 0)
+            result.shared_bytes = static_shared + smem[symbol]
             result.spill_store_bytes, result.spill_load_bytes = map(
                 int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", spills[name]).groups())
             result.sass = analyze_sass(sass[name])
@@ -808,6 +1019,11 @@ def _csrc_report(arch: int, presets: Sequence[str], tp: Sequence[int], tokens: S
                                                    result.bytes)
         except Exception as exc:  # noqa: BLE001 - reported as a failure of this kernel
             result.error = _one_line(exc)
+    # Every instantiation is inspected: a kernel compiled but not in any launch table is reported, not skipped.
+    for name in sass:
+        if not any(name.startswith(symbol) for symbol in results):
+            results[name] = KernelResult("csrc (uninspected)", False, name, ["-"], ok_compiled=True,
+                                         error="instantiated in csrc/ but no launch configuration inspects it")
     return sorted(results.values(), key=lambda r: (r.kernel, r.config))
 
 
@@ -944,6 +1160,11 @@ def run(args) -> int:
     report = compile_report(args.arch, [p for p in args.presets.split(",") if p],
                             [int(t) for t in args.tp.split(",") if t], dump=args.dump)
     print(format_compile_report(report))
+    presets = [p for p in args.presets.split(",") if p]
+    tps = [int(t) for t in args.tp.split(",") if t]
+    if presets:
+        print()
+        print(format_block_launches(presets[0], next((t for t in tps if t > 1), tps[0]), *DEFAULT_TOKENS[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1

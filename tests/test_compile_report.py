@@ -55,12 +55,28 @@ def test_every_kernel_and_shape_is_covered(report):
     _, data = report
     names = {k["kernel"] for k in data["kernels"]}
     assert {"fused_qkv_mlp_proj", "qk_norm_rope.fwd", "qk_norm_rope.bwd", "layernorm_modulate",
-            "row_parallel_matmul"} <= names
+            "row_parallel_matmul", "joint_qkv_proj.txt", "joint_qkv_proj.img", "fused_linear_act.swiglu",
+            "fused_linear_act.gelu"} <= names
+    assert any("GATE=token" in k["config"] for k in data["kernels"])  # the per-token gated epilogue
     assert sum(k["gemm"] for k in data["kernels"]) >= 3  # the fused projection and both row-matmul variants
     uses = {u for k in data["kernels"] for u in k["uses"]}
     for preset in ("klein-4b", "klein-9b", "dev"):
         for tp in (1, 2, 4, 8):
             assert f"{preset} tp{tp} 512+4096" in uses
+
+
+def test_block_table_lists_each_block_kinds_launches_and_reductions(report_run):
+    proc = report_run[0]
+    assert "Per block forward, klein-4b TP 2" in proc.stdout
+    from tpfuse.kernels.compile_report import block_launches
+    from tpfuse.tp_layers.flux2.config import Flux2Config
+
+    table = block_launches(Flux2Config.preset("klein-4b"), 2, 512, 1024)
+    names = {kind: [n for n, _, _ in rows] for kind, rows in table.items()}
+    assert names["single"].count("all_reduce") == 1 and names["double"].count("all_reduce") == 2
+    steps = " ".join(names["double"])
+    assert "joint_qkv_proj" in steps and "fused_linear_act" in steps and "qk_norm_rope" not in steps
+    assert all(b > 0 for rows in table.values() for _, _, b in rows)
 
 
 def test_memory_bound_kernels_meet_the_issue_rate_target(report):
