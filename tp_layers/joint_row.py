@@ -16,12 +16,14 @@ with it, so the reduced sum is ``residual + gate * (x W^T + b)``. One ``torch.li
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tpfuse.kernels import select_backend
+from tpfuse.kernels._autocast import _like, autocast_dtype, autocast_off
 from tpfuse.kernels._math import each_needs
 from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_backward, row_parallel_matmul_forward
 
@@ -259,13 +261,27 @@ def joint_row_parallel(layers: Sequence[RowParallelLinear | Sequence[RowParallel
                 layer.last_chunks = len(edges) - 1
     backend = select_backend("row_parallel_matmul", first.weight.device)
     present = lambda ts: [t for t in ts if t is not None]  # noqa: E731
-    out = _joint_row_parallel_linear(
-        flat_parts, counts, weights, wcounts, present(gates), [g is not None for g in gates], present(residuals),
-        [r is not None for r in residuals], present(biases), [b is not None for b in biases],
-        get_rank(first.group) == 0, edges, first.group_name if world > 1 else "", backend)
+    cast = autocast_dtype(first.weight.device)
+    fold_gates, fold_res = (gates, residuals) if cast is None else ([None] * len(gates), [None] * len(residuals))
+    with autocast_off(first.weight.device) if cast is not None else contextlib.nullcontext():
+        if cast is not None:
+            # Autocast: the GEMMs (and the all-reduce) in the autocast dtype, as F.linear; gates and residuals then
+            # in torch with autocast's type promotion, as the dense block applies them (RowParallelLinear does
+            # the same).
+            flat_parts = [p.to(cast) for p in flat_parts]
+            weights = [w.to(cast) for w in weights]
+            biases = [_like(b, dtype=cast) for b in biases]
+        out = _joint_row_parallel_linear(
+            flat_parts, counts, weights, wcounts, present(fold_gates), [g is not None for g in fold_gates],
+            present(fold_res), [r is not None for r in fold_res], present(biases), [b is not None for b in biases],
+            get_rank(first.group) == 0, edges, first.group_name if world > 1 else "", backend)
     outs, row = [], 0
-    for ps in _split(flat_parts, counts):
+    for ps, gate, res in zip(_split(flat_parts, counts), gates, residuals):
         B, S = ps[0].shape[:2]
-        outs.append(out[row:row + B * S].view(B, S, n))
+        y = out[row:row + B * S].view(B, S, n)
         row += B * S
+        if cast is not None:
+            y = y if gate is None else y * (gate.unsqueeze(1) if gate.dim() == 2 else gate)
+            y = y if res is None else res + y
+        outs.append(y)
     return outs
