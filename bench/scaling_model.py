@@ -27,8 +27,8 @@ H100 SXM, H200 (NVLink) and L40S (PCIe):
     LayerNorm+modulates. The image and text streams' row-parallel outputs are reduced together
     (``tp_layers/joint_row.py``): one all-reduce of ``[img + txt tokens, D]`` for the two attention
     out-projections and one for the two feed-forward outputs, chunked on the wave schedule of the JOINT row count
-    (image rows first, as the blocks order them); each chunk's GEMM is one launch per stream it covers (each
-    with its own wave quantization). 2 all-reduces per block.
+    (image rows first, as the blocks order them); a chunk that spans both streams is ONE launch over both streams'
+    row tiles (``row_parallel_matmul_segments_triton``), so it fills whole waves. 2 all-reduces per block.
   - ``before`` (the accounting this model had before issue 23's fusion, unchanged so the saving can be shown):
     plain per-stream GEMMs, a joint QK-norm/RoPE pass reading and writing Q/K/V (``qk_norm_rope_joint``), the
     activation as a pass over the ``[tokens, 2M/N]`` gate|up (SwiGLU, one pass counted; the eager code ran two,
@@ -252,13 +252,17 @@ def allgather_us(r: Rates, nbytes: float, n: int) -> float:
 def joint_row_layer(r: Rates, streams, out: int, k_local: int, n: int) -> dict:
     """Row-parallel layers of several streams (rows ``streams``, in the buffer's order) reduced as ONE all-reduce
     (``tp_layers/joint_row.py``), chunked on the wave schedule of the joint row count: chunk i's GEMM is one launch
-    per stream whose rows it covers, its all-reduce runs while chunk i+1 computes; GEMM time, all-reduce time,
+    over the rows of every stream it covers, its all-reduce runs while chunk i+1 computes; GEMM time, all-reduce time,
     exposed part. One stream: :func:`row_layer`."""
     rows = sum(streams)
     starts = [sum(streams[:i]) for i in range(len(streams))]
 
-    def gemm(r0: int, r1: int) -> float:  # the joint rows [r0, r1): one GEMM per stream piece
-        return sum(gemm_us(r, max(0, min(r1, a + s) - max(r0, a)), out, k_local) for a, s in zip(starts, streams))
+    def gemm(r0: int, r1: int) -> float:  # the joint rows [r0, r1): ONE launch over every stream's piece, each
+        # piece's rows in whole row tiles (row_parallel_matmul_segments_triton puts both in one grid)
+        pieces = [max(0, min(r1, a + s) - max(r0, a)) for a, s in zip(starts, streams)]
+        if sum(1 for p in pieces if p) <= 1:
+            return gemm_us(r, sum(pieces), out, k_local)
+        return gemm_us(r, sum(math.ceil(p / ROW_TILE) * ROW_TILE for p in pieces), out, k_local)
 
     if n == 1:
         return {"gemm": gemm(0, rows), "comm": 0.0, "exposed": 0.0, "chunks": 1, "allreduces": 0}

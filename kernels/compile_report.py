@@ -674,6 +674,11 @@ def _launches_for(cfg, tp: int, tokens: int, txt: int = 512,
         gate_tok = torch.empty(1, tokens, hidden, **meta)
         rpm_mod.row_parallel_matmul_triton([attn, act], [torch.empty(hidden, heads * d, **meta), w_ff], gate_tok,
                                            x, True)
+        # A joint reduce's chunk across the text/image boundary: both streams' rows in one launch (SEGMENTS=2).
+        img = tokens - txt
+        rpm_mod.row_parallel_matmul_segments_triton([
+            ([torch.empty(1, n, mlp, **meta)], torch.empty(hidden, mlp, **meta), gate, torch.empty(1, n, hidden, **meta),
+             True, torch.empty(n, hidden, **meta), rng) for n, rng in ((txt, (128, txt)), (img, (0, img // 2)))])
     out += [("row_parallel_matmul", True, launch) for launch in rec]
     return out
 
@@ -705,11 +710,13 @@ def block_launches(cfg, tp: int, txt: int, img: int, dtype=torch.bfloat16) -> di
         edges = wave_schedule(sum(rows), hidden, k, tp, element).edges
         bases = [sum(rows[:i]) for i in range(len(rows))]
         for r0, r1 in zip(edges, edges[1:]):
+            segments = []
             for (parts, w), base, n in zip(streams, bases, rows):
                 lo, hi = max(r0, base), min(r1, base + n)
                 if lo < hi:
-                    rpm_mod.row_parallel_matmul_triton(parts, w, t(1, hidden), t(1, n, hidden), True,
-                                                       t(n, hidden), (lo - base, hi - base))
+                    segments.append((parts, w, t(1, hidden), t(1, n, hidden), True, t(n, hidden),
+                                     (lo - base, hi - base)))
+            rpm_mod.row_parallel_matmul_segments_triton(segments)
         return ("all_reduce", len(edges) - 1, sum(rows) * hidden * element)
 
     out: dict[str, list[tuple[str, int, int]]] = {}

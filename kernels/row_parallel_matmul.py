@@ -40,6 +40,17 @@ per token ``[B, S, N]``        399 / 102           574 / 164           384 / 106
 per token ``[1, S, N]``, B>1   455 / 104           629 / 164           437 / 126           614 / 166
 =============================  ==================  ==================  ==================  ==================
 
+Two more layouts, for the two-stream blocks (sm_90, bf16, 128 x 128 tiles, per warp):
+
+* ``SPLIT_W``: two parts, each read with its own weight (FLUX.3's ``to_out`` + ``ff.linear_out`` summed, no cat of
+  the weights): a pointer and stride select per K step, 127 instructions per step against the packed weight's 115
+  (the packed ``[attn | mlp]`` weight keeps its column offset).
+* ``SEGMENTS=2``: two row segments in one grid, each with its own input, weight, gate, residual and output (a joint
+  reduce's chunk across the text/image boundary, :func:`row_parallel_matmul_segments_triton`): the segment is
+  picked per program before the K loop, so the TMA main loop is unchanged (80 per K step); epilogue 537 against
+  520, 180 registers, 1 CTA per SM as before. One launch fills whole waves where two would each end in a partly
+  empty one.
+
 Every backend runs as ONE ``torch.library`` op (``tpfuse::row_parallel_matmul``: fake implementation, registered
 autograd), so ``torch.compile(fullgraph=True)`` sees one node. Backward is a torch implementation
 (:func:`row_parallel_matmul_backward`, traced into a compiled backward graph), shared with the overlapped
@@ -67,6 +78,7 @@ __all__ = [
     "row_parallel_matmul_backward",
     "row_parallel_matmul_forward",
     "row_parallel_matmul_reference",
+    "row_parallel_matmul_segments_triton",
     "rpm_config",
 ]
 
@@ -88,20 +100,45 @@ def rpm_config(m: int, n: int, ks: Sequence[int], dtype: torch.dtype) -> dict:
 @triton.jit
 def _row_parallel_mm_kernel(
     a0_ptr, a1_ptr, w_ptr, w1_ptr, gate_ptr, res_ptr, out_ptr,
-    M, N, K0, K1, S, ROW0,
+    gate1_ptr, res1_ptr, out1_ptr,
+    M, N, K0, K1, S, ROW0, M1, S1, ROW0_1,
     stride_a0m, stride_a1m, stride_wn, stride_w1n, stride_g, stride_rm, stride_om,
-    NUM_PARTS: tl.constexpr, GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    stride_g1, stride_r1m, stride_o1m,
+    NUM_PARTS: tl.constexpr, SPLIT_W: tl.constexpr, SEGMENTS: tl.constexpr, GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
+    if SEGMENTS == 2:
+        # Two row segments in one grid (a two-stream block's text and image rows of one chunk, each with its own
+        # input, weight, gate, residual and output: one launch fills the GPU's waves where two partial launches
+        # each ended in a partly empty wave). A program's segment is picked by its row tile, then every pointer,
+        # size and stride below is that segment's (scalar selects, before the K loop).
+        tiles_m0 = n_tiles_m
+        n_tiles_m = tiles_m0 + tl.cdiv(M1, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * n_tiles_n
     first_m = (pid // width) * GROUP_M
     group_m = min(n_tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % group_m
     pid_n = (pid % width) // group_m
+    if SEGMENTS == 2:
+        seg1 = pid_m >= tiles_m0
+        pid_m = tl.where(seg1, pid_m - tiles_m0, pid_m)
+        a0_ptr = tl.where(seg1, a1_ptr, a0_ptr)
+        w_ptr = tl.where(seg1, w1_ptr, w_ptr)
+        gate_ptr = tl.where(seg1, gate1_ptr, gate_ptr)
+        res_ptr = tl.where(seg1, res1_ptr, res_ptr)
+        out_ptr = tl.where(seg1, out1_ptr, out_ptr)
+        M = tl.where(seg1, M1, M)
+        S = tl.where(seg1, S1, S)
+        ROW0 = tl.where(seg1, ROW0_1, ROW0)
+        stride_a0m = tl.where(seg1, stride_a1m, stride_a0m)
+        stride_wn = tl.where(seg1, stride_w1n, stride_wn)
+        stride_g = tl.where(seg1, stride_g1, stride_g)
+        stride_rm = tl.where(seg1, stride_r1m, stride_rm)
+        stride_om = tl.where(seg1, stride_o1m, stride_om)
 
     # int32 offsets: the launcher checks every operand has < 2^31 elements (int64 pointer tiles cost registers).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -132,10 +169,16 @@ def _row_parallel_mm_kernel(
                 a_base = tl.where(in0, a0_ptr, a1_ptr)
                 stride_am = tl.where(in0, stride_a0m, stride_a1m)
                 k_part = tl.where(in0, K0, K1)
-                # Each part's own weight (FLUX.3 sums to_out and ff.linear_out; a packed [attn | mlp] weight comes
-                # as two column views of one tensor): a scalar pointer/stride select per K step.
-                w_base = tl.where(in0, w_ptr, w1_ptr)
-                stride_w = tl.where(in0, stride_wn, stride_w1n)
+                if SPLIT_W:
+                    # Each part its own weight (FLUX.3 sums to_out and ff.linear_out): a pointer and stride select
+                    # per K step (12 more instructions per step than the packed weight's column offset).
+                    w_base = tl.where(in0, w_ptr, w1_ptr)
+                    stride_w = tl.where(in0, stride_wn, stride_w1n)
+                    w_col = k_local
+                else:  # one packed [attn | mlp] weight: part 1 starts K0 columns in
+                    w_base = w_ptr
+                    stride_w = stride_wn
+                    w_col = tl.where(in0, 0, K0) + k_local
             else:
                 k_local = kk * BLOCK_K
                 a_base = a0_ptr
@@ -143,8 +186,9 @@ def _row_parallel_mm_kernel(
                 k_part = K0
                 w_base = w_ptr
                 stride_w = stride_wn
+                w_col = k_local
             a_ptrs = a_base + offs_m[:, None] * stride_am + (k_local + offs_k)[None, :]  # [BM, BK]
-            b_ptrs = w_base + offs_n[None, :] * stride_w + (k_local + offs_k)[:, None]  # [BK, BN], W^T view
+            b_ptrs = w_base + offs_n[None, :] * stride_w + (w_col + offs_k)[:, None]  # [BK, BN], W^T view
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
                 b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
@@ -334,12 +378,13 @@ def _cat_linear(parts, weight) -> torch.Tensor:
     return sum(F.linear(p, w) for p, w in zip(parts, weight))
 
 
-def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_residual=False, out=None,
-                               row_range: tuple[int, int] | None = None) -> torch.Tensor:
-    """The kernel on rows ``row_range`` of the flattened ``[B*S]`` tokens, written into ``out`` (``[B*S, N]``)
-    when given: the chunked overlap computes each chunk straight into its slice of one output buffer. ``weight``:
-    the packed ``[N, sum K_i]`` tensor or one ``[N, K_i]`` tensor per part."""
+def _segment(parts, weight, gate, residual, add_residual, out, row_range):
+    """The kernel arguments of one row segment (rows ``row_range`` of ``parts``' flattened tokens, written into
+    ``out``): ``(out, args or None)``, ``None`` where there is nothing to write."""
     B, S = parts[0].shape[:2]
+    weight_arg = weight
+    if isinstance(weight, torch.Tensor) and weight.stride(-1) != 1:
+        weight_arg = weight = weight.contiguous()
     ws = [w if w.stride(-1) == 1 else w.contiguous() for w in split_weights(parts, weight)]
     weight = ws[0]
     M_total, N = B * S, weight.shape[0]
@@ -349,32 +394,76 @@ def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_resi
     if out is None:
         out = torch.empty((M_total, N), device=weight.device, dtype=weight.dtype)
     out_rows = out[r0:r1]
+    # The tile shape follows the whole row count, not the chunk's: every chunk of an overlapped layer then runs the
+    # same code per row as the one-chunk launch, so chunking is bitwise invisible (also in the interpreter, whose
+    # numpy matmul is not row-invariant across tile heights).
     cfg = rpm_config(M_total, N, [p.shape[-1] for p in parts], weight.dtype)
     mode, g, stride_g = _gate_mode(gate, B, S, N, r0, r1, cfg["BLOCK_M"])
     check_int32_addressable("row_parallel_matmul", {**{f"parts[{i}]": p for i, p in enumerate(a)},
                                                      "weight": weight, "weight1": ws[-1], "gate": g, "residual": res,
                                                      "out": out})
-    M = r1 - r0
-    if M == 0 or N == 0:  # nothing to write (a grid of 0 programs)
-        return out
-    ks = [p.shape[-1] for p in parts]
-    # The tile shape (cfg above) follows the whole row count, not the chunk's: every chunk of an overlapped layer
-    # then runs the same code per row as the one-chunk launch, so chunking is bitwise invisible (also in the
-    # interpreter, whose numpy matmul is not row-invariant across tile heights).
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
-    use_tma = len(parts) == 1 and tma_ready(a[0], weight)
+    if r1 == r0 or N == 0:  # nothing to write (a grid of 0 programs)
+        return out, None
+    return out, {"a": a, "ws": ws, "split": not isinstance(weight_arg, torch.Tensor), "g": g, "stride_g": stride_g, "mode": mode, "res": res, "out": out_rows,
+                 "M": r1 - r0, "N": N, "S": S, "r0": r0, "ks": [p.shape[-1] for p in parts], "cfg": cfg,
+                 "tma": len(parts) == 1 and tma_ready(a[0], weight)}
+
+
+def _launch(segs: list[dict]) -> None:
+    """One launch of the kernel over one segment, or two compatible ones (see :func:`_pairable`)."""
+    s0, s1 = segs[0], segs[-1]
+    cfg, weight = s0["cfg"], s0["ws"][0]
+    grid = (sum(triton.cdiv(s["M"], cfg["BLOCK_M"]) for s in segs) * triton.cdiv(s0["N"], cfg["BLOCK_N"]),)
+    two = len(segs) == 2
+    a1, w1 = (s1["a"][0], s1["ws"][0]) if two else (s0["a"][-1], s0["ws"][-1])
+
+    def ptr(s, key, fallback):
+        return s[key] if s[key] is not None else fallback
+
     _row_parallel_mm_kernel[grid](
-        a[0], a[-1], weight, ws[-1], g if g is not None else weight, res if res is not None else out_rows, out_rows,
-        M, N, ks[0], ks[1] if len(ks) > 1 else 0, S, r0,
-        a[0].stride(0), a[-1].stride(0), weight.stride(0), ws[-1].stride(0), stride_g,
-        res.stride(0) if res is not None else 0, out_rows.stride(0),
-        NUM_PARTS=len(parts), GATE=mode, HAS_RESIDUAL=res is not None,
+        s0["a"][0], a1, weight, w1, ptr(s0, "g", weight), ptr(s0, "res", s0["out"]), s0["out"],
+        ptr(s1, "g", weight), ptr(s1, "res", s1["out"]), s1["out"],
+        s0["M"], s0["N"], s0["ks"][0], s0["ks"][1] if len(s0["ks"]) > 1 else 0, s0["S"], s0["r0"],
+        s1["M"], s1["S"], s1["r0"],
+        s0["a"][0].stride(0), a1.stride(0), weight.stride(0), w1.stride(0), s0["stride_g"],
+        s0["res"].stride(0) if s0["res"] is not None else 0, s0["out"].stride(0),
+        s1["stride_g"], s1["res"].stride(0) if s1["res"] is not None else 0, s1["out"].stride(0),
+        NUM_PARTS=len(s0["a"]), SPLIT_W=len(s0["a"]) > 1 and s0["split"], SEGMENTS=len(segs), GATE=s0["mode"], HAS_RESIDUAL=s0["res"] is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K=cfg["EVEN_K"], USE_TMA=use_tma, INPUT_PRECISION=precision,
+        EVEN_K=cfg["EVEN_K"], USE_TMA=s0["tma"], INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _pairable(s0: dict, s1: dict) -> bool:
+    """Two segments one launch can run: one part each of the same width, the same output width, dtype, tile
+    configuration, gate mode, residual presence and main loop (TMA or not)."""
+    return (len(s0["a"]) == len(s1["a"]) == 1 and s0["ks"] == s1["ks"] and s0["N"] == s1["N"]
+            and s0["cfg"] == s1["cfg"] and s0["mode"] == s1["mode"] and s0["tma"] == s1["tma"]
+            and (s0["res"] is None) == (s1["res"] is None) and s0["ws"][0].dtype == s1["ws"][0].dtype)
+
+
+def row_parallel_matmul_triton(parts, weight, gate=None, residual=None, add_residual=False, out=None,
+                               row_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """The kernel on rows ``row_range`` of the flattened ``[B*S]`` tokens, written into ``out`` (``[B*S, N]``)
+    when given: the chunked overlap computes each chunk straight into its slice of one output buffer. ``weight``:
+    the packed ``[N, sum K_i]`` tensor or one ``[N, K_i]`` tensor per part."""
+    out, seg = _segment(parts, weight, gate, residual, add_residual, out, row_range)
+    if seg is not None:
+        _launch([seg])
     return out
+
+
+def row_parallel_matmul_segments_triton(segments) -> None:
+    """:func:`row_parallel_matmul_triton` for several ``(parts, weight, gate, residual, add_residual, out,
+    row_range)`` segments (each ``out`` given): two compatible segments in ONE launch (a joint reduce's chunk that
+    spans a stream boundary), any others one launch each."""
+    segs = [seg for _, seg in (_segment(*args) for args in segments) if seg is not None]
+    if len(segs) == 2 and _pairable(*segs):
+        _launch(segs)
+        return
+    for seg in segs:
+        _launch([seg])
 
 
 def row_parallel_matmul_forward(parts, weight, gate=None, residual=None, add_residual=False, out=None,

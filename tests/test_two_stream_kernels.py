@@ -146,3 +146,42 @@ def test_bad_input_is_refused_by_name():
         fused_linear_act(x, w[:6], _rand(7))
     with pytest.raises(ValueError, match=r"do not chain: weight must be \[N, 16\]"):
         fused_linear_act(x, _rand(6, 15))
+
+
+# (sequence lengths, gate, TMA, one launch?): the per-entry gate of S >= 128 is read as two vectors per tile in
+# both streams; B*S of 10 and 74 rows take different row tiles (64 and 128): two launches.
+@pytest.mark.parametrize("lens,gate_kind,tma,paired", [((130, 200), "entry", False, True),
+                                                       ((20, 30), "token", True, True),
+                                                       ((5, 37), "token", False, False),
+                                                       ((200, 131), "entry", True, True)])
+def test_two_row_segments_in_one_launch_equal_two_launches(lens, gate_kind, tma, paired, monkeypatch):
+    """A joint reduce's chunk across the stream boundary: both streams' rows (own input, weight, gate, residual,
+    output) in ONE launch, bitwise equal to one launch per stream; pairs the launcher cannot run together (other
+    tile configurations) still run, one launch each."""
+    from tpfuse.kernels import _tma
+    from tpfuse.kernels import row_parallel_matmul as rpm
+
+    monkeypatch.setattr(_tma, "TMA_DTYPES", (torch.float32,) if tma else ())
+    B, K, N = 2, 64, 72
+    segs, refs = [], []
+    for i, s in enumerate(lens):
+        x, w = _rand(B, s, K, seed=i), _rand(N, K, seed=10 + i, scale=K ** -0.5)
+        gate = _rand(B, N, seed=20 + i) if gate_kind == "entry" else _rand(B, s, N, seed=20 + i)
+        res = _rand(B, s, N, seed=30 + i)
+        lo, hi = (3, B * s) if i == 0 else (0, B * s - 2)  # a chunk: the first stream's tail, the second's head
+        segs.append(([x], w, gate, res, True, torch.zeros(B * s, N, device=DEV), (lo, hi)))
+        refs.append(rpm.row_parallel_matmul_triton([x], w, gate, res, True, torch.zeros(B * s, N, device=DEV),
+                                                   (lo, hi)))
+    launches = []
+    kernel = rpm._row_parallel_mm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(rpm, "_row_parallel_mm_kernel", Spy())
+    rpm.row_parallel_matmul_segments_triton(segs)
+    assert len(launches) == (1 if paired else 2)
+    for seg, ref in zip(segs, refs):
+        assert torch.equal(seg[5], ref)

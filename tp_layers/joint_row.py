@@ -9,6 +9,11 @@ pair are independent until the next norm, so :func:`joint_row_parallel` computes
 schedule of the joint row count so each chunk's all-reduce overlaps the next chunk's GEMMs: 2 reductions per
 two-stream block instead of 4 (``bench/scaling_model.py`` models the saving).
 
+On Triton a chunk that spans both streams' rows is ONE launch over both streams' row tiles
+(:func:`~tpfuse.kernels.row_parallel_matmul.row_parallel_matmul_segments_triton`), so it fills whole waves (two
+launches there each ended in a partly empty wave: at TP 2 that cost more than the joint reduce saved for dev, in
+``bench/scaling_model.py``).
+
 A bias (Qwen-Image's out-projections have one) is folded too: the rank that adds the residual adds ``gate * b``
 with it, so the reduced sum is ``residual + gate * (x W^T + b)``. One ``torch.library`` op
 (``tpfuse::joint_row_parallel_linear``), so a compiled graph keeps the chunks and their collectives inside it.
@@ -25,7 +30,11 @@ from torch import nn
 from tpfuse.kernels import select_backend
 from tpfuse.kernels._autocast import _like, autocast_dtype, autocast_off
 from tpfuse.kernels._math import each_needs
-from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_backward, row_parallel_matmul_forward
+from tpfuse.kernels.row_parallel_matmul import (
+    row_parallel_matmul_backward,
+    row_parallel_matmul_forward,
+    row_parallel_matmul_segments_triton,
+)
 
 from .comm import _record, all_reduce_start, all_reduce_wait, get_rank, get_world_size, process_group
 from .consistency import check_inputs_agree, inputs_check_due
@@ -93,10 +102,16 @@ def _joint_row_parallel_linear(parts: list[torch.Tensor], counts: list[int], wei
     handles = []
     for r0, r1 in zip(edges, edges[1:]):
         if backend != "torch":
+            # The chunk's rows of every stream it spans, in ONE launch where they pair (a chunk across the
+            # text/image boundary would otherwise be two launches, each ending in a partly empty wave).
+            segments = []
             for i, base in enumerate(bases):
                 lo, hi = max(r0, base), min(r1, base + sizes[i])
                 if lo < hi:
-                    compute(i, lo - base, hi - base)
+                    r = folded[i]
+                    segments.append((streams[i], weights[i], gates_[i], r, add_residual and r is not None,
+                                     out[base:base + sizes[i]], (lo - base, hi - base)))
+            row_parallel_matmul_segments_triton(segments)
         if pg is not None and r1 > r0:
             _record("all_reduce", "forward", out[r0:r1])
             handles.append(dist.all_reduce(out[r0:r1], group=pg, async_op=True))
