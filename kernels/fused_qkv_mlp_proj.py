@@ -81,18 +81,17 @@ __all__ = ["SUPPORTED_HEAD_DIMS", "fused_qkv_mlp_proj", "fused_qkv_mlp_proj_back
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 
 
-def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype, heads: int = 1) -> dict:
+def proj_config(s: int, k: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile configuration for sequence length ``s`` (the compile report compiles exactly these).
 
     128 tokens x one head per program, K in steps of 64: two warpgroups each own 64 rows of the accumulator (64 fp32
     registers per thread at Dh=128); a stage of A + B tiles is 32 KB in bf16, so 3 stages take 96 KB of shared
     memory and, at 104 registers x 256 threads, 2 CTAs share an SM: one CTA's ~760-instruction epilogue runs
-    under the other's K loop (see the module doc). The same holds for a feed-forward's ``linear_in`` (``heads=0``:
+    under the other's K loop (see the module doc). The same holds for a feed-forward's ``linear_in`` (no heads:
     90 registers; epilogue 524 SwiGLU / 924 GELU instructions per warp). Dh=256 runs BLOCK_M=64 on one warpgroup
     (one n256 wgmma, 128 accumulator registers per thread; 40 KB stages, 1 CTA per SM either way: 4 stages). fp32
     inputs (tests, interpreter) take 2 stages to stay under the 227 KB limit.
     """
-    del heads  # every tile kind takes the same configuration (kept for callers that tune by kind)
     block_m = 128 if s > 64 and head_dim <= 128 else 64
     stages = (3 if head_dim <= 128 else 4) if dtype in (torch.bfloat16, torch.float16) else 2
     return {"BLOCK_M": block_m, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8 if block_m == 128 else 4,
@@ -331,7 +330,7 @@ def fused_proj_triton(x, weights, biases, q_weight, k_weight, angles, qkv, mlp, 
     dtype = torch.promote_types(q_weight.dtype, k_weight.dtype)
     q_weight, k_weight = q_weight.to(dtype).contiguous(), k_weight.to(dtype).contiguous()
     act = ACTIVATIONS[activation]
-    cfg = proj_config(S, K, head_dim, x.dtype, heads)
+    cfg = proj_config(S, K, head_dim, x.dtype)
     mlp_cols = head_dim // 2 if act == ACT_SWIGLU else head_dim
     grid = (B * triton.cdiv(S, cfg["BLOCK_M"]) * (3 * heads + triton.cdiv(mlp_hidden, mlp_cols)),)
     if grid[0] == 0:

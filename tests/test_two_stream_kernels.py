@@ -185,3 +185,31 @@ def test_two_row_segments_in_one_launch_equal_two_launches(lens, gate_kind, tma,
     assert len(launches) == (1 if paired else 2)
     for seg, ref in zip(segs, refs):
         assert torch.equal(seg[5], ref)
+
+
+@pytest.mark.parametrize("frozen", [("out", "ff"), ("ff",), ()])
+def test_joint_row_with_a_layer_per_part_and_frozen_weights(frozen):
+    """FLUX.3's to_out + ff.linear_out as one reduce (a layer per part): input gradients through frozen weights
+    (guidance, partial fine-tuning) equal the eager sum; frozen weights get no gradient."""
+    from torch import nn
+
+    from tpfuse.tp_layers import RowParallelLinear
+    from tpfuse.tp_layers.joint_row import joint_row_parallel
+
+    torch.manual_seed(0)
+    dense = {"out": nn.Linear(16, 12, bias=False), "ff": nn.Linear(8, 12, bias=False)}
+    layers = {k: RowParallelLinear.from_dense(v) for k, v in dense.items()}
+    for k in frozen:
+        layers[k].weight.requires_grad_(False)
+    a, m = _rand(2, 5, 16, seed=1).requires_grad_(), _rand(2, 5, 8, seed=2).requires_grad_()
+    gate, res = _rand(2, 5, 12, seed=3), _rand(2, 5, 12, seed=4)
+    y = joint_row_parallel([[layers["out"], layers["ff"]]], [[a, m]], [gate], [res])[0]
+    ref = res + gate * (F.linear(a, dense["out"].weight) + F.linear(m, dense["ff"].weight))
+    torch.testing.assert_close(y, ref)
+    inputs = [a, m] + [layers[k].weight for k in ("out", "ff") if k not in frozen]
+    for g_out, g_ref in zip(torch.autograd.grad(y.sum(), inputs),
+                            torch.autograd.grad(ref.sum(), [a, m] + [dense[k].weight for k in ("out", "ff")
+                                                                     if k not in frozen])):
+        assert rel_error(g_out, g_ref) <= TOL
+    for k in frozen:
+        assert layers[k].weight.grad is None

@@ -162,7 +162,7 @@ def _backward(ctx, grad):
         *dp, dw, dg, _ = row_parallel_matmul_backward(g_i, ps, weights[i], gate,
                                                       [*need_parts[i], any(need_w[i]), need_gate, False])
         dparts += dp
-        dw = dw if isinstance(dw, list) else [dw]  # per-part weights: a list
+        dw = dw if isinstance(dw, list) else [dw] * wcounts[i]  # per-part weights: a list (or None for all)
         dws += [d if need else None for d, need in zip(dw, need_w[i])]
         if gate is not None:
             dgates.append(dg)
@@ -226,7 +226,8 @@ def joint_row_parallel(layers: Sequence[RowParallelLinear | Sequence[RowParallel
                 raise ValueError(f"{name}: layers[{i}] differs from layers[0] in group, out_features, dtype or "
                                  f"device ({layer.out_features} {layer.weight.dtype} {layer.weight.device} vs "
                                  f"{first.out_features} {first.weight.dtype} {first.weight.device})")
-    inputs = {"parts": [list(p) for p in parts], "gates": list(gates), "residuals": list(residuals)}
+    inputs = {"parts": [[p] if isinstance(p, torch.Tensor) else list(p) for p in parts], "gates": list(gates),
+              "residuals": list(residuals)}
     if inputs_check_due(first, inputs):
         check_inputs_agree(first, first.group, inputs, sharded=("parts",))
     n = first.out_features

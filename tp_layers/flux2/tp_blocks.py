@@ -26,8 +26,12 @@ Where the dense block runs several eager ops, the TP block calls one fused op fr
 * every ``norm -> (1 + scale) * x + shift``  ->  ``layernorm_modulate``
 * single-stream ``to_qkv_mlp_proj -> split -> QK RMSNorm -> RoPE -> transpose -> SwiGLU``  ->
   ``fused_qkv_mlp_proj`` (one GEMM; Q/K/V come out head-major for SDPA)
-* double-stream ``QK RMSNorm -> RoPE`` per stream, then ``cat`` of text and image Q/K/V  ->  ``qk_norm_rope_joint``
-  (one kernel writes both streams' rows of the joint Q, K and V)
+* double-stream ``to_q/k/v`` + ``add_q/k/v_proj -> QK RMSNorm -> RoPE -> cat``  ->  ``joint_qkv_proj`` (one GEMM
+  launch per stream, the norm and RoPE in its epilogue, head-major into the joint Q, K and V); with LoRA or hooks
+  on the projections, the modules are called and ``qk_norm_rope_joint`` writes the joint Q/K/V
+* double-stream feed-forward ``linear_in -> SwiGLU``  ->  ``fused_linear_act`` (:class:`TPFeedForward`)
+* double-stream row-parallel outputs: the image and text attention out-projections in ONE gated all-reduce, the
+  two feed-forward outputs in another (:func:`~tpfuse.tp_layers.joint_row.joint_row_parallel`: 2 per block)
 """
 
 from __future__ import annotations
@@ -278,7 +282,8 @@ class _FusedBlockMixin:
     _linear_names: tuple[str, ...]
 
     def _norm_modulate(self, norm, x, shift, scale):
-        if hooked(norm):
+        if hooked(norm) or shift.shape != scale.shape:
+            # hooks, or a per-token shift with a per-batch scale (the dense block broadcasts them): the dense path
             return super()._norm_modulate(norm, x, shift, scale)
         # Per batch entry ([B, 1, D]) or per token ([B, S, D]: KV-extract mode), one kernel either way. The kernels read rows with unit stride; the dense block takes any layout, so a copy, not an error.
         x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
@@ -294,7 +299,7 @@ class _FusedBlockMixin:
     def _gated_residuals(self, items):
         """``[residual + gate * out for (residual, gate, out) in items]``: the streams' row-parallel projections in
         ONE all-reduce (:func:`~tpfuse.tp_layers.joint_row.joint_row_parallel`) where every ``out`` is a plain
-        row-parallel :class:`Projection` of one group with a gate the kernel takes, else one by one."""
+        row-parallel :class:`Projection` of one group, else one by one."""
         outs = [out for _, _, out in items]
         if (all(isinstance(o, Projection) and plain(o.proj) for o in outs)
                 and len({id(transparent_base(o.proj).group) for o in outs}) == 1):
