@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, format_table, median_ms, write_results  # noqa: E402
+from common import device_info, flux2_block_inputs, format_table, median_ms, write_results  # noqa: E402
 
 from tpfuse.tp_layers import Flux2Config  # noqa: E402
-from tpfuse.tp_layers.flux2 import DoubleStreamBlock, SingleStreamBlock, rope_cos_sin  # noqa: E402
+from tpfuse.tp_layers.flux2 import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
 from tpfuse.tp_layers.numerics import rel_error, tolerance  # noqa: E402
 from tpfuse.tp_layers.flux2.tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock  # noqa: E402
-from tpfuse.tp_layers.verify import position_ids  # noqa: E402
 
 
 class BlockStack(nn.Module):
@@ -59,18 +58,6 @@ def build(cfg: Flux2Config, n_double: int, n_single: int, device, dtype, seed: i
     return BlockStack(double, single).eval()
 
 
-def inputs(cfg: Flux2Config, txt: int, img: int, device, dtype) -> tuple:
-    g = torch.Generator().manual_seed(1)
-    dim = cfg.hidden_size
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
-
-    cos, sin = rope_cos_sin(position_ids(txt, img), cfg.axes_dims_rope, cfg.rope_theta)
-    return (rand(1, img, dim), rand(1, txt, dim), rand(1, 6 * dim, scale=0.1), rand(1, 6 * dim, scale=0.1),
-            rand(1, 3 * dim, scale=0.1), (cos.to(device), sin.to(device)))
-
-
 def _compile_regions(model: BlockStack, **compile_kwargs) -> None:
     for block in (*model.double_blocks, *model.single_blocks):
         block.compile(fullgraph=True, **compile_kwargs)
@@ -93,7 +80,7 @@ def _no_host_sync(model, x, device) -> bool:
 def run(args, cfg, n_double, n_single, device, dtype, emit) -> list[dict]:
     txt, img = args.txt_tokens, args.img_tokens
     model = build(cfg, n_double, n_single, device, dtype)
-    x = inputs(cfg, txt, img, device, dtype)
+    x = flux2_block_inputs(cfg, txt, img, device, dtype)
     shape = f"{cfg.name} {n_double}+{n_single} blocks, {txt}+{img} tokens"
     with torch.no_grad():
         ref = model(*x)

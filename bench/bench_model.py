@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     device_info,
+    flux2_block_inputs,
     format_table,
     init_distributed,
     median_ms,
@@ -183,20 +184,6 @@ def double_variant(block, variant: str):
             delattr(obj, name)
 
 
-def block_inputs(cfg: Flux2Config, txt: int, img: int, device, dtype) -> tuple:
-    from tpfuse.tp_layers.flux2 import rope_cos_sin
-
-    g = torch.Generator().manual_seed(1)
-    dim = cfg.hidden_size
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
-
-    cos, sin = rope_cos_sin(position_ids(txt, img), cfg.axes_dims_rope, cfg.rope_theta)
-    return (rand(1, img, dim), rand(1, txt, dim), rand(1, 6 * dim, scale=0.1), rand(1, 6 * dim, scale=0.1),
-            rand(1, 3 * dim, scale=0.1), (cos.to(device), sin.to(device)))
-
-
 def blocks(args, cfg, device, dtype, distributed: bool) -> list[dict]:
     """Rows for one TP double block under each of ``DOUBLE_VARIANTS`` and one TP single block (all ranks run
     it; rank 0's times are reported)."""
@@ -210,7 +197,7 @@ def blocks(args, cfg, device, dtype, distributed: bool) -> list[dict]:
     factory = {"device": device, "dtype": dtype}
     double = TPDoubleStreamBlock.from_dense(DoubleStreamBlock(cfg, **factory)).eval()
     single = TPSingleStreamBlock.from_dense(SingleStreamBlock(cfg, **factory)).eval()
-    x_img, x_txt, mod_img, mod_txt, mod_single, rope = block_inputs(cfg, txt, img, device, dtype)
+    x_img, x_txt, mod_img, mod_txt, mod_single, rope = flux2_block_inputs(cfg, txt, img, device, dtype)
     timer = (lambda fn: _fixed_ms(fn, device)) if distributed else (lambda fn: median_ms(fn, device))
     shape = f"{cfg.name} {txt}+{img}"
     rows, ref = [], None

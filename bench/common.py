@@ -153,3 +153,22 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     for r in rows:
         lines.append("  ".join(cell(r, k, f).rjust(w) for (k, _, f), w in zip(columns, widths)))
     return "\n".join(lines)
+
+
+def flux2_block_inputs(cfg, txt: int, img: int, device, dtype) -> tuple:
+    """Seeded inputs of one FLUX.2 block pair: ``(image, text, double-block img mod, txt mod, single-block mod,
+    (cos, sin))`` for ``txt`` text and ``img`` image tokens (bench_compile and bench_model time the same blocks)."""
+    import torch
+
+    from tpfuse.tp_layers.flux2 import rope_cos_sin
+    from tpfuse.tp_layers.verify import position_ids
+
+    g = torch.Generator().manual_seed(1)
+    dim = cfg.hidden_size
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
+
+    cos, sin = rope_cos_sin(position_ids(txt, img), cfg.axes_dims_rope, cfg.rope_theta)
+    return (rand(1, img, dim), rand(1, txt, dim), rand(1, 6 * dim, scale=0.1), rand(1, 6 * dim, scale=0.1),
+            rand(1, 3 * dim, scale=0.1), (cos.to(device), sin.to(device)))
