@@ -213,3 +213,23 @@ def test_joint_row_with_a_layer_per_part_and_frozen_weights(frozen):
         assert rel_error(g_out, g_ref) <= TOL
     for k in frozen:
         assert layers[k].weight.grad is None
+
+
+def test_joint_row_bad_input_is_refused_by_name():
+    from torch import nn
+
+    from tpfuse.tp_layers import RowParallelLinear
+    from tpfuse.tp_layers.joint_row import joint_row_parallel
+
+    lay = RowParallelLinear.from_dense(nn.Linear(16, 12, bias=False))
+    a = _rand(2, 5, 16)
+    with pytest.raises(ValueError, match="one entry per stream"):
+        joint_row_parallel([lay, lay], [[a]], [None], [None])
+    with pytest.raises(ValueError, match=r"parts\[0\] widths \[8\] must sum to layers\[0\]'s local in_features 16"):
+        joint_row_parallel([lay], [[a[..., :8]]], [None], [None])
+    with pytest.raises(ValueError, match=r"residuals\[0\] must be \[2, 5, 12\], got \(2, 4, 12\)"):
+        joint_row_parallel([lay], [[a]], [None], [_rand(2, 4, 12)])
+    with pytest.raises(ValueError, match=r"gates\[0\] must be \[B, out\], \[B, 1, out\] or \[B, S, out\]"):
+        joint_row_parallel([lay], [[a]], [_rand(2, 3, 12)], [None])
+    with pytest.raises(TypeError, match=r"layers\[0\] must be RowParallelLinear"):
+        joint_row_parallel([nn.Linear(16, 12)], [[a]], [None], [None])
