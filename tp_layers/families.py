@@ -63,6 +63,18 @@ class Family:
     # seeded dense model of one (preset, seed) -> model, and seeded model inputs (model, batch, text tokens, image
     # tokens, seed) -> forward kwargs; the float tensors among them are the inputs whose gradients are checked.
     presets: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # Hybrid meshes (sp, cfg, dp; see .mesh and .hybrid): the forward arguments holding tokens, name -> (token
+    # stream, token dim) (a list argument: each element); the arguments with a batch dim (dim 0, or a per-sample
+    # list); the stream of the output's tokens (dim 1); the stream sequences attention runs over (which give the
+    # all-to-all every rank's token count); a check refusing inputs a mesh cannot compute exactly
+    # (model, bound forward arguments, ParallelMesh) -> None; and (model, SequenceParallel) -> None installing what a
+    # stream split inside the forward needs (Qwen-Image's RoPE tables are computed for the whole sequence).
+    token_inputs: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    batch_inputs: tuple[str, ...] = ()
+    output_stream: str = "img"
+    attention_streams: tuple[tuple[str, ...], ...] = (("txt", "img"),)
+    check_mesh_inputs: Callable[[nn.Module, dict, Any], None] | None = None
+    attach_sequence: Callable[[nn.Module, Any], None] | None = None
     random_model: Callable[[str, int], nn.Module] | None = None
     random_inputs: Callable[[nn.Module, int, int, int, int], dict] | None = None
 

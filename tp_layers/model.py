@@ -22,6 +22,8 @@ from .comm import get_world_size, resolve_group
 from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from . import lora
 from ._flavour import flavour, resolve
+from .hybrid import attach_sequence_parallel, hybrid_forward
+from .mesh import ParallelMesh, install_gradient_sync, resolve_mesh
 from .families import Family, UnsupportedModelError, family_for_class, family_of, supported_classes
 from .lora import is_lora_layer
 from .tp_attention import check_divisible, describe_ties, tied_parameters
@@ -155,13 +157,18 @@ def _model_flavour(model_cls: type) -> type:
 
     @functools.wraps(dense_forward)  # the dense signature: diffusers' hooks bind arguments by it
     def forward(self, *args, **kwargs):
+        mesh = getattr(self, "tp_mesh", None)
         if not torch.compiler.is_compiling():
-            # The first call (every call in debug mode) checks that every rank got the same input shapes; the
-            # batch check comes second, so that ranks given different inputs all get the agreement error.
+            # The first call (every call in debug mode) checks that every rank got the same input shapes (every
+            # rank of a hybrid mesh gets the whole input); the batch check comes second, so that ranks given
+            # different inputs all get the agreement error.
             if inputs_check_due(self, {"args": args, **kwargs}):
-                check_inputs_agree(self, self.tp_group, {"args": args, **kwargs})
+                check_inputs_agree(self, self.tp_group if mesh is None else mesh.world_group,
+                                   {"args": args, **kwargs})
             if check_model_inputs is not None:
                 check_model_inputs(self, args, kwargs)
+        if mesh is not None and mesh.hybrid:
+            return hybrid_forward(self, family, dense_forward, args, kwargs)
         return dense_forward(self, *args, **kwargs)
 
     return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated, "forward": forward},
@@ -172,7 +179,7 @@ def __getattr__(name: str):  # pickle finds the model flavours by their __qualna
     return resolve(name, {TPModelMixin.__name__: TPModelMixin}, lambda _mixin, cls: _model_flavour(cls))
 
 
-def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
+def parallelize(model: nn.Module, group=None, *, mesh=None, check_weights: bool = True,
                 broadcast_from: int | None = None) -> nn.Module:
     """Shard a diffusers transformer of a registered family (``Flux2Transformer2DModel``,
     ``QwenImageTransformer2DModel``, ``Flux3Transformer2DModel``; see :mod:`.families`) over ``group`` (a
@@ -184,11 +191,26 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
     all-gather of a checksum per tensor (:func:`~tpfuse.tp_layers.consistency.check_weights_agree`; ``meta``
     tensors are skipped) — and raise :class:`~tpfuse.tp_layers.consistency.WeightMismatchError` naming the first
     tensor that differs. ``broadcast_from=r``: copy rank ``r``'s weights to every rank instead (the remedy when the
-    ranks built the model without a shared seed)."""
-    group = resolve_group(group)
+    ranks built the model without a shared seed).
+
+    ``mesh``: a ``DeviceMesh`` whose dimension names are a subset of ``("dp", "cfg", "sp", "tp")`` (see
+    :mod:`.mesh`): tensor parallelism over ``mesh["tp"]``, Ulysses sequence parallelism over ``"sp"``, the batch
+    split over ``"dp"`` x ``"cfg"``; every rank returns the full output. Refused: unknown names, a mesh that does
+    not cover the world, heads not divisible by tp x sp (the error lists the valid meshes). ``model.tp_mesh`` is
+    the :class:`~tpfuse.tp_layers.mesh.ParallelMesh` (``None`` for plain tensor parallelism). The weight check and
+    ``broadcast_from`` (a rank of the world) cover every rank of the mesh."""
+    pm: ParallelMesh | None = resolve_mesh(mesh, group)
+    group = resolve_group(group) if pm is None else pm.tp_group
     world_size = get_world_size(group)
     family = check_parallelizable(model, world_size)
-    sync_or_check(model, group, check_weights, broadcast_from, type(model).__name__)
+    if pm is not None:
+        sizes = family.sizes(model)
+        pm.check_heads(type(model).__name__, sizes.pop("num_attention_heads"), **sizes)
+        if pm.sp > 1 and not family.token_inputs:
+            raise ValueError(f"parallelize: the {family.name} family declares no token inputs: it cannot be "
+                             f"sequence-parallel (mesh {pm.name()})")
+    sync_or_check(model, group if pm is None else pm.world_group, check_weights, broadcast_from,
+                  type(model).__name__)
     for _path, blocks, shard in _block_lists(model, family):
         for i in range(len(blocks)):
             training = blocks[i].training
@@ -200,6 +222,13 @@ def parallelize(model: nn.Module, group=None, *, check_weights: bool = True,
         family.after_meta_build(model)
     model.tp_world_size = world_size
     model.tp_group = group
+    model.tp_mesh = pm
+    model.tp_sequence = None
+    if pm is not None:
+        model.tp_sequence = attach_sequence_parallel(model, pm)
+        if model.tp_sequence is not None and family.attach_sequence is not None:
+            family.attach_sequence(model, model.tp_sequence)
+        install_gradient_sync(model, pm)
     dense_module = type(model).__module__
     model.__class__ = _model_flavour(type(model))  # adapters sharded on load, gathered on save; _repeated_blocks
     # diffusers records a pipeline component as (module.__module__'s library, class name) in model_index.json: the
@@ -268,8 +297,9 @@ def load_config(source, subfolder: str | None = None, revision: str | None = Non
 
 def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfolder: str | None = None,
                     revision: str | None = None, token=None, device=None, progress: bool = True,
-                    local_files_only: bool = False, variant: str | None = None) -> nn.Module:
-    """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call.
+                    local_files_only: bool = False, variant: str | None = None, mesh=None) -> nn.Module:
+    """Config -> ``meta`` model -> :func:`parallelize` -> :func:`load_sharded`, in one call (``mesh``: a hybrid
+    ``DeviceMesh``, as for :func:`parallelize`; each rank reads its tensor-parallel slices).
 
     ``source``: a diffusers model directory (``config.json`` + safetensors, of any registered family, chosen by the
     config's ``_class_name``; a pipeline directory's ``transformer/`` is found without ``subfolder``), a single
@@ -299,7 +329,8 @@ def from_pretrained(source, group=None, dtype: torch.dtype | None = None, subfol
         for name, module in model.named_modules():
             if keep and any(k in name.split(".") for k in keep):
                 module.to(torch.float32)
-    parallelize(model, group)
-    report: LoadReport = load_sharded(model, path, group, device=device, progress=progress, variant=variant)
+    parallelize(model, group, mesh=mesh)
+    report: LoadReport = load_sharded(model, path, model.tp_group, device=device, progress=progress,
+                                      variant=variant)
     model.tp_load_report = report
     return model.eval()

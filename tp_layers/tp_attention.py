@@ -30,6 +30,7 @@ from ._flavour import flavour
 from .comm import copy_to_tp_region, get_rank, get_world_size, resolve_group
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .lora import shard_linear
+from .sequence import SequenceParallel
 
 __all__ = ["AttentionMaskError", "HeadRMSNorm", "Projection", "TPHeadNorm", "TPHeadsMixin", "attention",
            "attention_heads_major", "check_divisible", "describe_ties", "diffusers_flavour", "hooked", "modules_at",
@@ -61,16 +62,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               backend=None, parallel_config=None) -> torch.Tensor:
     """Attention on ``[B, S, H, D]`` inputs, returning ``[B, S, H*D]``: diffusers' ``dispatch_attention_fn`` (the
     ``backend`` a processor was given, else the active one; ``attention_backend(...)`` chooses it), SDPA without
-    diffusers."""
+    diffusers. ``parallel_config`` a :class:`~tpfuse.tp_layers.sequence.SequenceParallel` (a model on a mesh with
+    sp > 1): Ulysses, the all-to-alls around the same call."""
+    if isinstance(parallel_config, SequenceParallel):
+        out = parallel_config.attend(lambda q_, k_, v_, m_: _attention(q_, k_, v_, m_, backend, None), q, k, v, mask)
+    else:
+        out = _attention(q, k, v, mask, backend, parallel_config)
+    return out.flatten(2, 3).to(q.dtype)
+
+
+def _attention(q, k, v, mask, backend, parallel_config) -> torch.Tensor:  # [B, S, H, D] -> [B, S, H, D]
     dispatch = _dispatch_attention_fn()
     if dispatch is None:
         if backend is not None:
             raise RuntimeError(f"attention backend {backend!r} needs diffusers installed")
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2)
-    else:
-        out = dispatch(q, k, v, attn_mask=mask, backend=backend, parallel_config=parallel_config)
-    return out.flatten(2, 3).to(q.dtype)
+        return out.transpose(1, 2)
+    return dispatch(q, k, v, attn_mask=mask, backend=backend, parallel_config=parallel_config)
 
 
 def attention_heads_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

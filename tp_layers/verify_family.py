@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 
 import torch
@@ -50,6 +51,7 @@ class FamilyResult:
     weight_share: list[float]  # each rank's block-weight bytes over the dense model's
     sharded_share: list[float]  # each rank's share of the plan's sharded matrices (1/N)
     seconds: float
+    mesh: str | None = None  # a hybrid mesh ("sp2xtp2"), or None for tensor parallelism over world_size ranks
 
     @property
     def ok(self) -> bool:
@@ -87,7 +89,19 @@ def _shard_of(tp: nn.Module, name: str, dense: torch.Tensor) -> torch.Tensor:
     return shard_tensor(dense, dim, get_rank(base.group), base.world_size, base.blocks)
 
 
-def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch: int, txt: int, img: int):
+def build_mesh(spec: dict[str, int]):
+    """A ``DeviceMesh`` over the world with ``spec``'s dims (``{"sp": 2, "tp": 2}``) in canonical order."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .mesh import MESH_DIMS
+
+    names = tuple(d for d in MESH_DIMS if d in spec)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device, tuple(spec[d] for d in names), mesh_dim_names=names)
+
+
+def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch: int, txt: int, img: int,
+                mesh: dict[str, int] | None = None):
     from .model import parallelize
 
     fam = family_named(family_name)
@@ -95,7 +109,7 @@ def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch
     dense = fam.random_model(preset, seed)
     if dtype != torch.float32:
         dense = dense.to(dtype)
-    tp = parallelize(copy.deepcopy(dense))
+    tp = parallelize(copy.deepcopy(dense), mesh=None if mesh is None else build_mesh(mesh))
     inputs = fam.random_inputs(dense, batch, txt, img, seed + 1)
     ref_out, ref_in, ref_w = _run(dense, inputs, seed + 2)
     start = time.perf_counter()
@@ -123,8 +137,11 @@ def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch
 
 
 def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: str = "float32", seed: int = 0,
-                 batch: int = 2, txt_tokens: int = 7, img_tokens: int = 15, backend: str | None = None) -> FamilyResult:
-    """Run the check on ``world_size`` ranks (gloo by default) and gather the results (see the module doc)."""
+                 batch: int = 2, txt_tokens: int = 7, img_tokens: int = 15, backend: str | None = None,
+                 mesh: str | None = None) -> FamilyResult:
+    """Run the check on ``world_size`` ranks (gloo by default) and gather the results (see the module doc).
+    ``mesh`` (e.g. ``"sp2xtp2"``): a hybrid mesh of that many ranks instead (``world_size`` must be its size or
+    ``None``): the whole model's output, input and weight gradients against the dense model's."""
     fam = family_named(family)
     if fam.random_model is None or not fam.presets:
         raise ValueError(f"the {family} family has no presets for `tpfuse verify --family`")
@@ -135,13 +152,36 @@ def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: 
     for name, value in (("batch", batch), ("txt-tokens", txt_tokens), ("img-tokens", img_tokens)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    spec = None
+    if mesh is not None:
+        from .mesh import parse_mesh_spec
+
+        spec = parse_mesh_spec(mesh)
+        size = math.prod(spec.values())
+        if world_size not in (None, size):
+            raise ValueError(f"--world-size {world_size} and --mesh {mesh} ({size} ranks) disagree")
+        world_size = size
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"--world-size must be a positive int, got {world_size!r}")
     from .model import check_parallelizable
 
     # Refused before any rank starts: a world size the heads (or the MLP) do not divide, listing the valid ones.
-    check_parallelizable(fam.random_model(preset, seed, meta=True), world_size)
-    per_rank = run_ranks(_rank_check, world_size, family, preset, dtype, seed, batch, txt_tokens, img_tokens,
+    meta = fam.random_model(preset, seed, meta=True)
+    check_parallelizable(meta, world_size if spec is None else spec.get("tp", 1))
+    if spec is not None:
+        sizes = fam.sizes(meta)
+        heads = sizes.pop("num_attention_heads")
+        tp, sp = spec.get("tp", 1), spec.get("sp", 1)
+        bad = heads % (tp * sp) or any(v % tp for v in sizes.values())
+        if bad:
+            from .mesh import valid_meshes
+
+            raise ValueError(f"--mesh {mesh}: num_attention_heads={heads} (and {sizes}) do not divide by tp*sp="
+                             f"{tp * sp} / tp={tp} (valid meshes of {world_size} ranks: "
+                             f"{valid_meshes(world_size, heads, *sizes.values())})")
+        if batch % (spec.get("dp", 1) * spec.get("cfg", 1)):
+            raise ValueError(f"--batch {batch} does not split over dp*cfg={spec.get('dp', 1) * spec.get('cfg', 1)}")
+    per_rank = run_ranks(_rank_check, world_size, family, preset, dtype, seed, batch, txt_tokens, img_tokens, spec,
                          backend=backend)
     tol = tolerance(_DTYPES[dtype])
     worst = {}
@@ -153,17 +193,23 @@ def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: 
     identical = all(torch.equal(r[0], per_rank[0][0]) for r in per_rank)
     return FamilyResult(family, preset, world_size, dtype, [FamilyCheck(n, e, tol) for n, e in worst.values()],
                         identical, [r[2][0] for r in per_rank], [r[2][1] for r in per_rank],
-                        max(r[3] for r in per_rank))
+                        max(r[3] for r in per_rank), mesh)
 
 
 def format_family_result(res: FamilyResult) -> str:
-    lines = [f"tpfuse verify --family {res.family}: preset {res.preset}, {res.world_size} rank(s), {res.dtype}"]
+    where = f"mesh {res.mesh} ({res.world_size} ranks)" if res.mesh else f"{res.world_size} rank(s)"
+    lines = [f"tpfuse verify --family {res.family}: preset {res.preset}, {where}, {res.dtype}"]
     for c in res.checks:
         lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: relative error {c.error:.2e} (tolerance {c.tol:.0e})")
     lines.append(f"  {'PASS' if res.identical_on_ranks else 'FAIL'}  output identical on every rank")
     shares = ", ".join(f"{s:.3f}" for s in res.weight_share)
     sharded = ", ".join(f"{s:.3f}" for s in res.sharded_share)
-    lines.append(f"  per rank / dense: sharded matrices {sharded} (1/N = {1 / res.world_size:.3f}), all block "
+    n = res.world_size
+    if res.mesh:
+        from .mesh import parse_mesh_spec
+
+        n = parse_mesh_spec(res.mesh).get("tp", 1)
+    lines.append(f"  per rank / dense: sharded matrices {sharded} (1/tp = {1 / n:.3f}), all block "
                  f"weights {shares}; TP forward+backward {res.seconds:.2f} s")
     lines.append("OK" if res.ok else "FAILED")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import torch
 
 from ..families import Family, OriginalFormat
 from .blocks import BatchMismatchError
-from .config import Flux2Config
+from .config import PRESETS, Flux2Config
 from .keymap import bfl_to_diffusers, is_bfl
 
 __all__ = ["FAMILY", "check_batches", "infer_config"]
@@ -142,6 +142,43 @@ def _tp_block_classes() -> tuple[type, ...]:
     return (TPDoubleStreamBlock, TPSingleStreamBlock)
 
 
+def random_model(preset: str, seed: int = 0, meta: bool = False):
+    """diffusers' ``Flux2Transformer2DModel`` of a :data:`~.config.PRESETS` config in eval mode, seeded, with
+    perturbed norm scales (``tpfuse verify --family flux2 --mesh ...``)."""
+    from ..verify import random_diffusers_model
+
+    return random_diffusers_model(Flux2Config.preset(preset), seed, meta)
+
+
+def random_inputs(model, batch: int, txt: int, img: int, seed: int) -> dict:
+    """Seeded forward kwargs: latents, prompt embeddings, per-sample timesteps (and guidance), FLUX.2 position
+    ids."""
+    from ..verify import position_ids
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = model.context_embedder.weight.dtype
+    cfg = model.config
+    ids = position_ids(txt, img)
+    out = dict(hidden_states=torch.randn(batch, img, cfg.in_channels, generator=g).to(dtype),
+               encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, generator=g).to(dtype),
+               timestep=torch.rand(batch, generator=g).to(dtype), img_ids=ids[txt:], txt_ids=ids[:txt])
+    if cfg.guidance_embeds:
+        out["guidance"] = (1 + 4 * torch.rand(batch, generator=g)).to(dtype)
+    return out
+
+
+def check_mesh_inputs(model, args: dict, mesh) -> None:
+    """What a hybrid mesh (sp / cfg / dp) refuses for FLUX.2: the KV-cache modes (the cache holds one rank's
+    reference tokens and samples, not the model's)."""
+    if args.get("kv_cache_mode") is not None or args.get("kv_cache") is not None:
+        from ..sequence import SequenceParallelError
+
+        raise SequenceParallelError(f"Flux2Transformer2DModel: kv_cache_mode={args.get('kv_cache_mode')!r} is not "
+                                    f"supported on the mesh {mesh.name()} (the cache would hold one rank's share of "
+                                    "the reference tokens): use a tensor-parallel-only mesh for the KV-cache "
+                                    "pipeline")
+
+
 FAMILY = Family(
     name="flux2",
     model_classes=("Flux2Transformer2DModel",),
@@ -156,4 +193,14 @@ FAMILY = Family(
     infer_config=infer_config,
     check_model_inputs=check_batches,
     original_format=OriginalFormat("bfl", is_bfl, bfl_to_diffusers),
+    presets={name: {} for name in PRESETS},  # (configs: Flux2Config.preset(name))
+    random_model=random_model,
+    random_inputs=random_inputs,
+    # ids are [S, 4] or [B, S, 4]: the token dim is the second last
+    token_inputs={"hidden_states": ("img", 1), "img_ids": ("img", -2), "encoder_hidden_states": ("txt", 1),
+                  "txt_ids": ("txt", -2)},
+    batch_inputs=("hidden_states", "encoder_hidden_states", "timestep", "guidance"),  # (ids: the model reads [0])
+    output_stream="img",
+    attention_streams=(("txt", "img"),),  # double and single blocks attend over [text, image]
+    check_mesh_inputs=check_mesh_inputs,
 )

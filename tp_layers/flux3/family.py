@@ -100,4 +100,12 @@ FAMILY = Family(
     presets=PRESETS,
     random_model=random_model,
     random_inputs=random_inputs,
+    # ids are [S, 4] or [B, S, 4]: the token dim is the second last
+    token_inputs={"hidden_states": ("img", 1), "img_ids": ("img", -2), "encoder_hidden_states": ("txt", 1),
+                  "txt_ids": ("txt", -2), "image_cond_hidden_states": ("cond", 1), "image_cond_ids": ("cond", -2)},
+    batch_inputs=("hidden_states", "encoder_hidden_states", "timestep", "image_cond_hidden_states",
+                  "target_timestep"),
+    output_stream="img",
+    # per-mode blocks attend within their stream, the joint single blocks over [text, image(, reference image)]
+    attention_streams=(("txt",), ("img",), ("cond",), ("txt", "img", "cond")),
 )

@@ -97,6 +97,38 @@ def _tp_block_classes() -> tuple[type, ...]:
     return (TPQwenImageBlock,)
 
 
+def _check_mesh_inputs(model, args: dict, mesh) -> None:
+    """``zero_cond_t`` builds a per-token ``modulate_index`` for the whole image inside the forward; under sp a
+    rank holds only its tokens (refused rather than modulating the wrong rows)."""
+    if mesh.sp > 1 and getattr(model, "zero_cond_t", False):
+        from ..sequence import SequenceParallelError
+
+        raise SequenceParallelError(f"QwenImageTransformer2DModel(zero_cond_t=True) is not supported with sequence "
+                                    f"parallelism (mesh {mesh.name()}): its per-token modulate_index covers the whole "
+                                    "image; use a mesh without sp")
+
+
+def _attach_sequence(model, sp) -> None:
+    """QwenEmbedRope computes the image and text frequency tables for the whole sequence from ``img_shapes`` and
+    the text length: under sp it is asked for the global text length and its tables are cut to this rank's
+    tokens (the RoPE angles of the local tokens)."""
+
+    def pre(module, args, kwargs):
+        if "txt" in sp.streams and "max_txt_seq_len" in kwargs:
+            kwargs = {**kwargs, "max_txt_seq_len": sp.streams["txt"]}
+        return args, kwargs
+
+    def post(module, args, kwargs, output):
+        if not sp.streams:
+            return output  # called outside the model's forward
+        vid, txt = output
+        (i0, ni), (t0, nt) = sp.local_range("img"), sp.local_range("txt")
+        return vid[i0:i0 + ni], txt[t0:t0 + nt]
+
+    model.pos_embed.register_forward_pre_hook(pre, with_kwargs=True)
+    model.pos_embed.register_forward_hook(post, with_kwargs=True)
+
+
 FAMILY = Family(
     name="qwenimage",
     model_classes=("QwenImageTransformer2DModel",),
@@ -111,4 +143,12 @@ FAMILY = Family(
     presets=PRESETS,
     random_model=random_model,
     random_inputs=random_inputs,
+    token_inputs={"hidden_states": ("img", 1), "encoder_hidden_states": ("txt", 1),
+                  "encoder_hidden_states_mask": ("txt", 1), "controlnet_block_samples": ("img", 1)},
+    batch_inputs=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
+                  "additional_t_cond", "controlnet_block_samples", "img_shapes"),
+    output_stream="img",
+    attention_streams=(("txt", "img"),),
+    check_mesh_inputs=_check_mesh_inputs,
+    attach_sequence=_attach_sequence,
 )
