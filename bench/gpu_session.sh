@@ -4,7 +4,7 @@
 #   2. check which python modules the steps need are there (the GPU image has torch and triton, no diffusers or
 #      transformers),
 #   3. build the csrc kernels, the GPU tests (Triton kernels on CUDA, csrc numerics, row-parallel overlap),
-#   4. the benchmarks at a reduced sweep (kernels, overlap, model, torch.compile / CUDA graphs) and the sm_90
+#   4. the benchmarks at a reduced sweep (kernels, overlap, meshes, model, torch.compile / CUDA graphs) and the sm_90
 #      compile report, JSON + tables into ${OUT:-bench/results}.
 # Every step runs under its own timeout and logs into $out/<step>.txt; a step whose modules are missing prints
 # "<step>: skipped: <module> missing" instead of running, and a failing or timed-out step is reported in
@@ -48,8 +48,8 @@ step() {
 }
 
 step device 10 "" nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
-step install 30 "" python -m pip install --no-deps --no-build-isolation -q -e .
-step preflight 20 "" python - torch triton pytest tpfuse.kernels diffusers <<'EOF'
+step install 27 "" python -m pip install --no-deps --no-build-isolation -q -e .
+step preflight 17 "" python - torch triton pytest tpfuse.kernels diffusers <<'EOF'
 import importlib
 import sys
 
@@ -75,29 +75,35 @@ missing=$(sed -n 's/^missing: *//p' "$out/preflight.txt")
 echo "missing modules: ${missing:-none}" | tee -a "$summary"
 
 # `tpfuse` is python -m tpfuse.tp_layers.cli: the console script may be installed off PATH (a user install).
-step build-csrc 50 "tpfuse.kernels cuda" python -m tpfuse.tp_layers.cli build-csrc
+step build-csrc 45 "tpfuse.kernels cuda" python -m tpfuse.tp_layers.cli build-csrc
 # --continue-on-collection-errors: a test file that cannot be imported here (say, it needs diffusers) is reported,
 # and the other files still run.
-step gpu-tests 107 "pytest tpfuse.kernels cuda" python -m pytest -q -p no:cacheprovider \
+step gpu-tests 97 "pytest tpfuse.kernels cuda" python -m pytest -q -p no:cacheprovider \
     --continue-on-collection-errors tests/test_kernels.py tests/test_csrc.py tests/test_row_parallel.py
 # bench_kernels rewrites its JSON after every shape, so a timeout keeps the shapes it finished. The csrc columns
 # only if the library built above: otherwise the benchmark would spend its time in nvcc again.
 csrc=()
 [[ ${status_of[build-csrc]} == ok ]] || csrc=(--no-csrc)
-step bench-kernels 105 "tpfuse.kernels triton cuda" python bench/bench_kernels.py --presets klein-4b,dev \
+step bench-kernels 93 "tpfuse.kernels triton cuda" python bench/bench_kernels.py --presets klein-4b,dev \
     --tp 1,8 --tokens 512+4096 "${csrc[@]}" --out "$out/kernels-$date.json"
-step bench-overlap 45 "tpfuse.kernels triton cuda" python bench/bench_overlap.py --presets klein-4b,dev --tp 2,8 \
+step bench-overlap 40 "tpfuse.kernels triton cuda" python bench/bench_overlap.py --presets klein-4b,dev --tp 2,8 \
     --out "$out/overlap-$date.json"
+# Issue 24's meshes on one GPU: one rank's compute of a klein-4B double and single block for every sp x tp mesh of
+# 2 and 8 GPUs (plain torch, CUDA graphs), plus the scaling model's communication, against its pure prediction.
+step bench-mesh 50 "tpfuse.kernels triton cuda" python bench/bench_mesh.py --presets klein-4b --gpus 2,8 \
+    --out "$out/mesh-$date.json"
 # Not gated on diffusers: without it bench_model writes a JSON saying it skipped. Compiling the whole model does
 # not fit this call.
 step bench-model 20 "tpfuse.kernels cuda" python bench/bench_model.py --no-compile --out "$out/model-$date.json"
 # Eager vs torch.compile vs reduce-overhead (CUDA graphs) of a klein-4B-shaped stack of TP blocks (regional
 # compilation: one compile per block kind); the JSON is rewritten after each mode.
-step bench-compile 75 "tpfuse.kernels triton cuda" python bench/bench_compile.py --out "$out/compile-$date.json"
-step compile-report 35 "tpfuse.kernels triton" python -m tpfuse.tp_layers.cli compile-report --arch 90 \
+step bench-compile 65 "tpfuse.kernels triton cuda" python bench/bench_compile.py --out "$out/compile-$date.json"
+step compile-report 30 "tpfuse.kernels triton" python -m tpfuse.tp_layers.cli compile-report --arch 90 \
     --json "$out/compile-report.json"
-# The TP scaling model (CPU arithmetic, seconds), now reading this session's kernel and overlap measurements.
-step scaling-model 10 "" python bench/scaling_model.py --results "$out" --out "$out/scaling-model"
+# The TP scaling model and its best meshes (CPU arithmetic, 2 s each), reading this session's kernel and overlap
+# measurements.
+step scaling-model 10 "" sh -c 'python bench/scaling_model.py --results "$1" --out "$1/scaling-model" &&
+    python bench/scaling_model.py --meshes --results "$1" --out "$1/scaling-model"' sh "$out"
 
 echo "== summary (${SECONDS}s)"
 cat "$summary"

@@ -61,10 +61,36 @@ H100 SXM, H200 (NVLink) and L40S (PCIe):
   per GPU over the sp group, at the all-reduce bus bandwidth; TP all-reduces carry S / sp tokens; memory-bound ops
   shrink by sp.
 
+* **Meshes** (issue 24, ``--meshes``; :func:`meshes`, :func:`best_mesh`): every factorization ``dp x cfg x sp x tp``
+  of 2/4/8 GPUs on one node and of 2/4/8/16 GPUs on two nodes (a node is an HGX board of at most ``GPUS_PER_NODE`` = 8
+  GPUs on NVLink/NVSwitch; 16 GPUs on one node is not swept). The dims lie on the ranks outer to inner
+  (``init_device_mesh``'s row-major order): tp innermost (consecutive ranks, inside a node while ``tp <= 8``), then
+  sp, then cfg, then dp outermost, so the outer dims are the ones that span nodes. Rules: heads
+  divide by ``tp x sp``, the MLP width by tp, the tokens by sp. **Between nodes** (an assumption: 400 Gb/s
+  InfiniBand/RoCE per GPU, one NIC per GPU, as on DGX/HGX H100): ``INTER_NODE_GBPS`` = 50 GB/s per GPU each way,
+  ``INTER_NODE_LATENCY_US`` = 30 us per collective; a group that spans nodes pays them: an all-reduce is a ring
+  through every GPU's NIC, bottlenecked by the slowest link (``alpha + 2 (n - 1) / n x bytes / 50 GB/s``, no NVLS), an
+  all-to-all or all-gather sends the part bound for other nodes (``(n - m) / n`` of the bytes, ``m`` group members per
+  node) through the NIC at 50 GB/s while the part for the own node goes over NVLink. tp: the block's all-reduces
+  (``tokens / sp`` rows); sp: the 4 all-to-alls per attention; every step the sp group all-gathers the transformer's
+  sequence-sharded output (``[image tokens, out channels]``), a cfg group the cond/uncond outputs (the guidance
+  combine), a dp group the batch's outputs (a parallelized transformer returns the whole batch: every step; small).
+  **cfg** exists only for a classifier-free-guidance pipeline (``guidance=True``: 2 forwards per step, cond and
+  uncond): cfg = 2 runs one on each half of the GPUs with no communication but that gather; a (sp, tp) group running
+  both runs them back to back (2 x its batch-1 time: the model does not let the two share GEMM waves). **dp** splits a
+  batch of independent requests: each dp group serves one request on the remaining mesh, so a request's latency is
+  that mesh's and ``dp`` requests are in flight. Two figures per mesh: ``speedup`` = one GPU's step time for one
+  request / the mesh's (the latency a user waiting for one image sees) and ``throughput_speedup`` = ``dp x speedup``
+  (requests per second against one GPU serving one request at a time, when at least ``dp`` requests are waiting).
+  **"Best" ranks by latency**: the lowest per-request step time; among meshes within ``TIE`` (2%) of it, the one with
+  the most requests in flight (dp) wins, so GPUs that would buy a request no latency serve more requests instead. By
+  throughput alone pure dp would always win (no communication) wherever the weights fit on one GPU.
+
 Anchors (measured by others, FLUX.1, for comparison only): cache-dit's FLUX.1 TP on L20 (PCIe): 1.62x at 2 GPUs,
 2.22x at 4; xDiT's Ulysses-4 FLUX.1: 2.63x.
 
-``python bench/scaling_model.py`` writes ``bench/results/scaling-model.{json,md,png}`` in seconds on a CPU.
+``python bench/scaling_model.py`` writes ``bench/results/scaling-model.{json,md,png}`` in seconds on a CPU;
+``--meshes`` writes ``bench/results/scaling-model-meshes.{json,md}`` (``--gpu``, ``--algo``: H100 SXM, ring).
 """
 
 from __future__ import annotations
@@ -92,6 +118,13 @@ TEXT_TOKENS = 512
 IMAGES = {"1024^2": 4096, "2048^2": 16384}  # image tokens: (side / 16)^2 (VAE /8, 2x2 patches)
 TP_DEGREES = (1, 2, 4, 8)
 ELEMENT = 2  # bf16
+# Meshes across nodes (see the module doc).
+GPUS_PER_NODE = 8  # an HGX H100/H200 board: 8 GPUs on NVSwitch
+INTER_NODE_GBPS = 50.0  # 400 Gb/s per GPU (one NIC each), each way
+INTER_NODE_LATENCY_US = 30.0  # per collective that spans nodes
+MESH_DIMS = ("dp", "cfg", "sp", "tp")  # outer to inner, as on the ranks
+MESH_SWEEP = ((2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2), (16, 2))  # (GPUs, nodes)
+TIE = 0.02  # meshes within 2% of the lowest latency count as equally fast: the one with more dp wins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +162,19 @@ class Shape:
     gated: bool = True  # SwiGLU: linear_in is [gate | up], 2M wide; GELU(tanh): M wide
     block_adaln: bool = False  # each block computes its own modulation (Qwen-Image's img_mod/txt_mod)
     last_block_per_stream: bool = False  # the last block reduces its streams one by one (Qwen-Image)
+    out_channels: int = 128  # the transformer's output per image token (what the sp/cfg/dp gathers move)
 
     @classmethod
     def from_flux2(cls, name: str) -> Shape:
         cfg = PRESETS[name]
         return cls(name, cfg.hidden_size, cfg.heads, cfg.head_dim, cfg.mlp_hidden, cfg.num_layers,
-                   cfg.num_single_layers)
+                   cfg.num_single_layers, out_channels=cfg.in_channels)
 
 
 # Qwen-Image (20B; Qwen/Qwen-Image's transformer config, diffusers' QwenImageTransformer2DModel defaults): 60
 # two-stream blocks of 24 heads x 128, a GELU(tanh) MLP 4 x 3,072 wide (not gated), biased linears, per-block adaLN.
 QWEN_IMAGE = Shape("qwen-image", 3072, 24, 128, 4 * 3072, 60, 0, gated=False, block_adaln=True,
-                   last_block_per_stream=True)
+                   last_block_per_stream=True, out_channels=64)
 MODELS = {**{name: Shape.from_flux2(name) for name in ("klein-4b", "klein-9b", "dev")}, QWEN_IMAGE.name: QWEN_IMAGE}
 
 # The double block's accountings (see the module doc): (fused projections, joint reductions).
@@ -185,6 +219,8 @@ class Rates:
     algo: str
     chunk_overhead: float = 0.0  # extra GEMM time of a chunked row-parallel layer
     chunk_source: str = "assumed 0 (the schedule adds no waves)"
+    tp_nodes: int = 1  # nodes one tp group spans (its all-reduces and all-gathers cross them when > 1)
+    sp_nodes: int = 1  # nodes one sp group spans (its all-to-alls)
 
     @property
     def per_sm_flops(self) -> float:
@@ -229,24 +265,37 @@ def memory_us(r: Rates, nbytes: float) -> float:
     return max(MIN_KERNEL_US, nbytes / (COPY_EFFICIENCY * r.gpu.mem_gbps * 1e9) * 1e6)
 
 
-def allreduce_us(r: Rates, nbytes: float, n: int) -> float:
+def allreduce_us(r: Rates, nbytes: float, n: int, nodes: int | None = None) -> float:
+    """A tp group's all-reduce (``nodes``: the nodes it spans, ``r.tp_nodes`` unless given)."""
     if n == 1 or nbytes == 0:
         return 0.0
     busbw, alpha = r.gpu.links[r.algo]
+    if (r.tp_nodes if nodes is None else nodes) > 1:  # a ring through every GPU's NIC: the slowest link sets the
+        # pace; NVLS (NVLink SHARP) does not reach across nodes
+        busbw, alpha = min(r.gpu.links["ring"][0], INTER_NODE_GBPS), INTER_NODE_LATENCY_US
     return alpha + 2.0 * (n - 1) / n * nbytes / (busbw * 1e9) * 1e6
 
 
-def alltoall_us(r: Rates, nbytes_per_gpu: float, n: int) -> float:
-    """An all-to-all where each GPU holds ``nbytes_per_gpu`` and sends (n-1)/n of it."""
+def alltoall_us(r: Rates, nbytes_per_gpu: float, n: int, nodes: int | None = None) -> float:
+    """An all-to-all where each GPU holds ``nbytes_per_gpu`` and sends (n-1)/n of it; over ``nodes`` nodes
+    (``r.sp_nodes`` unless given) the part bound for other nodes goes through the GPU's NIC while the rest crosses
+    NVLink."""
     if n == 1:
         return 0.0
     busbw, alpha = r.gpu.links["ring"]
-    return alpha + (n - 1) / n * nbytes_per_gpu / (busbw * 1e9) * 1e6
+    nodes = r.sp_nodes if nodes is None else nodes
+    if nodes <= 1:
+        return alpha + (n - 1) / n * nbytes_per_gpu / (busbw * 1e9) * 1e6
+    m = n // nodes  # group members on this GPU's node
+    inside = (m - 1) / n * nbytes_per_gpu / (busbw * 1e9)
+    outside = (n - m) / n * nbytes_per_gpu / (min(busbw, INTER_NODE_GBPS) * 1e9)
+    return INTER_NODE_LATENCY_US + max(inside, outside) * 1e6
 
 
-def allgather_us(r: Rates, nbytes: float, n: int) -> float:
-    """An all-gather whose gathered result is ``nbytes``: each GPU receives (n-1)/n of it."""
-    return alltoall_us(r, nbytes, n)
+def allgather_us(r: Rates, nbytes: float, n: int, nodes: int | None = None) -> float:
+    """An all-gather whose gathered result is ``nbytes``: each GPU receives (n-1)/n of it (over ``nodes`` nodes,
+    ``r.tp_nodes`` unless given: the tp group's all-gathers)."""
+    return alltoall_us(r, nbytes, n, r.tp_nodes if nodes is None else nodes)
 
 
 def joint_row_layer(r: Rates, streams, out: int, k_local: int, n: int) -> dict:
@@ -437,6 +486,164 @@ def model(presets=tuple(MODELS), gpus=GPUS, accounting: str = "after") -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Meshes: dp x cfg x sp x tp on one or two nodes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mesh_name(mesh: dict) -> str:
+    """``{"dp": 2, "cfg": 1, "sp": 2, "tp": 2}`` -> ``"dp2 x sp2 x tp2"`` (dims of size 1 left out)."""
+    return " x ".join(f"{d}{mesh[d]}" for d in MESH_DIMS if mesh.get(d, 1) > 1) or "1 GPU"
+
+
+def group_nodes(size: int, stride: int, per_node: int) -> int:
+    """The nodes one group of a mesh dim spans: ``size`` ranks ``stride`` apart, ``per_node`` ranks per node."""
+    return len({i * stride // per_node for i in range(size)})
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def factorizations(cfg: Shape, img: int, gpus: int, guidance: bool = False) -> list[dict]:
+    """Every ``{dp, cfg, sp, tp}`` whose product is ``gpus`` and that shards ``cfg``: heads divide by tp x sp, the
+    MLP width by tp, image and text tokens by sp; cfg is 1, or 2 for a guidance pipeline."""
+    out = []
+    for tp in _divisors(gpus):
+        for sp in _divisors(gpus // tp):
+            for cfg_n in ((1, 2) if guidance else (1,)):
+                if (gpus // (tp * sp)) % cfg_n:
+                    continue
+                if not _fits(cfg, tp, sp) or img % sp or TEXT_TOKENS % sp:
+                    continue
+                out.append({"dp": gpus // (tp * sp * cfg_n), "cfg": cfg_n, "sp": sp, "tp": tp})
+    return out
+
+
+_TRANSFORMER_CACHE: dict = {}
+
+
+def _transformer_cached(cfg: Shape, r: Rates, img: int, tp: int, sp: int) -> dict:
+    key = (cfg, r.gpu.name, r.algo, r.gemm_tflops, r.chunk_overhead, r.tp_nodes, r.sp_nodes, img, tp, sp)
+    if key not in _TRANSFORMER_CACHE:
+        _TRANSFORMER_CACHE[key] = transformer(cfg, r, img, tp, sp)
+    return _TRANSFORMER_CACHE[key]
+
+
+def _gpu(name: str) -> GPU:
+    for g in GPUS:
+        if g.name == name:
+            return g
+    raise ValueError(f"gpu must be one of {[g.name for g in GPUS]}, got {name!r}")
+
+
+def _image_tokens(image) -> tuple[str, int]:
+    if isinstance(image, int):
+        return f"{image} tokens", image
+    if image not in IMAGES:
+        raise ValueError(f"image must be one of {list(IMAGES)} or a token count, got {image!r}")
+    return image, IMAGES[image]
+
+
+def mesh_step(cfg: Shape, r: Rates, img: int, mesh: dict, gpus_per_node: int, guidance: bool = False) -> dict:
+    """One denoising step of one request on ``mesh`` (``{dp, cfg, sp, tp}``, dims on the ranks outer to inner):
+    where each dim's groups lie (``nodes_<dim>``), the step time of the request (its (sp, tp) group runs
+    ``2 / cfg`` forwards under guidance, else 1) and the output gathers."""
+    dp, cfg_n, sp, tp = (mesh[d] for d in MESH_DIMS)
+    stride = {"tp": 1, "sp": tp, "cfg": tp * sp, "dp": tp * sp * cfg_n}
+    nodes = {d: group_nodes(mesh[d], stride[d], gpus_per_node) for d in MESH_DIMS}
+    rm = dataclasses.replace(r, tp_nodes=nodes["tp"], sp_nodes=nodes["sp"])
+    t = _transformer_cached(cfg, rm, img, tp, sp)
+    forwards = (2 if guidance else 1) // cfg_n  # forwards per step on one (sp, tp) group
+    out_bytes = img * cfg.out_channels * ELEMENT  # one forward's output
+    gather_us = (allgather_us(rm, forwards * out_bytes, sp, nodes["sp"])  # the sequence-sharded output, every step
+                 + allgather_us(rm, 2 * out_bytes, cfg_n, nodes["cfg"])  # cond + uncond for the guidance combine
+                 + allgather_us(rm, dp * out_bytes, dp, nodes["dp"]))  # the batch's outputs
+    step = forwards * t["step_ms"] + gather_us / 1e3
+    return {**mesh, "mesh": mesh_name(mesh), **{f"nodes_{d}": nodes[d] for d in MESH_DIMS},
+            "across_nodes": [d for d in MESH_DIMS if nodes[d] > 1], "forwards_per_group": forwards,
+            "step_ms": step, "comm_ms": forwards * t["comm_ms"] + gather_us / 1e3,
+            "exposed_ms": forwards * t["exposed_ms"] + gather_us / 1e3, "gather_ms": gather_us / 1e3}
+
+
+def _ranked(rows: list[dict]) -> list[dict]:
+    """Best first: the lowest per-request step time, where a mesh within ``TIE`` of it with more requests in flight
+    (dp) wins; then the rest by step time (ties by throughput, then name: deterministic)."""
+    if not rows:
+        return []
+    fastest = min(x["step_ms"] for x in rows)
+    near = [x for x in rows if x["step_ms"] <= fastest * (1 + TIE)]
+    best = max(near, key=lambda x: (x["dp"], x["throughput_speedup"], -x["step_ms"], x["mesh"]))
+    rest = sorted((x for x in rows if x is not best), key=lambda x: (x["step_ms"], -x["throughput_speedup"],
+                                                                     x["mesh"]))
+    return [best, *rest]
+
+
+def meshes(preset: str, image, gpus: int, nodes: int = 1, gpu: str = "H100 SXM", algo: str = "ring",
+           guidance: bool = False) -> list[dict]:
+    """Every mesh of ``gpus`` GPUs on ``nodes`` nodes (equal GPUs per node) for ``preset`` (a key of ``MODELS``) at
+    ``image`` (a key of ``IMAGES`` or an image token count), best first (see :func:`_ranked` and the module doc):
+    dicts with the dims, ``mesh`` ("dp2 x sp2 x tp2"), ``step_ms`` (one request's step), ``speedup`` (against one
+    GPU serving one request), ``throughput_speedup`` (``dp x speedup``), where each dim's groups lie
+    (``nodes_<dim>``, ``across_nodes``) and the communication. ``guidance``: a classifier-free-guidance pipeline
+    (2 forwards per step; the cfg dim may split them)."""
+    if preset not in MODELS:
+        raise ValueError(f"preset must be one of {list(MODELS)}, got {preset!r}")
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise ValueError(f"gpus ({gpus}) must split evenly over nodes ({nodes})")
+    cfg, g = MODELS[preset], _gpu(gpu)
+    if algo not in g.links:
+        raise ValueError(f"algo must be one of {list(g.links)} on {gpu}, got {algo!r}")
+    label, img = _image_tokens(image)
+    r = rates_for(g, algo)
+    base = (2 if guidance else 1) * _transformer_cached(cfg, r, img, 1, 1)["step_ms"]
+    rows = []
+    for mesh in factorizations(cfg, img, gpus, guidance):
+        x = mesh_step(cfg, r, img, mesh, gpus // nodes, guidance)
+        speedup = base / x["step_ms"]
+        rows.append({"model": preset, "image": label, "gpus": gpus, "nodes": nodes, "gpu": gpu, "allreduce": algo,
+                     "guidance": guidance, **x, "speedup": speedup, "throughput_speedup": x["dp"] * speedup,
+                     "one_gpu_step_ms": base})
+    return _ranked(rows)
+
+
+def best_mesh(preset: str, image, gpus: int, nodes: int = 1, gpu: str = "H100 SXM", algo: str = "ring",
+              guidance: bool = False) -> dict:
+    """The best of :func:`meshes` (lowest per-request latency; within 2% of it, the most requests in flight)."""
+    return meshes(preset, image, gpus, nodes, gpu, algo, guidance)[0]
+
+
+def mesh_sweep(gpu: str = "H100 SXM", algo: str = "ring", presets=tuple(MODELS), sweep=MESH_SWEEP) -> dict:
+    """Every model x image x (GPUs, nodes) of ``sweep``, without and with guidance: ``best`` (one row per case:
+    the best mesh with all its fields, the runner-up, pure TP's step) and ``meshes`` (per case every mesh, best
+    first, in brief)."""
+    best, every = [], []
+    for guidance in (False, True):
+        for name in presets:
+            for image in IMAGES:
+                for gpus_n, nodes in sweep:
+                    ranked = meshes(name, image, gpus_n, nodes, gpu, algo, guidance)
+                    rounded = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()}
+                               for x in ranked]
+                    every.append({"model": name, "image": image, "gpus": gpus_n, "nodes": nodes,
+                                  "guidance": guidance, "ranked": [
+                                      {k: x[k] for k in ("mesh", "step_ms", "exposed_ms", "speedup",
+                                                         "throughput_speedup", "across_nodes")} for x in rounded]})
+                    top, second = rounded[0], (rounded[1] if len(rounded) > 1 else None)
+                    best.append({**top, "runner_up": second and second["mesh"],
+                                 "runner_up_step_ms": second and second["step_ms"],
+                                 "pure_tp_step_ms": next((x["step_ms"] for x in rounded if x["tp"] == gpus_n), None)})
+    return {"assumptions": {
+        "gpu": gpu, "allreduce": algo, "gpus_per_node_max": GPUS_PER_NODE, "inter_node_gbps_per_gpu":
+        INTER_NODE_GBPS, "inter_node_latency_us": INTER_NODE_LATENCY_US, "mesh_dims_outer_to_inner": MESH_DIMS,
+        "sweep": [list(x) for x in sweep], "tie": TIE,
+        "ranking": "best = lowest per-request step time (latency); among meshes within 2% of it, the "
+        "most requests in flight (dp); throughput_speedup = dp x speedup (requests/s against one GPU serving one "
+        "request at a time, with >= dp requests waiting)", "guidance": "True: a CFG pipeline, 2 forwards per step "
+        "(cond, uncond); cfg2 runs one on each half of the mesh", "modelled": "modelled, not measured"},
+        "best": best, "meshes": every}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------------------
 
@@ -521,6 +728,31 @@ def double_block_table(result: dict, gpu: str = "H100 SXM", algo: str = "ring", 
     return lines
 
 
+_PRETTY = {"klein-4b": "klein-4B", "klein-9b": "klein-9B", "dev": "dev", "qwen-image": "Qwen-Image"}
+
+
+def mesh_markdown(sweep: dict, guidance: bool = False) -> str:
+    """The best mesh per model, image, GPU count and node count (``sweep``: :func:`mesh_sweep`)."""
+    a = sweep["assumptions"]
+    what = ("a classifier-free-guidance pipeline: 2 forwards per step, cond and uncond" if guidance else
+            "one forward per step (guidance-distilled, or no CFG)")
+    lines = [f"Best mesh per model, image, GPUs and nodes ({a['gpu']}, {a['allreduce']} all-reduce inside a node, "
+             f"{a['inter_node_gbps_per_gpu']:.0f} GB/s per GPU between nodes; {what}; modelled, not measured). "
+             "Best = the lowest per-request step time (within 2% of it, the most requests in flight); speedup = one "
+             "GPU's step for one request / the mesh's; throughput = dp x speedup (>= dp requests waiting):", "",
+             "| model | image | GPUs | nodes | best mesh | step ms | speedup vs 1 GPU | throughput | pure TP | "
+             "runner-up |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in sweep["best"]:
+        if x["guidance"] != guidance:
+            continue
+        tp_only = (f"{x['one_gpu_step_ms'] / x['pure_tp_step_ms']:.2f}x" if x["pure_tp_step_ms"] else "-")
+        runner = f"{x['runner_up']} ({x['runner_up_step_ms']:.1f} ms)" if x["runner_up"] else "-"
+        lines.append(f"| {_PRETTY.get(x['model'], x['model'])} | {x['image'].replace('^2', '²')} | {x['gpus']} | "
+                     f"{x['nodes']} | {x['mesh']} | {x['step_ms']:.1f} | {x['speedup']:.2f}x | "
+                     f"{x['throughput_speedup']:.2f}x | {tp_only} | {runner} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -561,9 +793,27 @@ def main(argv=None) -> int:
                         help="the double block's accounting for the step tables: after (fused, 2 joint all-reduces), "
                              "before (this model before issue 23: 4 per-stream all-reduces), per-stream (fused, 4); "
                              "the double-block table always shows all three (default: %(default)s)")
+    parser.add_argument("--meshes", action="store_true",
+                        help="instead of the TP tables: the best dp x cfg x sp x tp mesh of 2/4/8 GPUs on one node "
+                             "and 2/4/8/16 on two, per model and image, into STEM-meshes.json and STEM-meshes.md")
+    parser.add_argument("--gpu", default="H100 SXM", choices=[g.name for g in GPUS],
+                        help="the GPU of --meshes (default: %(default)s)")
+    parser.add_argument("--algo", default="ring", choices=["ring", "nvls"],
+                        help="the all-reduce inside a node for --meshes (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.results:
         MEASURED_DIRS.append(Path(args.results))
+    if args.meshes:
+        sweep = mesh_sweep(args.gpu, args.algo)
+        stem = Path(args.out)
+        stem = stem.with_name(stem.name + "-meshes")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(sweep, indent=2) + "\n")
+        table = mesh_markdown(sweep) + "\n" + mesh_markdown(sweep, guidance=True)
+        stem.with_suffix(".md").write_text("# Meshes: dp x cfg x sp x tp\n\n" + table)
+        print(table)
+        print(f"wrote {stem}.json, {stem}.md")
+        return 0
     result = model(accounting=args.accounting)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)

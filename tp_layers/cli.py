@@ -39,7 +39,8 @@ def _rank_error(exc) -> int:
 
 
 def _verify_family(args: argparse.Namespace) -> int:
-    """``tpfuse verify --family qwenimage|flux3``: a parallelized diffusers model against the dense one."""
+    """``tpfuse verify --family qwenimage|flux3`` (or any family with ``--mesh``): a parallelized diffusers model
+    against the dense one."""
     from .families import family_named
     from .launch import RankError
     from .verify_family import check_family, format_family_result
@@ -49,10 +50,15 @@ def _verify_family(args: argparse.Namespace) -> int:
     if preset not in fam.presets:
         return _error(f"--preset {preset!r} is not a {args.family} preset; choose from {sorted(fam.presets)}")
     if args.model is not None:
-        return _error(f"--model is only supported with --family flux2 (for {args.family}, use from_pretrained)")
+        what = "--mesh" if args.mesh else f"--family {args.family}"
+        return _error(f"--model is not supported with {what} (check a checkpoint's blocks with --family flux2 "
+                      "without --mesh, or load it with from_pretrained)")
+    world_size = args.world_size
+    if args.mesh is not None and not args.world_size_given:
+        world_size = None  # the mesh's size
     try:
-        res = check_family(args.family, preset, args.world_size, args.dtype, args.seed, args.batch,
-                           args.txt_tokens, args.img_tokens, args.backend)
+        res = check_family(args.family, preset, world_size, args.dtype, args.seed, args.batch,
+                           args.txt_tokens, args.img_tokens, args.backend, mesh=args.mesh)
     except ValueError as exc:
         return _error(str(exc))
     except RankError as exc:
@@ -62,7 +68,10 @@ def _verify_family(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if args.family != "flux2":
+    args.world_size_given = args.world_size is not None
+    if args.world_size is None:
+        args.world_size = 2
+    if args.family != "flux2" or args.mesh is not None:
         return _verify_family(args)
     if args.preset is None:
         args.preset = "klein-4b"
@@ -168,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--preset", default=None, choices=presets,
                    help="the model whose shapes are checked, with random weights (flux2 default: klein-4b; "
                         "qwenimage: tiny or qwen-image-block; flux3: tiny or flux3-block)")
-    v.add_argument("--world-size", type=int, default=2, help="number of ranks (processes); it must divide the "
-                   "attention heads and the MLP width (tpfuse presets lists the valid sizes)")
+    v.add_argument("--world-size", type=int, default=None, help="number of ranks (processes, default 2); it must "
+                   "divide the attention heads and the MLP width (tpfuse presets lists the valid sizes)")
+    v.add_argument("--mesh", default=None, help="a hybrid mesh, e.g. sp2xtp2, cfg2xtp2, dp2xsp2xtp2 (dims dp, cfg, "
+                   "sp, tp): check a whole parallelized model of --family (preset tiny by default) on that many "
+                   "ranks against the dense one; image/text token counts need not divide by sp")
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")
     v.add_argument("--img-tokens", type=int, default=64, help="image tokens per sample")
     v.add_argument("--txt-tokens", type=int, default=16, help="text tokens per sample")

@@ -106,7 +106,13 @@ class TPModelMixin:
         does, through this method) — and :func:`tpfuse.tp_layers.save_pretrained` writes the dense diffusers
         checkpoint from rank 0 (one writer per distinct folder), honouring ``variant``, ``max_shard_size``,
         ``safe_serialization`` and ``is_main_process``. ``push_to_hub`` and ``use_flashpack`` are refused at 2+
-        ranks; ``save_function`` is ignored, as diffusers ignores it."""
+        ranks; ``save_function`` is ignored, as diffusers ignores it. On a hybrid mesh (``parallelize(mesh=...)``)
+        every rank calls it; the replica that holds the first batch/sequence share writes (its tensor-parallel
+        group gathers the shards), and a failure on any rank is raised on every rank."""
+        mesh = getattr(self, "tp_mesh", None)
+        if mesh is not None and mesh.hybrid:
+            return self._save_on_mesh(mesh, save_directory, is_main_process, safe_serialization, variant,
+                                      max_shard_size, push_to_hub, use_flashpack, kwargs)
         if self.tp_world_size == 1:
             if use_flashpack:  # passed only when set: diffusers before 0.42 has no such parameter
                 kwargs["use_flashpack"] = use_flashpack
@@ -124,6 +130,33 @@ class TPModelMixin:
 
         save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
                         safe_serialization=safe_serialization, is_main_process=is_main_process)
+
+    def _save_on_mesh(self, mesh, save_directory, is_main_process, safe_serialization, variant, max_shard_size,
+                      push_to_hub, use_flashpack, kwargs):
+        import torch.distributed as dist
+
+        from .save import SaveError, _share
+
+        for flag, value in (("push_to_hub", push_to_hub), ("use_flashpack", use_flashpack)):
+            if value:
+                raise NotImplementedError(f"{type(self).__name__}.save_pretrained({flag}=True) is not supported on "
+                                          f"the mesh {mesh.name()}: save safetensors, then upload from one rank")
+        primary = dist.get_rank(mesh.replica_group) == 0  # the other replicas hold the same weights
+        error = None
+        try:
+            if self.tp_world_size == 1:
+                super().save_pretrained(save_directory, is_main_process=is_main_process and primary,
+                                        safe_serialization=safe_serialization, variant=variant,
+                                        max_shard_size=max_shard_size, **kwargs)
+            else:
+                from .save import save_pretrained
+
+                save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
+                                safe_serialization=safe_serialization, is_main_process=is_main_process and primary)
+        except (OSError, RuntimeError, ValueError, TypeError, SaveError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        # Every rank returns once the checkpoint is complete, or raises the first rank's error.
+        _share(error, None, dist.get_world_size(), f"saving {save_directory}", outcome=None)
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
                           **kwargs):
@@ -143,6 +176,11 @@ class TPModelMixin:
                           safe_serialization: bool = True, weight_name: str | None = None,
                           is_main_process: bool = True) -> None:
         """diffusers' ``save_lora_adapter``; see :func:`tpfuse.tp_layers.lora.save_lora_adapter`."""
+        mesh = getattr(self, "tp_mesh", None)
+        if mesh is not None and mesh.hybrid:  # one replica writes (the others hold the same adapter)
+            import torch.distributed as dist
+
+            is_main_process = is_main_process and dist.get_rank(mesh.replica_group) == 0
         lora.save_lora_adapter(self, save_directory, adapter_name, upcast_before_saving, safe_serialization,
                                weight_name, is_main_process)
 
