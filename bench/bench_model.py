@@ -303,6 +303,7 @@ def main(argv=None) -> int:
         if "blocks" in args.what:
             block_rows = blocks(args, cfg, rank_device, dtype, distributed=True)
             rows += block_rows if dist.get_rank() == 0 else []
+        dist.barrier()  # no rank tears the group down while a peer's last (async) collective still runs
         dist.destroy_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
             return 0

@@ -179,6 +179,7 @@ def distributed(args, dtype) -> list[dict]:
         t["exposed_comm"] = (t["overlapped_ms"] - t["compute_ms"]) / comm if comm > 0 else 0.0
         rows.append({"shape": label.replace("tp2", f"tp{world}"), "world_size": world,
                      "chunks": layers["overlapped"].last_chunks, **t})
+    dist.barrier()  # no rank tears the group down while a peer's last (async) collective still runs
     dist.destroy_process_group()
     return rows if rank == 0 else []
 

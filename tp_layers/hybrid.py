@@ -106,8 +106,9 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
     if pm.batch > 1 and batch is not None:
         if batch % pm.batch:
             raise ValueError(f"{type(model).__name__}: the batch of {batch} does not split over dp*cfg={pm.batch} "
-                             f"(mesh {pm.name()}): pass a batch divisible by {pm.batch} (a CFG pipeline's batch "
-                             "holds the unconditional and conditional halves)")
+                             f"(mesh {pm.name()}): pass a batch divisible by {pm.batch} (for cfg: the "
+                             "unconditional and conditional halves in one batch; diffusers' pipelines call the "
+                             "transformer once per branch, for them use a mesh without cfg/dp)")
         sizes = [batch // pm.batch] * pm.batch
         for name in family.batch_inputs:
             if name not in a:

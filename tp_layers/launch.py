@@ -216,7 +216,10 @@ def _context():
     methods = mp.get_all_start_methods()
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed"])
+        # Every rank of the test suite and of `tpfuse verify` builds a diffusers model: importing its transformer
+        # modules once in the server instead of in every rank saves ~2.5 s of CPU per rank (a module that is not
+        # installed is skipped by the server).
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "diffusers.models.transformers.transformer_flux2"])
         return ctx
     return mp.get_context("spawn")
 
