@@ -106,6 +106,27 @@ def test_meshes_of_four_ranks_equal_dense(four_ranks):
         assert torch.equal(lora_out, per_rank[0][1][2])
 
 
+def _compiled(spec: dict):
+    """The whole sp model under torch.compile(fullgraph=True): the splits, the all-to-alls and the gathers are
+    graph nodes (no graph break), and the output is the dense one."""
+    from tpfuse.tp_layers.flux2.family import random_inputs, random_model
+    from tpfuse.tp_layers.verify_family import build_mesh
+
+    dense = random_model("tiny", 0)
+    model = parallelize(copy.deepcopy(dense), mesh=build_mesh(spec))
+    inputs = random_inputs(dense, 2, TXT, IMG, 0)
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True)(**inputs).sample
+        return rel_error(out, dense(**inputs).sample), out
+
+
+def test_sequence_parallel_model_compiles_fullgraph():
+    per_rank = run_ranks(_compiled, 2, {"sp": 2})
+    for err, out in per_rank:
+        assert err <= TOL
+        assert torch.equal(out, per_rank[0][1])
+
+
 def _eight_ranks():
     return _check("flux2", {"dp": 2, "sp": 2, "tp": 2}, batch=2)
 
