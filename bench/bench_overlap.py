@@ -24,6 +24,7 @@ it working; ``--distributed --dry-run`` does the same on gloo ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -224,4 +225,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if "--distributed" in sys.argv and "--dry-run" in sys.argv:
+        # gloo ranks: leave without interpreter finalization, where gloo's worker threads can still hold tensors
+        # of finished async work and abort the process ("terminate called without an active exception",
+        # pytorch/pytorch#179291) after the results are written; the group is already destroyed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

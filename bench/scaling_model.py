@@ -56,35 +56,36 @@ H100 SXM, H200 (NVLink) and L40S (PCIe):
   previous all-reduce is done) and runs while chunk i+1 computes, which NCCL slows by ``OVERLAP_SLOWDOWN`` (its
   kernels take SMs); what runs past the last GEMM is exposed. The next op needs the reduced output, so nothing
   else hides it.
-* **Hybrid** TP x Ulysses sequence parallelism on a 2-D mesh (tp x sp = 4 or 8 GPUs): each GPU holds S / sp
-  tokens and D / tp of the weights; attention needs 4 all-to-alls (Q, K, V in, O out) of ``(S / sp) x (D / tp)``
+* **Hybrid** TP x Ulysses sequence parallelism on a 2-D mesh (tp x sp = 4 or 8 GPUs): each GPU holds S / sp tokens and
+  D / tp of the weights; attention needs 2 all-to-alls (Q, K, V together in, O out) moving 4 x ``(S / sp) x (D / tp)``
   per GPU over the sp group, at the all-reduce bus bandwidth; TP all-reduces carry S / sp tokens; memory-bound ops
   shrink by sp.
+
 
 * **Meshes** (issue 24, ``--meshes``; :func:`meshes`, :func:`best_mesh`): every factorization ``dp x cfg x sp x tp``
   of 2/4/8 GPUs on one node and of 2/4/8/16 GPUs on two nodes (a node is an HGX board of at most ``GPUS_PER_NODE`` = 8
   GPUs on NVLink/NVSwitch; 16 GPUs on one node is not swept). The dims lie on the ranks outer to inner
   (``init_device_mesh``'s row-major order): tp innermost (consecutive ranks, inside a node while ``tp <= 8``), then
-  sp, then cfg, then dp outermost, so the outer dims are the ones that span nodes. Rules: heads
-  divide by ``tp x sp``, the MLP width by tp, the tokens by sp. **Between nodes** (an assumption: 400 Gb/s
-  InfiniBand/RoCE per GPU, one NIC per GPU, as on DGX/HGX H100): ``INTER_NODE_GBPS`` = 50 GB/s per GPU each way,
-  ``INTER_NODE_LATENCY_US`` = 30 us per collective; a group that spans nodes pays them: an all-reduce is a ring
-  through every GPU's NIC, bottlenecked by the slowest link (``alpha + 2 (n - 1) / n x bytes / 50 GB/s``, no NVLS), an
-  all-to-all or all-gather sends the part bound for other nodes (``(n - m) / n`` of the bytes, ``m`` group members per
-  node) through the NIC at 50 GB/s while the part for the own node goes over NVLink. tp: the block's all-reduces
-  (``tokens / sp`` rows); sp: the 4 all-to-alls per attention; every step the sp group all-gathers the transformer's
-  sequence-sharded output (``[image tokens, out channels]``), a cfg group the cond/uncond outputs (the guidance
-  combine), a dp group the batch's outputs (a parallelized transformer returns the whole batch: every step; small).
-  **cfg** exists only for a classifier-free-guidance pipeline (``guidance=True``: 2 forwards per step, cond and
-  uncond): cfg = 2 runs one on each half of the GPUs with no communication but that gather; a (sp, tp) group running
-  both runs them back to back (2 x its batch-1 time: the model does not let the two share GEMM waves). **dp** splits a
-  batch of independent requests: each dp group serves one request on the remaining mesh, so a request's latency is
-  that mesh's and ``dp`` requests are in flight. Two figures per mesh: ``speedup`` = one GPU's step time for one
-  request / the mesh's (the latency a user waiting for one image sees) and ``throughput_speedup`` = ``dp x speedup``
-  (requests per second against one GPU serving one request at a time, when at least ``dp`` requests are waiting).
-  **"Best" ranks by latency**: the lowest per-request step time; among meshes within ``TIE`` (2%) of it, the one with
-  the most requests in flight (dp) wins, so GPUs that would buy a request no latency serve more requests instead. By
-  throughput alone pure dp would always win (no communication) wherever the weights fit on one GPU.
+  sp, then cfg, then dp outermost, so the outer dims are the ones that span nodes. Rules: heads divide by ``tp x sp``,
+  the MLP width by tp, the tokens by sp. **Between nodes** (an assumption: 400 Gb/s InfiniBand/RoCE per GPU, one NIC
+  per GPU, as on DGX/HGX H100): ``INTER_NODE_GBPS`` = 50 GB/s per GPU each way, ``INTER_NODE_LATENCY_US`` = 30 us per
+  collective; a group that spans nodes pays them: an all-reduce is a ring through every GPU's NIC, bottlenecked by the
+  slowest link (``alpha + 2 (n - 1) / n x bytes / 50 GB/s``, no NVLS), an all-to-all or all-gather sends the part
+  bound for other nodes (``(n - m) / n`` of the bytes, ``m`` group members per node) through the NIC at 50 GB/s while
+  the part for the own node goes over NVLink. tp: the block's all-reduces (``tokens / sp`` rows); sp: the 2 all-to-
+  alls per attention (Q/K/V in one, O); every step the sp group all-gathers the transformer's sequence-sharded output
+  (``[image tokens, out channels]``), a cfg group the cond/uncond outputs (the guidance combine), a dp group the
+  batch's outputs (a parallelized transformer returns the whole batch: every step; small). **cfg** exists only for a
+  classifier-free-guidance pipeline (``guidance=True``: 2 forwards per step, cond and uncond): cfg = 2 runs one on
+  each half of the GPUs with no communication but that gather; a (sp, tp) group running both runs them back to back (2
+  x its batch-1 time: the model does not let the two share GEMM waves). **dp** splits a batch of independent requests:
+  each dp group serves one request on the remaining mesh, so a request's latency is that mesh's and ``dp`` requests
+  are in flight. Two figures per mesh: ``speedup`` = one GPU's step time for one request / the mesh's (the latency a
+  user waiting for one image sees) and ``throughput_speedup`` = ``dp x speedup`` (requests per second against one GPU
+  serving one request at a time, when at least ``dp`` requests are waiting). **"Best" ranks by latency**: the lowest
+  per-request step time; among meshes within ``TIE`` (2%) of it, the one with the most requests in flight (dp) wins,
+  so GPUs that would buy a request no latency serve more requests instead. By throughput alone pure dp would always
+  win (no communication) wherever the weights fit on one GPU.
 
 Anchors (measured by others, FLUX.1, for comparison only): cache-dit's FLUX.1 TP on L20 (PCIe): 1.62x at 2 GPUs,
 2.22x at 4; xDiT's Ulysses-4 FLUX.1: 2.63x.
@@ -276,6 +277,12 @@ def allreduce_us(r: Rates, nbytes: float, n: int, nodes: int | None = None) -> f
     return alpha + 2.0 * (n - 1) / n * nbytes / (busbw * 1e9) * 1e6
 
 
+def ulysses_us(r: Rates, nbytes_per_gpu: float, n: int) -> float:
+    """One attention's Ulysses exchange (tpfuse's ``SequenceParallel``): Q, K and V in ONE all-to-all (3x the
+    bytes, one latency), the output back in a second."""
+    return alltoall_us(r, 3 * nbytes_per_gpu, n) + alltoall_us(r, nbytes_per_gpu, n)
+
+
 def alltoall_us(r: Rates, nbytes_per_gpu: float, n: int, nodes: int | None = None) -> float:
     """An all-to-all where each GPU holds ``nbytes_per_gpu`` and sends (n-1)/n of it; over ``nodes`` nodes
     (``r.sp_nodes`` unless given) the part bound for other nodes goes through the GPU's NIC while the rest crosses
@@ -347,7 +354,7 @@ def single_block(cfg, r: Rates, img: int, tp: int, sp: int = 1) -> dict:
     attn = attention_us(r, img + TEXT_TOKENS, cfg.heads // (tp * sp), cfg.head_dim)  # full sequence, local heads
     mem = memory_us(r, 2 * s * d * ELEMENT)  # LayerNorm + modulate: read x, write x
     row = row_layer(r, s, d, (d + m) // tp, tp)
-    a2a = 4 * alltoall_us(r, s * d // tp * ELEMENT, sp)
+    a2a = ulysses_us(r, s * d // tp * ELEMENT, sp)
     compute = col + attn + mem + row["gemm"]
     return {"compute": compute, "comm": row["comm"] + a2a, "exposed": row["exposed"] + a2a,
             "total": compute + row["exposed"] + a2a, "allreduces": row["allreduces"]}
@@ -386,7 +393,7 @@ def double_block(cfg, r: Rates, img: int, tp: int, sp: int = 1, accounting: str 
         gather = 2 * allgather_us(r, 6 * d * ELEMENT, tp)
         comm += gather
         exposed += gather
-    a2a = 4 * alltoall_us(r, s * d // tp * ELEMENT, sp)
+    a2a = ulysses_us(r, s * d // tp * ELEMENT, sp)
     return {"compute": compute, "comm": comm + a2a, "exposed": exposed + a2a, "total": compute + exposed + a2a,
             "allreduces": allreduces}
 

@@ -6,10 +6,10 @@ is split as ``torch.tensor_split`` does (the first ``n % sp`` ranks hold one tok
 chosen for the mesh and nothing is padded. Everything per token (LayerNorm + modulation, the projections, the
 row-parallel reduce over tp) runs on the local tokens unchanged. Attention is the only op that mixes tokens:
 
-* Q, K, V ``[B, L_r, H, D]`` (``L_r``: this rank's tokens, ``H``: the heads of its tp shard) -> one all-to-all each
-  (``all_to_all_single`` with uneven splits: rank ``r`` sends heads ``[j*H/sp, (j+1)*H/sp)`` of its tokens to rank
-  ``j``) -> ``[B, S, H/sp, D]``: all ``S = sum(L_r)`` tokens, rank-major (rank 0's text and image tokens, then rank
-  1's, ...). Attention does not depend on the order of the keys, and every query comes back to its rank, so the
+* Q, K, V ``[B, L_r, H, D]`` (``L_r``: this rank's tokens, ``H``: the heads of its tp shard) -> ONE all-to-all for the
+  three (``all_to_all_single`` with uneven splits: rank ``r`` sends heads ``[j*H/sp, (j+1)*H/sp)`` of its tokens to
+  rank ``j``) -> ``[B, S, H/sp, D]``: all ``S = sum(L_r)`` tokens, rank-major (rank 0's text and image tokens, then
+  rank 1's, ...). Attention does not depend on the order of the keys, and every query comes back to its rank, so the
   result is the dense one without reordering anything.
 * the attention output ``[B, S, H/sp, D]`` -> the reverse all-to-all -> ``[B, L_r, H, D]``.
 * a key mask (``[..., 1, L_r]``: text padding) is gathered rank-major the same way; a per-head mask keeps the
@@ -246,13 +246,17 @@ class SequenceParallel:
 
     # ---- attention ---------------------------------------------------------------------------------------------
 
-    def _to_heads(self, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-        # [B, L, H, D] (this rank's tokens, all its heads) -> [B, S, H/sp, D] (all tokens, its sp share of heads)
-        b, n, h, d = x.shape
-        send = x.reshape(b, n, self.size, h // self.size, d).permute(2, 1, 0, 3, 4)  # [sp, L, B, h, D]
-        send = send.reshape(self.size * n, b, h // self.size, d)
-        recv = _AllToAll.apply(send, counts, (n,) * self.size, self.name)  # [S, B, h, D], rank-major tokens
-        return recv.permute(1, 0, 2, 3)
+    def _to_heads(self, xs: Sequence[torch.Tensor], counts: tuple[int, ...]) -> list[torch.Tensor]:
+        """[B, L, H, D] each (this rank's tokens, all its heads) -> [B, S, H/sp, D] each (all tokens, its sp share
+        of the heads), in ONE all-to-all: Q, K and V (same shape) travel together, so an attention costs two
+        collectives (in, out) instead of four; the send buffer is the one copy a permuted view needs anyway."""
+        b, n, h, d = xs[0].shape
+        share = h // self.size
+        # [sp, L, k, B, h, D]: rank j's heads of every tensor, token-major (the all-to-all splits dim 0)
+        send = torch.stack([x.reshape(b, n, self.size, share, d).permute(2, 1, 0, 3, 4) for x in xs], dim=2)
+        send = send.reshape(self.size * n, len(xs), b, share, d)
+        recv = _AllToAll.apply(send, counts, (n,) * self.size, self.name)  # [S, k, B, h, D], rank-major tokens
+        return [recv[:, i].permute(1, 0, 2, 3) for i in range(len(xs))]
 
     def _to_tokens(self, o: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
         # [B, S, h, D] -> [B, L, sp*h, D]: the head order of the input (rank j computed heads [j*h, (j+1)*h))
@@ -292,9 +296,14 @@ class SequenceParallel:
             raise ValueError(f"sequence parallelism: {heads} heads on this rank do not split over sp={self.size} "
                              "(the heads must divide by tp * sp)")
         q_counts = self.counts(q.shape[1])
-        kv_counts = q_counts if k.shape[1] == q.shape[1] else self.counts(k.shape[1])
+        if q.shape == k.shape == v.shape:  # self-attention: one all-to-all for all three
+            kv_counts = q_counts
+            q, k, v = self._to_heads((q, k, v), q_counts)
+        else:
+            kv_counts = self.counts(k.shape[1])
+            (q,), (k, v) = self._to_heads((q,), q_counts), self._to_heads((k, v), kv_counts)
         mask = self._mask(mask, heads, kv_counts)
-        out = fn(self._to_heads(q, q_counts), self._to_heads(k, kv_counts), self._to_heads(v, kv_counts), mask)
+        out = fn(q, k, v, mask)
         if out.dim() == 3:  # a backend that returned [B, S, h*D]
             out = out.unflatten(-1, (heads // self.size, -1))
         return self._to_tokens(out, q_counts)
