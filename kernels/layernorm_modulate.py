@@ -225,9 +225,9 @@ def layernorm_modulate_backward(grad: torch.Tensor, x: torch.Tensor, shift: torc
 
     def like_mod(t, mod):  # [B, S, D] summed to the modulation's shape ([B|1, D], [B|1, 1, D] or [B|1, S, D])
         m = _as_b1d(mod)
-        if m.shape[1] == 1 and t.shape[1] > 1:
+        if m.shape[1] == 1 and t.shape[1] != 1:  # (!= 1: no tokens sum to zeros of the modulation's shape)
             t = t.sum(1, keepdim=True)
-        if m.shape[0] == 1 and t.shape[0] > 1:
+        if m.shape[0] == 1 and t.shape[0] != 1:
             t = t.sum(0, keepdim=True)
         return t.reshape(mod.shape).to(mod.dtype)
 

@@ -71,6 +71,16 @@ def _verify(args: argparse.Namespace) -> int:
     args.world_size_given = args.world_size is not None
     if args.world_size is None:
         args.world_size = 2
+    if args.batch is None:
+        args.batch = 1
+        if args.mesh is not None:
+            from .mesh import parse_mesh_spec
+
+            try:
+                spec = parse_mesh_spec(args.mesh)
+            except ValueError as exc:
+                return _error(str(exc))
+            args.batch = spec.get("dp", 1) * spec.get("cfg", 1)
     if args.family != "flux2" or args.mesh is not None:
         return _verify_family(args)
     if args.preset is None:
@@ -185,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")
     v.add_argument("--img-tokens", type=int, default=64, help="image tokens per sample")
     v.add_argument("--txt-tokens", type=int, default=16, help="text tokens per sample")
-    v.add_argument("--batch", type=int, default=1, help="samples per batch")
+    v.add_argument("--batch", type=int, default=None, help="samples per batch (default 1; with --mesh, dp x cfg)")
     v.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weights and inputs; the tolerance follows it")
     v.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and output gradients")

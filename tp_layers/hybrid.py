@@ -98,9 +98,11 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
     a.update(extra)
     if family.check_mesh_inputs is not None:
         family.check_mesh_inputs(model, a, pm)
-    # ids of the tensors already split over the batch / token groups (their gradients are gathered, not reduced)
+    # ids of the tensors already split over the batch / token groups (their gradients are gathered, not reduced);
+    # `alive` holds every tensor whose id is recorded until the call returns, so that no id is reused meanwhile
     batch_split: set[int] = set()
     token_split: set[int] = set()
+    alive: list[torch.Tensor] = []
 
     batch = _batch_of(family, a)
     if pm.batch > 1 and batch is not None:
@@ -124,6 +126,7 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
                     return t  # broadcast over the batch (a batch of 1, a scalar): replicated
                 out = split_tokens(t, 0, sizes, pm.batch_group)
                 batch_split.add(id(out))
+                alive.append(out)
                 return out
 
             a[name] = _map(value, cut)
@@ -136,6 +139,14 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
                 if streams.setdefault(stream, n) != n:
                     raise ValueError(f"{type(model).__name__}: {name} has {n} {stream} tokens (dim {dim}), another "
                                      f"input {streams[stream]}: the inputs of one token stream must agree")
+        short = {s: n for s, n in streams.items() if 0 < n < sp.size}
+        if short:
+            # Every rank needs a token of each stream: diffusers' code reduces over a rank's tokens (Qwen-Image's
+            # text-mask length) and an empty launch is not a kernel shape. Every rank sees the whole input, so all
+            # refuse alike.
+            which = ", ".join(f"{s} stream has {n} token(s)" for s, n in short.items())
+            raise ValueError(f"{type(model).__name__}: the {which}, fewer than sp={sp.size} (mesh {pm.name()}): "
+                             "every rank of the sp group needs at least one token of each stream; use a smaller sp")
         for name, (stream, dim) in family.token_inputs.items():
             if name not in a:
                 continue
@@ -146,6 +157,7 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
                 token_split.add(id(out))
                 if id(t) in batch_split:
                     batch_split.add(id(out))
+                alive.append(out)
                 return out
 
             a[name] = _map(a[name], cut)

@@ -135,7 +135,7 @@ class TPModelMixin:
                       push_to_hub, use_flashpack, kwargs):
         import torch.distributed as dist
 
-        from .save import SaveError, _share
+        from .save import _share
 
         for flag, value in (("push_to_hub", push_to_hub), ("use_flashpack", use_flashpack)):
             if value:
@@ -145,15 +145,16 @@ class TPModelMixin:
         error = None
         try:
             if self.tp_world_size == 1:
-                super().save_pretrained(save_directory, is_main_process=is_main_process and primary,
-                                        safe_serialization=safe_serialization, variant=variant,
-                                        max_shard_size=max_shard_size, **kwargs)
+                if primary:  # (diffusers writes the weight files whatever is_main_process says)
+                    super().save_pretrained(save_directory, is_main_process=is_main_process,
+                                            safe_serialization=safe_serialization, variant=variant,
+                                            max_shard_size=max_shard_size, **kwargs)
             else:
                 from .save import save_pretrained
 
                 save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
                                 safe_serialization=safe_serialization, is_main_process=is_main_process and primary)
-        except (OSError, RuntimeError, ValueError, TypeError, SaveError) as exc:
+        except Exception as exc:  # any failure reaches every rank (they wait in _share below)
             error = f"{type(exc).__name__}: {exc}"
         # Every rank returns once the checkpoint is complete, or raises the first rank's error.
         _share(error, None, dist.get_world_size(), f"saving {save_directory}", outcome=None)
