@@ -56,7 +56,7 @@ def _lora_check(spec: dict):
     return max(errs), doubled, out
 
 
-MESHES_4 = [("flux2", {"sp": 2, "tp": 2}), ("flux2", {"sp": 4}), ("flux2", {"tp": 4}),
+MESHES_4 = [("flux2", {"sp": 2, "tp": 2}), ("flux2", {"sp": 4, "tp": 1}), ("flux2", {"tp": 4}),
             ("flux2", {"cfg": 2, "tp": 2}), ("qwenimage", {"sp": 2, "tp": 2}), ("flux3", {"dp": 2, "sp": 2})]
 
 
