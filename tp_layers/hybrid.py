@@ -175,7 +175,8 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
 
     a = {k: _map(v, replicate) for k, v in a.items()}
 
-    install_gradient_sync(model, pm)  # parameters added since the last forward (a LoRA adapter)
+    if not torch.compiler.is_compiling():  # (eager only: a compiled forward would guard on every parameter)
+        install_gradient_sync(model, pm)  # parameters added since the last forward (a LoRA adapter)
     if sp is not None:
         if not torch.compiler.is_compiling():
             check_processors(model, sp)

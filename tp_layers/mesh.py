@@ -167,7 +167,7 @@ def resolve_mesh(mesh, group) -> ParallelMesh | None:
 def install_gradient_sync(model: torch.nn.Module, pm: ParallelMesh) -> int:
     """Sum every trainable parameter's gradient over the replica group (``dp x cfg x sp``) as backward produces it
     (a tensor hook: each backward's contribution is reduced before it is accumulated, so gradient accumulation
-    stays exact). Parameters added later (a LoRA adapter) are hooked by the next forward. Returns how many
+    stays exact). Parameters added later (a LoRA adapter) are hooked by the next eager forward. Returns how many
     parameters were newly hooked."""
     if pm.replicas == 1:
         return 0
