@@ -289,6 +289,7 @@ def test_parallelized_model_compiles_to_one_graph(family):
     (["--mesh", "sp2xtp2", "--world-size", "2"], "--world-size 2 and --mesh sp2xtp2 (4 ranks) disagree"),
     (["--mesh", "cfg2xtp2", "--batch", "3"], "--batch 3 does not split over dp*cfg=2"),
     (["--mesh", "ep2"], "unknown dimension 'ep'"),
+    (["--mesh", "sp2xtp2", "--preset", "dev"], "--preset 'dev' is not a model preset for --mesh"),
     (["--preset", "qwen-image-block"], "--preset 'qwen-image-block' is not a flux2 preset"),
 ])
 def test_verify_family_bad_arguments_exit_2_before_any_rank_starts(args, message, capsys):

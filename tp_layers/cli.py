@@ -48,7 +48,8 @@ def _verify_family(args: argparse.Namespace) -> int:
     fam = family_named(args.family)
     preset = args.preset if args.preset is not None else "tiny"
     if preset not in fam.presets:
-        return _error(f"--preset {preset!r} is not a {args.family} preset; choose from {sorted(fam.presets)}")
+        what = "model preset for --mesh (a whole model on every rank)" if args.mesh else f"{args.family} preset"
+        return _error(f"--preset {preset!r} is not a {what}; choose from {sorted(fam.presets)}")
     if args.model is not None:
         what = "--mesh" if args.mesh else f"--family {args.family}"
         return _error(f"--model is not supported with {what} (check a checkpoint's blocks with --family flux2 "

@@ -7,6 +7,7 @@ embedders, modulation and the final layer stay replicated. Heads and the MLP wid
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -16,7 +17,7 @@ import torch
 
 from ..families import Family, OriginalFormat
 from .blocks import BatchMismatchError
-from .config import PRESETS, Flux2Config
+from .config import Flux2Config
 from .keymap import bfl_to_diffusers, is_bfl
 
 __all__ = ["FAMILY", "check_batches", "infer_config"]
@@ -142,12 +143,22 @@ def _tp_block_classes() -> tuple[type, ...]:
     return (TPDoubleStreamBlock, TPSingleStreamBlock)
 
 
+# `tpfuse verify --family flux2 --mesh ...` builds a whole model, its dense copy and both gradients on every rank:
+# the tiny preset only (one double + one single block at klein-4B's width is ~0.54 B parameters, ~9 GB per fp32
+# rank: 4 ranks were killed for memory on a 24 GiB machine). Real widths are checked per block by `tpfuse verify`.
+MODEL_PRESETS = {"tiny": {}}
+
+
+def _model_config(preset: str) -> Flux2Config:
+    return dataclasses.replace(Flux2Config.preset(preset), **MODEL_PRESETS[preset])
+
+
 def random_model(preset: str, seed: int = 0, meta: bool = False):
-    """diffusers' ``Flux2Transformer2DModel`` of a :data:`~.config.PRESETS` config in eval mode, seeded, with
+    """diffusers' ``Flux2Transformer2DModel`` of a :data:`MODEL_PRESETS` config in eval mode, seeded, with
     perturbed norm scales (``tpfuse verify --family flux2 --mesh ...``)."""
     from ..verify import random_diffusers_model
 
-    return random_diffusers_model(Flux2Config.preset(preset), seed, meta)
+    return random_diffusers_model(_model_config(preset), seed, meta)
 
 
 def random_inputs(model, batch: int, txt: int, img: int, seed: int) -> dict:
@@ -193,7 +204,7 @@ FAMILY = Family(
     infer_config=infer_config,
     check_model_inputs=check_batches,
     original_format=OriginalFormat("bfl", is_bfl, bfl_to_diffusers),
-    presets={name: {} for name in PRESETS},  # (configs: Flux2Config.preset(name))
+    presets=MODEL_PRESETS,
     random_model=random_model,
     random_inputs=random_inputs,
     # ids are [S, 4] or [B, S, 4]: the token dim is the second last
