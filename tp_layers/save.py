@@ -429,7 +429,9 @@ def _renames_into(folder: Path, target: Path) -> bool:
         if exc.errno != errno.EXDEV:
             raise
         return False
-    moved.unlink()
+    # A replica saving into the same folder at once may have exchanged the folder meanwhile and removed the old
+    # one with the probe in it: the rename worked, which is all this asks.
+    moved.unlink(missing_ok=True)
     return True
 
 
