@@ -24,7 +24,7 @@ from torch import nn
 
 from .comm import copy_to_tp_region
 from .mesh import ParallelMesh, install_gradient_sync
-from .sequence import SequenceParallel, SequenceParallelError, gather_tokens, split_tokens
+from .sequence import SequenceParallel, SequenceParallelError, gather_tokens, split_sizes, split_tokens
 
 __all__ = ["attach_sequence_parallel", "check_processors", "hybrid_forward"]
 
@@ -43,7 +43,9 @@ def attach_sequence_parallel(model: nn.Module, pm: ParallelMesh) -> SequencePara
     from .sequence import wrap_dispatch
 
     sp = SequenceParallel(pm.sp_group)
-    for _, module in _attention_modules(model):
+    # (kept: check_processors runs on every eager forward; walking FLUX.2 dev's modules costs 1.2 ms, this list 7 us)
+    model._tpfuse_attention_modules = _attention_modules(model)
+    for _, module in model._tpfuse_attention_modules:
         module.processor._parallel_config = sp
     for cls in type(model).__mro__:  # the dense class's module: where diffusers' processors of this model live
         if cls.__module__.startswith("diffusers."):
@@ -55,7 +57,7 @@ def attach_sequence_parallel(model: nn.Module, pm: ParallelMesh) -> SequencePara
 def check_processors(model: nn.Module, sp: SequenceParallel) -> None:
     """Refuse a forward in which an attention processor does not carry the model's sp group (a processor set
     after ``parallelize``: it would attend over this rank's tokens only)."""
-    for name, module in _attention_modules(model):
+    for name, module in model._tpfuse_attention_modules:
         proc = module.processor
         if getattr(proc, "_parallel_config", None) is not sp:
             raise SequenceParallelError(
@@ -150,7 +152,7 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
         for name, (stream, dim) in family.token_inputs.items():
             if name not in a:
                 continue
-            sizes = split_sizes_of(sp, streams, stream)
+            sizes = split_sizes(streams.get(stream, 0), sp.size)  # (an absent stream has no tensor to cut)
 
             def cut(t, dim=dim, sizes=sizes):
                 out = split_tokens(t, dim, sizes, pm.sp_group)
@@ -191,7 +193,7 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
         if not isinstance(t, torch.Tensor):
             return t
         if gather is not None:
-            t = gather_tokens(t, 1, split_sizes_of(sp, streams, gather), pm.sp_group)
+            t = gather_tokens(t, 1, split_sizes(streams[gather], sp.size), pm.sp_group)
         if pm.batch > 1 and batch is not None and t.dim() > 0:
             t = gather_tokens(t, 0, [t.shape[0]] * pm.batch, pm.batch_group)
         return t
@@ -203,10 +205,3 @@ def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs:
         return out
     return full(out)
 
-
-def split_sizes_of(sp: SequenceParallel, streams: dict[str, int], stream: str) -> list[int]:
-    from .sequence import split_sizes
-
-    if stream not in streams:
-        return [0] * sp.size
-    return split_sizes(streams[stream], sp.size)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -328,8 +327,3 @@ def wrap_dispatch(module) -> None:
     dispatch_attention_fn._tpfuse_sequence_parallel = True
     module.dispatch_attention_fn = dispatch_attention_fn
 
-
-def compositions_of(streams: Sequence[str]) -> list[tuple[str, ...]]:
-    """Every non-empty ordered subset of ``streams`` (a family that declares none: any may be attended alone or
-    together)."""
-    return [c for n in range(1, len(streams) + 1) for c in itertools.combinations(streams, n)]
