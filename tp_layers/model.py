@@ -110,54 +110,50 @@ class TPModelMixin:
         every rank calls it; the replica that holds the first batch/sequence share writes (its tensor-parallel
         group gathers the shards), and a failure on any rank is raised on every rank."""
         mesh = getattr(self, "tp_mesh", None)
-        if mesh is not None and mesh.hybrid:
-            return self._save_on_mesh(mesh, save_directory, is_main_process, safe_serialization, variant,
-                                      max_shard_size, push_to_hub, use_flashpack, kwargs)
-        if self.tp_world_size == 1:
-            if use_flashpack:  # passed only when set: diffusers before 0.42 has no such parameter
-                kwargs["use_flashpack"] = use_flashpack
-            return super().save_pretrained(save_directory, is_main_process=is_main_process,
-                                           save_function=save_function, safe_serialization=safe_serialization,
-                                           variant=variant, max_shard_size=max_shard_size, push_to_hub=push_to_hub,
-                                           **kwargs)
-        for flag, value, instead in (("push_to_hub", push_to_hub, "save, then upload the folder from one rank "
-                                      "(huggingface_hub.upload_folder)"),
-                                     ("use_flashpack", use_flashpack, "save safetensors")):
-            if value:
-                raise NotImplementedError(f"{type(self).__name__}.save_pretrained({flag}=True) is not supported on a "
-                                          f"model tensor-parallel over {self.tp_world_size} ranks: {instead}")
-        from .save import save_pretrained
-
-        save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
-                        safe_serialization=safe_serialization, is_main_process=is_main_process)
-
-    def _save_on_mesh(self, mesh, save_directory, is_main_process, safe_serialization, variant, max_shard_size,
-                      push_to_hub, use_flashpack, kwargs):
+        hybrid = mesh is not None and mesh.hybrid
+        if hybrid or self.tp_world_size > 1:
+            where = f"the mesh {mesh.name()}" if hybrid else \
+                f"a model tensor-parallel over {self.tp_world_size} ranks"
+            for flag, value, instead in (("push_to_hub", push_to_hub, "save, then upload the folder from one rank "
+                                          "(huggingface_hub.upload_folder)"),
+                                         ("use_flashpack", use_flashpack, "save safetensors")):
+                if value:
+                    raise NotImplementedError(f"{type(self).__name__}.save_pretrained({flag}=True) is not supported "
+                                              f"on {where}: {instead}")
+        elif use_flashpack:  # passed only when set: diffusers before 0.42 has no such parameter
+            kwargs["use_flashpack"] = use_flashpack
+        if not hybrid:
+            return self._save(save_directory, is_main_process, save_function, safe_serialization, variant,
+                              max_shard_size, push_to_hub, kwargs)
         import torch.distributed as dist
 
         from .save import _share
 
-        for flag, value in (("push_to_hub", push_to_hub), ("use_flashpack", use_flashpack)):
-            if value:
-                raise NotImplementedError(f"{type(self).__name__}.save_pretrained({flag}=True) is not supported on "
-                                          f"the mesh {mesh.name()}: save safetensors, then upload from one rank")
         primary = dist.get_rank(mesh.replica_group) == 0  # the other replicas hold the same weights
         error = None
         try:
-            if self.tp_world_size == 1:
-                if primary:  # (diffusers writes the weight files whatever is_main_process says)
-                    super().save_pretrained(save_directory, is_main_process=is_main_process,
-                                            safe_serialization=safe_serialization, variant=variant,
-                                            max_shard_size=max_shard_size, **kwargs)
-            else:
-                from .save import save_pretrained
-
-                save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
-                                safe_serialization=safe_serialization, is_main_process=is_main_process and primary)
+            self._save(save_directory, is_main_process and primary, save_function, safe_serialization, variant,
+                       max_shard_size, push_to_hub, kwargs, writes=primary)
         except Exception as exc:  # any failure reaches every rank (they wait in _share below)
             error = f"{type(exc).__name__}: {exc}"
         # Every rank returns once the checkpoint is complete, or raises the first rank's error.
         _share(error, None, dist.get_world_size(), f"saving {save_directory}", outcome=None)
+
+    def _save(self, save_directory, is_main_process, save_function, safe_serialization, variant, max_shard_size,
+              push_to_hub, kwargs, writes: bool = True):
+        """One rank: diffusers' own save (``writes``: whether this rank calls it at all: diffusers writes the weight
+        files whatever ``is_main_process`` says). 2+ ranks: tpfuse's collective save over the group."""
+        if self.tp_world_size == 1:
+            if not writes:
+                return None
+            return super().save_pretrained(save_directory, is_main_process=is_main_process,
+                                           save_function=save_function, safe_serialization=safe_serialization,
+                                           variant=variant, max_shard_size=max_shard_size, push_to_hub=push_to_hub,
+                                           **kwargs)
+        from .save import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size, self.tp_group, variant=variant,
+                        safe_serialization=safe_serialization, is_main_process=is_main_process)
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
                           **kwargs):
