@@ -285,7 +285,8 @@ def test_parallelized_model_compiles_to_one_graph(family):
     (["--family", "qwenimage", "--dtype", "bfloat16"], "--dtype must be one of ['float32', 'float64']"),
     (["--family", "qwenimage", "--model", "some/repo"], "--model is not supported with --family qwenimage"),
     (["--mesh", "sp2xtp2", "--model", "some/repo"], "--model is not supported with --mesh"),
-    (["--mesh", "sp3xtp2"], "num_attention_heads=4 (and {'mlp_hidden': 192}) do not divide by tp*sp=6"),
+    (["--mesh", "sp3xtp2"], "num_attention_heads=4 not divisible by tp*sp=6 (valid meshes of 6 ranks: ['dp6', "
+                            "'dp3xsp2', 'dp3xtp2']"),
     (["--mesh", "sp2xtp2", "--world-size", "2"], "--world-size 2 and --mesh sp2xtp2 (4 ranks) disagree"),
     (["--mesh", "cfg2xtp2", "--batch", "3"], "--batch 3 does not split over dp*cfg=2"),
     (["--mesh", "ep2"], "unknown dimension 'ep'"),

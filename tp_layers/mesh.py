@@ -22,6 +22,7 @@ flattens ``dp x cfg`` (the batch group) and ``dp x cfg x sp`` (the replica group
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -69,6 +70,21 @@ def valid_meshes(world: int, heads: int, *divide_by_tp: int) -> list[str]:
                 continue
             out.append(mesh_name({"dp": world // (tp * sp), "sp": sp, "tp": tp}))
     return out
+
+
+def check_mesh_sizes(dims: dict[str, int], what: str, sizes: dict[str, int]) -> None:
+    """Refuse a mesh (``dims``: size by dimension name) whose tp x sp does not divide a family's
+    ``num_attention_heads`` (or tp its other ``sizes``, e.g. the MLP width), listing the valid meshes."""
+    tp, sp = dims.get("tp", 1), dims.get("sp", 1)
+    others = {k: v for k, v in sizes.items() if k != "num_attention_heads"}
+    heads = sizes["num_attention_heads"]
+    bad = [f"num_attention_heads={heads} not divisible by tp*sp={tp * sp}"] if heads % (tp * sp) else []
+    bad += [f"{k}={v} not divisible by tp={tp}" for k, v in others.items() if v % tp]
+    if bad:
+        world = math.prod(dims.values())
+        raise ValueError(f"{what}: cannot use the mesh {mesh_name(dims)}: {'; '.join(bad)} (valid meshes of "
+                         f"{world} ranks: {valid_meshes(world, heads, *others.values())}; cfg may replace a dp "
+                         "factor)")
 
 
 class ParallelMesh:
@@ -141,18 +157,9 @@ class ParallelMesh:
     def __deepcopy__(self, memo):
         return self
 
-    def check_heads(self, model_name: str, heads: int, **divide_by_tp: int) -> None:
-        """Refuse a mesh whose tp x sp does not divide the heads (or tp the other sizes), listing the valid ones."""
-        bad = []
-        if heads % (self.tp * self.sp):
-            bad.append(f"num_attention_heads={heads} not divisible by tp*sp={self.tp * self.sp}")
-        bad += [f"{k}={v} not divisible by tp={self.tp}" for k, v in divide_by_tp.items() if v % self.tp]
-        if bad:
-            world = self.replicas * self.tp
-            raise ValueError(f"{model_name}: cannot use the mesh {self.name()}: {'; '.join(bad)} (valid meshes of "
-                             f"{world} ranks: {valid_meshes(world, heads, *divide_by_tp.values())}; cfg may replace "
-                             "a dp factor)")
-
+    def check_sizes(self, model_name: str, sizes: dict[str, int]) -> None:
+        """:func:`check_mesh_sizes` for this mesh."""
+        check_mesh_sizes(self.sizes, model_name, sizes)
 
 def resolve_mesh(mesh, group) -> ParallelMesh | None:
     """``mesh`` as a :class:`ParallelMesh`, or ``None`` for plain tensor parallelism over ``group``."""

@@ -239,8 +239,7 @@ def parallelize(model: nn.Module, group=None, *, mesh=None, check_weights: bool 
     world_size = get_world_size(group)
     family = check_parallelizable(model, world_size)
     if pm is not None:
-        sizes = family.sizes(model)
-        pm.check_heads(type(model).__name__, sizes.pop("num_attention_heads"), **sizes)
+        pm.check_sizes(type(model).__name__, family.sizes(model))
         if pm.sp > 1 and not family.token_inputs:
             raise ValueError(f"parallelize: the {family.name} family declares no token inputs: it cannot be "
                              f"sequence-parallel (mesh {pm.name()})")

@@ -169,16 +169,9 @@ def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: 
     meta = fam.random_model(preset, seed, meta=True)
     check_parallelizable(meta, world_size if spec is None else spec.get("tp", 1))
     if spec is not None:
-        sizes = fam.sizes(meta)
-        heads = sizes.pop("num_attention_heads")
-        tp, sp = spec.get("tp", 1), spec.get("sp", 1)
-        bad = heads % (tp * sp) or any(v % tp for v in sizes.values())
-        if bad:
-            from .mesh import valid_meshes
+        from .mesh import check_mesh_sizes
 
-            raise ValueError(f"--mesh {mesh}: num_attention_heads={heads} (and {sizes}) do not divide by tp*sp="
-                             f"{tp * sp} / tp={tp} (valid meshes of {world_size} ranks: "
-                             f"{valid_meshes(world_size, heads, *sizes.values())})")
+        check_mesh_sizes(spec, f"--mesh {mesh} ({family} preset {preset})", fam.sizes(meta))
         if batch % (spec.get("dp", 1) * spec.get("cfg", 1)):
             raise ValueError(f"--batch {batch} does not split over dp*cfg={spec.get('dp', 1) * spec.get('cfg', 1)}")
     per_rank = run_ranks(_rank_check, world_size, family, preset, dtype, seed, batch, txt_tokens, img_tokens, spec,
