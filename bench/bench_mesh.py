@@ -46,7 +46,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaling_model as sm  # noqa: E402
-from common import device_info, format_table, init_distributed, median_ms, median_ms_fixed, write_results  # noqa: E402
+from common import (  # noqa: E402
+    close_distributed, device_info, format_table, init_distributed, median_ms, median_ms_fixed, run_main, write_results,
+)
 
 FLUX2 = ("klein-4b", "klein-9b", "dev")
 DRY_RUN_SHAPE = sm.Shape("dry-run", 64, 4, 16, 192, 1, 1, out_channels=8)
@@ -255,7 +257,7 @@ def distributed(args, cfgs, txt: int, img: int, dtype, rates) -> list[dict]:
             ms = median_ms_fixed(fn, kdev, *((1, 3) if args.dry_run else (5, 20)))
             rows.append({"preset": cfg.name, "op": op, "world_size": world, "mbytes_per_gpu": nbytes / 1e6,
                          "measured_ms": ms, "model_ms": model_us / 1e3, "ratio": ms / (model_us / 1e3)})
-    dist.destroy_process_group()
+    close_distributed()
     return rows if rank == 0 else []
 
 
@@ -324,4 +326,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

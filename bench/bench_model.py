@@ -44,12 +44,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    close_distributed,
     device_info,
     flux2_block_inputs,
     format_table,
     init_distributed,
     median_ms,
     median_ms_fixed,
+    run_main,
     write_results,
 )
 
@@ -303,8 +305,7 @@ def main(argv=None) -> int:
         if "blocks" in args.what:
             block_rows = blocks(args, cfg, rank_device, dtype, distributed=True)
             rows += block_rows if dist.get_rank() == 0 else []
-        dist.barrier()  # no rank tears the group down while a peer's last (async) collective still runs
-        dist.destroy_process_group()
+        close_distributed()
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     else:
@@ -317,12 +318,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if "--distributed" in sys.argv and "--dry-run" in sys.argv:
-        # gloo ranks: leave without interpreter finalization, where gloo's worker threads can still hold tensors
-        # of finished async work and abort the process ("terminate called without an active exception",
-        # pytorch/pytorch#179291) after the results are written; the group is already destroyed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    run_main(main)

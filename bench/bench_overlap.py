@@ -24,14 +24,15 @@ it working; ``--distributed --dry-run`` does the same on gloo ranks.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, format_table, init_distributed, median_ms, model_shapes, write_results  # noqa: E402
+from common import (  # noqa: E402
+    close_distributed, device_info, format_table, init_distributed, median_ms, model_shapes, run_main, write_results,
+)
 
 from tpfuse.kernels.row_parallel_matmul import row_parallel_matmul_forward  # noqa: E402
 from tpfuse.tp_layers.linear import AUTO_ROW_ALIGN, _sm_count, chunk_bounds  # noqa: E402
@@ -151,8 +152,6 @@ SINGLE_COLUMNS = [("shape", "shape", ""), ("plan", "plan", ""), ("chunks", "C", 
 
 def distributed(args, dtype) -> list[dict]:
     """Under torchrun: RowParallelLinear with real collectives, compute-only vs sequential vs overlapped."""
-    import torch.distributed as dist
-
     from tpfuse.tp_layers import RowParallelLinear
 
     rank, world, device = init_distributed(args.dry_run)
@@ -180,8 +179,7 @@ def distributed(args, dtype) -> list[dict]:
         t["exposed_comm"] = (t["overlapped_ms"] - t["compute_ms"]) / comm if comm > 0 else 0.0
         rows.append({"shape": label.replace("tp2", f"tp{world}"), "world_size": world,
                      "chunks": layers["overlapped"].last_chunks, **t})
-    dist.barrier()  # no rank tears the group down while a peer's last (async) collective still runs
-    dist.destroy_process_group()
+    close_distributed()
     return rows if rank == 0 else []
 
 
@@ -225,12 +223,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if "--distributed" in sys.argv and "--dry-run" in sys.argv:
-        # gloo ranks: leave without interpreter finalization, where gloo's worker threads can still hold tensors
-        # of finished async work and abort the process ("terminate called without an active exception",
-        # pytorch/pytorch#179291) after the results are written; the group is already destroyed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    run_main(main)

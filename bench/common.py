@@ -98,6 +98,31 @@ def init_distributed(dry_run: bool) -> tuple[int, int, str]:
     return rank, world, device
 
 
+def close_distributed() -> None:
+    """The counterpart of :func:`init_distributed`: a barrier (no rank tears the group down while a peer's last
+    async collective still runs), then the group destroyed."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_main(main) -> None:
+    """``raise SystemExit(main())`` for a bench script's ``__main__``. A distributed dry run (gloo ranks under
+    torchrun) leaves with ``os._exit`` once its output is flushed instead: at interpreter finalization gloo's worker
+    threads can still hold tensors of finished async work and abort the process ("terminate called without an
+    active exception", pytorch/pytorch#179291) after the results are written; the group is already destroyed."""
+    import os
+    import sys
+
+    code = main()
+    if "--distributed" in sys.argv and "--dry-run" in sys.argv:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def device_info(device: str) -> dict:
     info = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
