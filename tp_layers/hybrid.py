@@ -26,7 +26,7 @@ from .comm import copy_to_tp_region
 from .mesh import ParallelMesh, install_gradient_sync
 from .sequence import SequenceParallel, SequenceParallelError, gather_tokens, split_sizes, split_tokens
 
-__all__ = ["attach_sequence_parallel", "check_processors", "hybrid_forward"]
+__all__ = ["attach_sequence_parallel", "check_processors", "forward_signature", "hybrid_forward"]
 
 
 def _attention_modules(model: nn.Module):
@@ -87,17 +87,22 @@ def _batch_of(family, args: dict) -> int | None:
     return max(sizes) if sizes else None
 
 
-def hybrid_forward(model: nn.Module, family, dense_forward, args: tuple, kwargs: dict):
+def forward_signature(forward) -> tuple[inspect.Signature, str]:
+    """The dense forward's signature (:func:`hybrid_forward` binds every call's arguments by it; computed once per
+    model class, outside traced code) and the name of its ``**kwargs`` (``""``: none)."""
+    sig = inspect.signature(forward)
+    return sig, next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), "")
+
+
+def hybrid_forward(model: nn.Module, family, dense_forward, signature: tuple[inspect.Signature, str], args: tuple,
+                   kwargs: dict):
     """``dense_forward(model, ...)`` on this rank's share of the batch and tokens; the output gathered."""
     pm: ParallelMesh = model.tp_mesh
     sp: SequenceParallel | None = model.tp_sequence
-    bound = inspect.signature(dense_forward).bind(model, *args, **kwargs)
-    a: dict[str, Any] = dict(bound.arguments)
-    self_name = next(iter(a))
-    del a[self_name]
-    extra = a.pop(next((n for n, p in inspect.signature(dense_forward).parameters.items()
-                        if p.kind is p.VAR_KEYWORD), "\0"), {})
-    a.update(extra)
+    sig, var_keyword = signature
+    a: dict[str, Any] = dict(sig.bind(model, *args, **kwargs).arguments)
+    del a[next(iter(a))]  # self
+    a.update(a.pop(var_keyword, {}))
     if family.check_mesh_inputs is not None:
         family.check_mesh_inputs(model, a, pm)
     # ids of the tensors already split over the batch / token groups (their gradients are gathered, not reduced);

@@ -22,7 +22,7 @@ from .comm import get_world_size, resolve_group
 from .consistency import check_inputs_agree, inputs_check_due, sync_or_check
 from . import lora
 from ._flavour import flavour, resolve
-from .hybrid import attach_sequence_parallel, hybrid_forward
+from .hybrid import attach_sequence_parallel, forward_signature, hybrid_forward
 from .mesh import ParallelMesh, install_gradient_sync, resolve_mesh
 from .families import Family, UnsupportedModelError, family_for_class, family_of, supported_classes
 from .lora import is_lora_layer
@@ -189,6 +189,7 @@ def _model_flavour(model_cls: type) -> type:
     repeated += [c.__name__ for c in family.tp_block_classes() if c.__name__ not in repeated]
     dense_forward = model_cls.forward
     check_model_inputs = family.check_model_inputs
+    signature = forward_signature(dense_forward)
 
     @functools.wraps(dense_forward)  # the dense signature: diffusers' hooks bind arguments by it
     def forward(self, *args, **kwargs):
@@ -203,7 +204,7 @@ def _model_flavour(model_cls: type) -> type:
             if check_model_inputs is not None:
                 check_model_inputs(self, args, kwargs)
         if mesh is not None and mesh.hybrid:
-            return hybrid_forward(self, family, dense_forward, args, kwargs)
+            return hybrid_forward(self, family, dense_forward, signature, args, kwargs)
         return dense_forward(self, *args, **kwargs)
 
     return flavour(TPModelMixin, model_cls, __name__, namespace={"_repeated_blocks": repeated, "forward": forward},

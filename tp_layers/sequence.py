@@ -215,11 +215,12 @@ class SequenceParallel:
         table: dict[int, tuple[int, ...]] = {}
         ambiguous = False
         per_rank = [dict() for _ in range(self.size)]
+        sizes = {s: self.sizes(s) for s in self.streams}
         for comp in compositions:
-            comp = [s for s in comp if s in self.streams]
+            comp = [s for s in comp if s in sizes]
             if not comp:
                 continue
-            counts = tuple(sum(split_sizes(self.streams[s], self.size)[r] for s in comp) for r in range(self.size))
+            counts = tuple(sum(sizes[s][r] for s in comp) for r in range(self.size))
             for r in range(self.size):
                 if per_rank[r].setdefault(counts[r], counts) != counts:
                     ambiguous = True

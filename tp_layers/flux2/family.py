@@ -7,7 +7,6 @@ embedders, modulation and the final layer stay replicated. Heads and the MLP wid
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
@@ -149,16 +148,12 @@ def _tp_block_classes() -> tuple[type, ...]:
 MODEL_PRESETS = {"tiny": {}}
 
 
-def _model_config(preset: str) -> Flux2Config:
-    return dataclasses.replace(Flux2Config.preset(preset), **MODEL_PRESETS[preset])
-
-
 def random_model(preset: str, seed: int = 0, meta: bool = False):
     """diffusers' ``Flux2Transformer2DModel`` of a :data:`MODEL_PRESETS` config in eval mode, seeded, with
     perturbed norm scales (``tpfuse verify --family flux2 --mesh ...``)."""
     from ..verify import random_diffusers_model
 
-    return random_diffusers_model(_model_config(preset), seed, meta)
+    return random_diffusers_model(Flux2Config.preset(preset), seed, meta)
 
 
 def random_inputs(model, batch: int, txt: int, img: int, seed: int) -> dict:
