@@ -352,16 +352,22 @@ def _select(path: Path, variant: str | None = None) -> _Selection:
 
 
 def _param_plan(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, ...], int | None, list]]:
-    """name -> (owner module, attribute, global shape, split dim or None, [(start, stop), ...])."""
-    plan = {}
-    for mod_name, module in model.named_modules():
+    """name -> (owner module, attribute, global shape, split dim or None, [(start, stop), ...]). A tensor held
+    under several names (tied weights) is planned once, under its first name; :func:`tied_aliases` lists the
+    others."""
+    plan, seen = {}, set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         for attr, p in list(module._parameters.items()) + [
                 (b, t) for b, t in module._buffers.items() if b not in module._non_persistent_buffers_set]:
-            if p is None:
+            if p is None or id(p) in seen:
                 continue
+            seen.add(id(p))
             name = f"{mod_name}.{attr}" if mod_name else attr
             shape, dim, ranges = tuple(p.shape), None, [(0, None)]
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            spec = getattr(module, "tp_shard_spec", None)
+            if spec is not None:  # e.g. a vocabulary-split embedding: its own rows
+                shape, dim, ranges = spec(attr)
+            elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 dim = module.split_dim(attr)
                 if dim is not None:
                     shape = list(p.shape)
@@ -370,6 +376,17 @@ def _param_plan(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, 
                     ranges = shard_ranges(module.blocks, module.rank, module.world_size)
             plan[name] = (module, attr, shape, dim, ranges)
     return plan
+
+
+def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """For each tensor held under several names: its first name (the one :func:`_param_plan` uses) -> the
+    others."""
+    names: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                names.setdefault(id(p), []).append(f"{mod_name}.{attr}" if mod_name else attr)
+    return {n[0]: n[1:] for n in names.values() if len(n) > 1}
 
 
 def _read(handle, src: Source, dim: int | None, ranges) -> torch.Tensor:
@@ -406,7 +423,7 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map: dict[str, str] | None = None,
-                     index_file: Path | None = None, family=None):
+                     index_file: Path | None = None, family=None, key_format=None):
     """(file handles, diffusers name -> (file, Source, shape), untranslatable keys, the original key format or
     None, problems); the handles close with ``stack``. ``key_map`` (the key -> file name map of ``index_file``): a key is read only from
     the file it names, and a key it puts in a file that lacks it is a problem. Without one, a key in two files is
@@ -448,7 +465,8 @@ def _open_checkpoint(files: Sequence[Path], stack: contextlib.ExitStack, key_map
                             f"{', '.join(absent[:10])}{more}")
     from .families import original_format
 
-    fmt = original_format(index, family)  # a family's original key names (BFL's FLUX.2), or None: diffusers' names
+    # a family's original key names (BFL's FLUX.2), the caller's (a text encoder's legacy layout), or None: as named
+    fmt = key_format if key_format is not None else original_format(index, family)
     sources: dict[str, tuple[str, Source, tuple[int, ...]]] = {}
     unexpected = []
     for key, (f, shape) in index.items():
@@ -531,7 +549,7 @@ def _allow_patterns(variant: str | None) -> tuple[str, ...]:
 
 def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: str | None = None,
                  revision: str | None = None, token=None, progress: bool = True,
-                 local_files_only: bool = False, variant: str | None = None) -> LoadReport:
+                 local_files_only: bool = False, variant: str | None = None, key_format=None) -> LoadReport:
     """Fill ``model`` (parallelized by :func:`~tpfuse.tp_layers.parallelize`, real or ``meta``) with this rank's
     slices of a safetensors checkpoint.
 
@@ -545,6 +563,9 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
             its shards and ``*.safetensors.index.fp16.json``); an error naming the folder and the variants there if
             it has none. Without it the non-variant checkpoint is read and variant files beside it are left out
             (listed in the report's ``ignored``).
+        key_format: how the checkpoint names the model's tensors when not by the model's own names (default: the
+            model family's original format when detected, e.g. BFL's FLUX.2 keys): an object with ``name`` and
+            ``to_diffusers(key, shape)`` -> ``[(model name, Source)]`` or ``None`` (not a weight of the model).
 
     Raises one ``ValueError`` listing every missing key, unexpected key, shape mismatch and non-safetensors weight
     file. Returns a :class:`LoadReport` (tensors, bytes this rank read, seconds).
@@ -571,22 +592,33 @@ def load_sharded(model: nn.Module, source, group=None, device=None, subfolder: s
 
     with contextlib.ExitStack() as stack:
         report = _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
-                            key_map, sel.index)
+                            key_map, sel.index, key_format)
     report.ignored = [str(f) for f in ignored]
     return report
 
 
 def _load_into(model, path, files, problems, stack, rank, world_size, group, device, progress, start,
-               key_map=None, index_file=None) -> LoadReport:
+               key_map=None, index_file=None, key_format=None) -> LoadReport:
     from .families import family_of
 
     try:
         family = family_of(model)
     except TypeError:  # a model of no family: diffusers' names only
         family = None
-    handles, sources, unexpected, fmt, bad = _open_checkpoint(files, stack, key_map, index_file, family)
+    handles, sources, unexpected, fmt, bad = _open_checkpoint(files, stack, key_map, index_file, family, key_format)
     problems.extend(bad)
     plan = _param_plan(model)
+    ties = tied_aliases(model)
+    # A tied tensor may be stored under any of its names (transformers writes one of them)
+    for name, aliases in ties.items():
+        if name in plan and name not in sources:
+            for alias in aliases:
+                if alias in sources:
+                    sources[name] = sources.pop(alias)
+                    break
+        for alias in aliases:  # the other copies of a tied tensor are not unexpected
+            if alias in sources and name in sources and sources[alias][1].key != sources[name][1].key:
+                sources.pop(alias)
     missing = sorted(set(plan) - set(sources))
     unexpected = sorted(unexpected + [name for name in sources if name not in plan])
     mismatched = [f"{name}: checkpoint {sources[name][2]} vs model {plan[name][2]}"
@@ -630,6 +662,10 @@ def _load_into(model, path, files, problems, stack, rank, world_size, group, dev
                 bar.update(1)
     if bar is not None:
         bar.close()
+    for name, aliases in ties.items():  # the loaded tensor replaced the tied one under its first name only
+        for alias in aliases:
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, model.get_parameter(name))
     for module in model.modules():  # e.g. FLUX.3's blocks pack their column shards into one tensor again
         after = getattr(module, "tp_after_load", None)
         if callable(after):

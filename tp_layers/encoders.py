@@ -46,7 +46,7 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 from .tp_attention import tied_parameters
 
 __all__ = ["EncoderSharding", "UnsupportedEncoderError", "encoder_tp_plan", "shard_text_encoder",
-           "check_encoder_shardable", "linear_weight_bytes", "STYLES"]
+           "check_encoder_shardable", "check_text_encoder", "linear_weight_bytes", "STYLES"]
 
 # transformers' style name -> what tpfuse does with a module of that style
 STYLES = {
@@ -163,20 +163,11 @@ def _grad_sum_hooks(module: nn.Module, group) -> None:
             p.register_hook(lambda g, group=group: all_reduce(g, group, phase="backward"))
 
 
-def shard_text_encoder(model: nn.Module, group=None, *, plan: dict[str, str] | None = None,
-                       check_weights: bool = True, broadcast_from: int | None = None) -> nn.Module:
-    """Shard a transformers text encoder in place over ``group`` (a ``ProcessGroup`` or 1-D ``DeviceMesh``; default:
-    the world) by its tensor-parallel plan (``plan``: override transformers' :func:`encoder_tp_plan`), and return it.
-
-    Works on a model with real weights (every rank must hold the same ones: ``check_weights`` compares checksums,
-    ``broadcast_from`` copies a rank's instead) and on one built on the ``meta`` device, which
-    :func:`~tpfuse.tp_layers.checkpoint.load_sharded` then fills with this rank's slices. Nothing is changed when a
-    check fails: the plan, the heads (whole heads per rank), every planned layer's split dimension and the ties
-    (only a vocabulary table shared by the embedding and the head, split alike, may be tied) are checked first.
-    ``model.tp_encoder`` records what was done (an :class:`EncoderSharding`).
-    """
-    group = resolve_group(group)
-    world_size, rank = get_world_size(group), get_rank(group)
+def check_text_encoder(model: nn.Module, world_size: int, plan: dict[str, str] | None = None):
+    """Everything :func:`shard_text_encoder` checks before it changes anything: the plan (transformers', or
+    ``plan``), that it is not sharded yet, whole heads per rank, each planned layer's split dimension, the ties.
+    Raises :class:`UnsupportedEncoderError` / ``ValueError`` naming the problem; returns ``(plan, matched modules,
+    parameter name -> kind)``."""
     if getattr(model, "tp_encoder", None) is not None:
         raise ValueError(f"shard_text_encoder: {type(model).__name__} is already sharded (over "
                          f"{model.tp_encoder.world_size} ranks)")
@@ -202,6 +193,24 @@ def shard_text_encoder(model: nn.Module, group=None, *, plan: dict[str, str] | N
     if problems:
         raise UnsupportedEncoderError(f"cannot shard the text encoder {type(model).__name__} over {world_size} "
                                       "ranks:\n  " + "\n  ".join(problems))
+    return plan, matched, owners
+
+
+def shard_text_encoder(model: nn.Module, group=None, *, plan: dict[str, str] | None = None,
+                       check_weights: bool = True, broadcast_from: int | None = None) -> nn.Module:
+    """Shard a transformers text encoder in place over ``group`` (a ``ProcessGroup`` or 1-D ``DeviceMesh``; default:
+    the world) by its tensor-parallel plan (``plan``: override transformers' :func:`encoder_tp_plan`), and return it.
+
+    Works on a model with real weights (every rank must hold the same ones: ``check_weights`` compares checksums,
+    ``broadcast_from`` copies a rank's instead) and on one built on the ``meta`` device, which
+    :func:`~tpfuse.tp_layers.checkpoint.load_sharded` then fills with this rank's slices. Nothing is changed when a
+    check fails: the plan, the heads (whole heads per rank), every planned layer's split dimension and the ties
+    (only a vocabulary table shared by the embedding and the head, split alike, may be tied) are checked first.
+    ``model.tp_encoder`` records what was done (an :class:`EncoderSharding`).
+    """
+    group = resolve_group(group)
+    world_size, rank = get_world_size(group), get_rank(group)
+    plan, matched, owners = check_text_encoder(model, world_size, plan)
     sync_or_check(model, group, check_weights, broadcast_from, type(model).__name__)
     ties = [t for t in tied_parameters(model) if {owners.get(n) for n in t} - {None}]
     applied = {}

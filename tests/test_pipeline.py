@@ -1,0 +1,166 @@
+"""The whole FLUX.2 pipeline across gloo ranks: transformer, text encoder (Mistral3 for [dev], Qwen3 for klein) and
+VAE, against the dense pipeline; loading a saved pipeline with each rank reading its slices; the refusals."""
+
+import pytest
+import torch
+
+from tpfuse.tp_layers import run_ranks
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+PROMPT = "a red fox in the snow"
+
+
+def _image(pipe, kwargs, seed=0):
+    with torch.no_grad():
+        return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
+
+
+def _embeds(pipe, kwargs):
+    with torch.no_grad():
+        return pipe.encode_prompt(PROMPT, **kwargs)[0]
+
+
+def _parallel_ranks(kind, mesh_spec):
+    from tpfuse.tp_layers.encoders import linear_weight_bytes
+    from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
+    from tpfuse.tp_layers.pipeline import parallelize_pipeline
+
+    dense, kwargs = tiny_pipeline(kind, seed=0)
+    ref_image, ref_embeds = _image(dense, kwargs), _embeds(dense, kwargs)
+    dense_bytes = linear_weight_bytes(dense.text_encoder)
+    del dense
+    pipe, _ = tiny_pipeline(kind, seed=0)
+    mesh = None
+    if mesh_spec is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from tpfuse.tp_layers.mesh import parse_mesh_spec
+
+        dims = parse_mesh_spec(mesh_spec)
+        mesh = init_device_mesh("cpu", tuple(dims.values()), mesh_dim_names=tuple(dims))
+    parallelize_pipeline(pipe, mesh)
+    return {"image": _image(pipe, kwargs), "ref_image": ref_image, "embeds": _embeds(pipe, kwargs),
+            "ref_embeds": ref_embeds, "fraction": linear_weight_bytes(pipe.text_encoder) / dense_bytes,
+            "sharding": str(pipe.tp_pipeline), "encoder_ranks": pipe.tp_pipeline.encoder_ranks}
+
+
+@pytest.mark.parametrize("kind", ["dev", "klein"])
+@pytest.mark.parametrize("world,mesh", [(2, None), (4, "sp2xtp2")])
+def test_parallel_pipeline_image_equals_dense(kind, world, mesh):
+    results = run_ranks(_parallel_ranks, world, kind, mesh)
+    for r in results:
+        # fp32: the row-parallel layers reorder sums of 32-48 terms (a few ulp of the largest value per layer,
+        # |embeds| up to ~4, ulp(4) = 4.8e-7); the image goes on through 2 steps and the VAE
+        torch.testing.assert_close(r["embeds"], r["ref_embeds"], rtol=1e-5,
+                                   atol=2e-6 * r["ref_embeds"].abs().max().item())
+        torch.testing.assert_close(r["image"], r["ref_image"], rtol=0, atol=1e-5)
+        assert r["encoder_ranks"] == world  # the whole mesh: 4 heads divide by 2 and 4
+        assert r["fraction"] <= (0.6 if world == 2 else 0.35), r["fraction"]
+    for r in results[1:]:
+        assert torch.equal(r["image"], results[0]["image"])
+        assert torch.equal(r["embeds"], results[0]["embeds"])
+
+
+def _load_ranks(kind, folder):
+    import torch.distributed as dist
+
+    from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
+    from tpfuse.tp_layers.pipeline import load_pipeline
+
+    dense, kwargs = tiny_pipeline(kind, seed=0)
+    if dist.get_rank() == 0:
+        dense.save_pretrained(folder)
+    dist.barrier()
+    ref_image = _image(dense, kwargs)
+    pipe = load_pipeline(folder, dtype=torch.float32, progress=False)
+    return {"image": _image(pipe, kwargs), "ref_image": ref_image,
+            "encoder_read": pipe.text_encoder.tp_load_report.bytes_read,
+            "transformer_read": pipe.transformer.tp_load_report.bytes_read,
+            "tied": kind == "klein" and pipe.text_encoder.lm_head.weight is
+            pipe.text_encoder.get_input_embeddings().weight,
+            "sharding": str(pipe.tp_pipeline)}
+
+
+@pytest.mark.parametrize("kind", ["dev", "klein"])
+def test_load_pipeline_reads_only_its_slices_and_equals_dense(kind, tmp_path):
+    folder = tmp_path / kind
+    results = run_ranks(_load_ranks, 2, kind, str(folder))
+    encoder_file = sum(f.stat().st_size for f in (folder / "text_encoder").glob("*.safetensors"))
+    for r in results:
+        torch.testing.assert_close(r["image"], r["ref_image"], rtol=0, atol=1e-5)
+        # each rank reads its half of the decoder and of the vocabulary (and the whole small vision tower)
+        assert r["encoder_read"] <= 0.6 * encoder_file, (r["encoder_read"], encoder_file)
+        assert r["sharding"] == "transformer: tp2; text encoder: sharded over 2 ranks; VAE: replicated (2 ranks)"
+        if kind == "klein":
+            assert r["tied"]  # the checkpoint holds the table once; both modules share the loaded rows
+    assert torch.equal(results[0]["image"], results[1]["image"])
+
+
+def _refusal_ranks():
+    from transformers import T5Config, T5EncoderModel
+
+    from tpfuse.tp_layers.encoders import UnsupportedEncoderError
+    from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
+    from tpfuse.tp_layers.pipeline import parallelize_pipeline
+
+    out = {}
+    pipe, kwargs = tiny_pipeline("klein", seed=0)
+    with pytest.raises(ValueError, match=r"text_encoder must be one of \('shard', 'replicate'\), got 'tp'"):
+        parallelize_pipeline(pipe, text_encoder="tp")
+    # FLUX.1's T5 encoder: transformers declares no tensor-parallel plan for it
+    encoder = pipe.text_encoder
+    torch.manual_seed(0)
+    pipe.text_encoder = T5EncoderModel(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                                vocab_size=50))
+    with pytest.raises(UnsupportedEncoderError, match=r"T5EncoderModel has no tensor-parallel plan .*"
+                                                      r"text_encoder=\"replicate\""):
+        parallelize_pipeline(pipe)
+    out["untouched"] = getattr(pipe.transformer, "tp_world_size", None) is None and not hasattr(pipe, "tp_pipeline")
+    parallelize_pipeline(pipe, text_encoder="replicate")
+    out["replicated"] = str(pipe.tp_pipeline)
+    # a replicated (Qwen3) encoder: the image is the dense one too
+    dense, _ = tiny_pipeline("klein", seed=0)
+    pipe, _ = tiny_pipeline("klein", seed=0)
+    parallelize_pipeline(pipe, text_encoder="replicate")
+    out["image"], out["ref_image"] = _image(pipe, kwargs), _image(dense, kwargs)
+    out["encoder_untouched"] = not hasattr(pipe.text_encoder, "tp_encoder") and \
+        sum(p.numel() for p in pipe.text_encoder.parameters()) == sum(p.numel() for p in encoder.parameters())
+    with pytest.raises(ValueError, match="already parallelized"):
+        parallelize_pipeline(pipe)
+    return out
+
+
+def test_pipeline_refusals_and_a_replicated_encoder():
+    for r in run_ranks(_refusal_ranks, 2):
+        assert r["untouched"]  # the refusal came before the transformer was sharded
+        assert r["replicated"] == "transformer: tp2; text encoder: replicated; VAE: replicated (2 ranks)"
+        assert r["encoder_untouched"]
+        torch.testing.assert_close(r["image"], r["ref_image"], rtol=0, atol=1e-5)
+
+
+def _three_ranks(folder):
+    import torch.distributed as dist
+
+    from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
+    from tpfuse.tp_layers.pipeline import load_pipeline, parallelize_pipeline
+
+    pipe, _ = tiny_pipeline("klein", seed=0)
+    if dist.get_rank() == 0:
+        pipe.save_pretrained(folder)
+        for f in (folder / "transformer").glob("*.safetensors"):
+            f.unlink()  # a load would fail on these; the mesh check must come first
+    dist.barrier()
+    with pytest.raises(ValueError, match=r"num_attention_heads=4, num_key_value_heads=4 not divisible by 3"):
+        parallelize_pipeline(pipe)
+    untouched = getattr(pipe.transformer, "tp_world_size", None) is None
+    with pytest.raises(ValueError, match=r"cannot use the mesh tp3: num_attention_heads=\d+ not divisible by "
+                                         r"tp\*sp=3"):
+        load_pipeline(folder, dtype=torch.float32, text_encoder="replicate", progress=False)
+    return untouched
+
+
+def test_a_mesh_that_cannot_hold_the_model_is_refused_before_loading(tmp_path):
+    assert all(run_ranks(_three_ranks, 3, tmp_path / "klein"))
