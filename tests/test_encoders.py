@@ -160,3 +160,41 @@ def test_sharded_encoder_equals_dense(kind, world):
         for h, h0 in zip(r["hidden"], results[0]["hidden"]):
             assert torch.equal(h, h0)
         assert torch.equal(r["logits"], results[0]["logits"])
+
+
+LEGACY = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+          ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")]
+
+
+def _load_ranks(folder):
+    from tpfuse.tp_layers.pipeline import load_text_encoder
+
+    dense = _mistral3()
+    model = load_text_encoder(folder, dtype=torch.float32, progress=False)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        ref = dense(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return {"hidden": out.hidden_states[-1], "ref": ref.hidden_states[-1], "format": model.tp_load_report.key_format,
+            "meta": [n for n, p in model.named_parameters() if p.device.type == "meta"]}
+
+
+@pytest.mark.parametrize("module_names", [False, True])
+def test_load_text_encoder_reads_its_slices_in_either_key_layout(tmp_path, module_names):
+    """transformers (5.x too) writes Mistral3 in llava's original layout, language_model.model.* (it renames the keys
+    to the module names, model.language_model.*, on load, and back on save); tpfuse reads either."""
+    from safetensors.torch import load_file, save_file
+
+    _mistral3().save_pretrained(tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert any(k.startswith("language_model.model.") for f in files for k in load_file(f))
+    if module_names:
+        for f in files:
+            renamed = {next((o + key[len(n):] for o, n in LEGACY if key.startswith(n)), key): t
+                       for key, t in load_file(f).items()}
+            assert any(k.startswith("model.language_model.") for k in renamed)
+            save_file(renamed, f, metadata={"format": "pt"})
+    for r in run_ranks(_load_ranks, 2, str(tmp_path)):
+        torch.testing.assert_close(r["hidden"], r["ref"], rtol=1e-5, atol=1e-6)
+        assert r["format"] == ("diffusers" if module_names else "transformers-legacy-llava")
+        assert r["meta"] == []

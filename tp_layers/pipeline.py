@@ -178,8 +178,9 @@ class _Renamed:
         return [(key, Source(key, 0, None))]
 
 
-# Mistral3 (llava-style) checkpoints written before transformers 4.52 name the decoder "language_model.model.*";
-# transformers renames them on load (conversion_mapping's "llava" entry), and so does tpfuse.
+# transformers writes Mistral3 (a llava-style model) in llava's original layout, "language_model.model.*" (5.25 too:
+# it renames the keys to the module names on load, conversion_mapping's "llava" entry, and back on save); tpfuse
+# reads that layout and the module names alike.
 _LEGACY_LLAVA = _Renamed("transformers-legacy-llava", [("language_model.lm_head.", "lm_head."),
                                                        ("language_model.model.", "model.language_model."),
                                                        ("vision_tower.", "model.vision_tower."),
