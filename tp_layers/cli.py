@@ -144,6 +144,24 @@ def _presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """``tpfuse plan``: exit 0 when a mesh fits (the plan and its torchrun line), 1 when none does (why, and what
+    would), 2 on bad input (one line naming the value)."""
+    import json
+
+    from .plan import format_plan, plan_dict, plan_pipeline
+
+    try:
+        plan = plan_pipeline(args.model, args.gpus, args.gpu_memory, args.resolution, nodes=args.nodes,
+                             batch=args.batch, dtype=args.dtype, gpu=args.gpu, text_encoder=args.text_encoder,
+                             height=args.height, width=args.width, mesh=args.mesh)
+    except ValueError as exc:
+        print(f"tpfuse plan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(plan_dict(plan), indent=2) if args.json else format_plan(plan), flush=True)
+    return EXIT_OK if plan.fits else EXIT_FAIL
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -215,6 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="bytes per parameter (default: bfloat16, float32 for tiny)")
     p.set_defaults(func=_presets)
+
+    from .scaling_model import GPUS
+
+    pl = sub.add_parser("plan", help="plan a whole FLUX.2 pipeline (transformer, text encoder, VAE) on N GPUs: "
+                        "memory per rank of every mesh, whether it fits, the predicted step time and the torchrun "
+                        "line (offline: configs shipped with tpfuse, no weights)", formatter_class=_HelpFormatter,
+                        epilog="exit status: 0 a mesh fits (the recommended one is printed with its torchrun line), "
+                               "1 nothing fits (why, and what would), 2 bad input")
+    pl.add_argument("--model", required=True, help="the pipeline: dev, klein-4b or klein-9b")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs in all (ranks)")
+    pl.add_argument("--gpu-memory", type=float, required=True, metavar="GB",
+                    help="memory of one GPU as the card is sold, read as GiB (e.g. 80 for an H100 80GB, 24 for an "
+                         "RTX 4090): cards are built in binary sizes")
+    pl.add_argument("--resolution", type=int, default=1024, help="square image side in pixels (a multiple of 16)")
+    pl.add_argument("--height", type=int, default=None, help="image height (default: --resolution)")
+    pl.add_argument("--width", type=int, default=None, help="image width (default: --resolution)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over, the same count on each")
+    pl.add_argument("--batch", type=int, default=1, help="images per pipeline call (a dp mesh dimension must "
+                    "divide it)")
+    pl.add_argument("--gpu", default="H100 SXM", choices=[g.name for g in GPUS],
+                    help="the GPU the step time is modelled for")
+    pl.add_argument("--text-encoder", default="shard", choices=["shard", "replicate"],
+                    help="shard the text encoder over the mesh (or its tp group) or keep a whole copy per rank")
+    pl.add_argument("--mesh", default=None, help="plan only this mesh, e.g. sp2xtp2 (dims dp, sp, tp); exit 1 if "
+                    "it does not fit")
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="the dtype of weights and activations")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (sizes in bytes)")
+    pl.set_defaults(func=_plan)
 
     from tpfuse.kernels import compile_report
 

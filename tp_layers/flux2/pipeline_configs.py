@@ -23,8 +23,21 @@ FLUX.2 [dev]'s pipeline stacks the Mistral decoder's hidden states of layers 10,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
-__all__ = ["DecoderConfig", "PIPELINES", "PixtralConfig", "TEXT_ENCODERS", "VAEConfig", "VAE"]
+__all__ = ["DecoderConfig", "PIPELINES", "PIXTRAL", "PixtralConfig", "TEXT_ENCODERS", "VAEConfig", "VAE",
+           "text_encoder_params"]
+
+# transformers model_type -> whether its attention has Qwen3's per-head RMSNorm of Q and K. The decoders
+# DecoderConfig describes: Llama-style layers (Q/K/V/O, SwiGLU gate/up/down, two RMSNorms), no biases.
+_DECODER_TYPES = {"qwen3": True, "mistral": False, "llama": False}
+
+
+def _field(config, name: str, what: str):
+    value = getattr(config, name, None)
+    if value is None:
+        raise ValueError(f"{what}: the config has no {name!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +75,38 @@ class DecoderConfig:
     def total(self) -> int:
         return sum(self.params().values())
 
+    @classmethod
+    def from_transformers(cls, config, output_layers: tuple[int, ...] = (), name: str | None = None) -> DecoderConfig:
+        """The decoder of a transformers config: a ``Qwen3Config`` / ``MistralConfig`` / ``LlamaConfig``, or a model
+        config holding one (``Mistral3Config``: its ``get_text_config()``). The tie of the vocabulary table and the
+        ``lm_head`` is read from ``config`` itself, the top-level one: transformers (5.25) ties a
+        ``Mistral3ForConditionalGeneration`` by the top-level ``tie_word_embeddings`` and ignores its text config's
+        (which may say the opposite). ``output_layers``: the hidden states the FLUX.2 pipeline stacks (not in the
+        config). ``ValueError`` for a decoder this class does not describe (another ``model_type``, biased
+        projections)."""
+        get_text = getattr(config, "get_text_config", None)
+        text = get_text() if callable(get_text) else config
+        kind = getattr(text, "model_type", None)
+        what = f"DecoderConfig.from_transformers({type(config).__name__})"
+        if kind not in _DECODER_TYPES:
+            raise ValueError(f"{what}: model_type={kind!r} is not a decoder this describes "
+                             f"({', '.join(sorted(_DECODER_TYPES))})")
+        biased = [f for f in ("attention_bias", "mlp_bias") if getattr(text, f, False)]
+        if biased:
+            raise ValueError(f"{what}: {', '.join(f'{f}=True' for f in biased)}: DecoderConfig counts projections "
+                             "without biases")
+        heads = int(_field(text, "num_attention_heads", what))
+        hidden = int(_field(text, "hidden_size", what))
+        # MistralConfig may leave head_dim None: transformers then uses hidden_size // heads
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        return cls(name=name or getattr(config, "_name_or_path", "") or kind, hidden_size=hidden,
+                   intermediate_size=int(_field(text, "intermediate_size", what)),
+                   num_hidden_layers=int(_field(text, "num_hidden_layers", what)), num_attention_heads=heads,
+                   num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+                   head_dim=int(head_dim), vocab_size=int(_field(text, "vocab_size", what)),
+                   tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                   qk_norm=_DECODER_TYPES[kind], output_layers=tuple(output_layers))
+
 
 @dataclasses.dataclass(frozen=True)
 class PixtralConfig:
@@ -74,19 +119,43 @@ class PixtralConfig:
     num_channels: int
     text_hidden_size: int
     spatial_merge_size: int
+    projector_bias: bool = False  # Mistral3Config.multimodal_projector_bias (Mistral-Small-3.2: false)
+    feature_layers: int = 1  # how many vision layers the projector reads (vision_feature_layer: -1, one)
 
     def params(self) -> dict[str, int]:
         d, i = self.hidden_size, self.intermediate_size
         # patch conv (no bias), ln_pre; per layer: attention q/k/v/o (no biases), SwiGLU gate/up/down, 2 RMSNorms
         layer = 4 * d * d + 3 * d * i + 2 * d
         tower = self.num_channels * self.patch_size ** 2 * d + d + self.num_hidden_layers * layer
-        # projector: RMSNorm, patch merger (merge^2 * d -> d), linear_1 (d -> text), linear_2 (text -> text); no biases
+        # projector: RMSNorm, patch merger (merge^2 * d -> d, no bias), linear_1 (features * d -> text), linear_2
+        # (text -> text); the two linears biased when projector_bias
         t, m = self.text_hidden_size, self.spatial_merge_size
-        projector = d + m * m * d * d + d * t + t * t
+        projector = d + m * m * d * d + self.feature_layers * d * t + t * t + (2 * t if self.projector_bias else 0)
         return {"vision_tower": tower, "projector": projector}
 
     def total(self) -> int:
         return sum(self.params().values())
+
+    @classmethod
+    def from_transformers(cls, config) -> PixtralConfig:
+        """The vision tower and projector of a transformers ``Mistral3Config`` (``ValueError`` when it has no
+        ``vision_config``, or a non-square patch)."""
+        what = f"PixtralConfig.from_transformers({type(config).__name__})"
+        vision = _field(config, "vision_config", what)
+        patch = _field(vision, "patch_size", what)
+        if not isinstance(patch, int):
+            if len(set(patch)) != 1:
+                raise ValueError(f"{what}: patch_size={patch!r} is not square")
+            patch = patch[0]
+        layer = getattr(config, "vision_feature_layer", -1)
+        return cls(hidden_size=int(_field(vision, "hidden_size", what)),
+                   intermediate_size=int(_field(vision, "intermediate_size", what)),
+                   num_hidden_layers=int(_field(vision, "num_hidden_layers", what)), patch_size=int(patch),
+                   num_channels=int(_field(vision, "num_channels", what)),
+                   text_hidden_size=int(_field(config.get_text_config(), "hidden_size", what)),
+                   spatial_merge_size=int(_field(config, "spatial_merge_size", what)),
+                   projector_bias=bool(getattr(config, "multimodal_projector_bias", False)),
+                   feature_layers=1 if isinstance(layer, int) else len(layer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +169,40 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 32
+    decoder_block_out_channels: tuple[int, ...] | None = None  # diffusers: None = block_out_channels
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return tuple(self.decoder_block_out_channels or self.block_out_channels)
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent along a side: ``2 ** (len(block_out_channels) - 1)``, as the FLUX.2 pipelines compute
+        ``vae_scale_factor`` (8 for FLUX.2's VAE; they then patchify the latents 2 x 2 into transformer tokens)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, config) -> VAEConfig:
+        """From ``AutoencoderKLFlux2``'s config (``vae.config``, a mapping; or the model itself). Absent keys take
+        diffusers' defaults (this class's). ``ValueError`` for block types other than the ResNet-only
+        ``DownEncoderBlock2D`` / ``UpDecoderBlock2D`` the counts describe."""
+        config = getattr(config, "config", config)
+        if not isinstance(config, Mapping):
+            raise ValueError(f"VAEConfig.from_diffusers: expected the VAE's config (a mapping), got "
+                             f"{type(config).__name__}")
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            other = sorted({b for b in config.get(key, ()) if b != want})
+            if other:
+                raise ValueError(f"VAEConfig.from_diffusers: {key} {other}: only {want} is described")
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {k: config[k] for k in names if config.get(k) is not None}
+        for k in ("block_out_channels", "decoder_block_out_channels"):
+            if k in values:
+                values[k] = tuple(int(c) for c in values[k])
+        return cls(**values)
 
     def params(self) -> dict[str, int]:
         def conv(cin, cout, k=3):
@@ -113,7 +216,7 @@ class VAEConfig:
             return norm(cin) + conv(cin, cout) + norm(cout) + conv(cout, cout) + shortcut
 
         def mid(c):  # resnet, attention (GroupNorm + q/k/v/out with biases), resnet
-            return 2 * resnet(c, c) + norm(c) + 4 * (c * c + c)
+            return 2 * resnet(c, c) + (norm(c) + 4 * (c * c + c) if self.mid_block_add_attention else 0)
 
         ch = self.block_out_channels
         enc = conv(self.in_channels, ch[0])
@@ -123,7 +226,7 @@ class VAEConfig:
             enc += conv(c, c) if idx < len(ch) - 1 else 0  # downsample
             prev = c
         enc += mid(ch[-1]) + norm(ch[-1]) + conv(ch[-1], 2 * self.latent_channels)
-        rev = list(reversed(ch))
+        rev = list(reversed(self.decoder_channels))
         dec = conv(self.latent_channels, rev[0]) + mid(rev[0])
         prev = rev[0]
         for idx, c in enumerate(rev):
@@ -131,8 +234,8 @@ class VAEConfig:
             dec += conv(c, c) if idx < len(rev) - 1 else 0  # upsample
             prev = c
         dec += norm(rev[-1]) + conv(rev[-1], self.out_channels)
-        quant = conv(2 * self.latent_channels, 2 * self.latent_channels, 1) + conv(self.latent_channels,
-                                                                                      self.latent_channels, 1)
+        quant = ((conv(2 * self.latent_channels, 2 * self.latent_channels, 1) if self.use_quant_conv else 0)
+                 + (conv(self.latent_channels, self.latent_channels, 1) if self.use_post_quant_conv else 0))
         return {"encoder": enc, "decoder": dec, "quant_convs": quant}
 
     def total(self) -> int:
