@@ -1,14 +1,16 @@
-"""Text-to-image with FLUX.2 [klein] whose transformer is split across GPUs by tpfuse.
+"""Text-to-image with a whole FLUX.2 pipeline across GPUs: transformer, text encoder and VAE placed by tpfuse.
 
-Real weights (one GPU per rank; each rank reads only its shard of the transformer):
+Real weights (one GPU per rank; each rank reads only its slices of the transformer and the text encoder). Ask
+`tpfuse plan` which mesh fits and is fastest; it prints this line:
 
-    torchrun --nproc-per-node 2 examples/flux2_klein_tp.py --model black-forest-labs/FLUX.2-klein-4B \\
-        --prompt "a red fox in the snow" --out fox.png
+    tpfuse plan --model dev --gpus 4 --gpu-memory 80
+    torchrun --nproc-per-node 4 examples/flux2_pipeline.py --model black-forest-labs/FLUX.2-dev --mesh tp4 \\
+        --height 1024 --width 1024 --prompt "a red fox in the snow"
 
-Offline, on CPU ranks (gloo), with a tiny random model: no download, checks that the whole pipeline runs with a
-tensor-parallel transformer and that every rank computes the same image:
+Offline, on CPU ranks (gloo), with a tiny random pipeline (its own tokenizer, Mistral3 or Qwen3 text encoder,
+transformer and VAE): no download; checks that every rank computes the same image:
 
-    torchrun --nproc-per-node 2 examples/flux2_klein_tp.py --random-weights --preset tiny
+    torchrun --nproc-per-node 2 examples/flux2_pipeline.py --random-weights --kind dev
 """
 
 from __future__ import annotations
@@ -21,50 +23,36 @@ import torch
 import torch.distributed as dist
 
 
-def random_pipeline(preset: str, dtype: torch.dtype, device: str):
-    """Flux2KleinPipeline with a seeded random transformer (identical on every rank before sharding), a small
-    random VAE and no text encoder (prompt embeddings are passed directly)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, \
-        Flux2Transformer2DModel
+def build_mesh(spec: str | None, device_type: str):
+    """``--mesh sp2xtp2`` -> a named DeviceMesh over the world (``None``: plain tensor parallelism over it)."""
+    if spec is None:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
 
-    from tpfuse.tp_layers import Flux2Config, parallelize
+    from tpfuse.tp_layers.mesh import parse_mesh_spec
 
-    cfg = Flux2Config.preset(preset)
-    torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(**cfg.to_diffusers_kwargs()).to(device, dtype)
-    parallelize(transformer)
-    latent_channels = cfg.in_channels // 4  # the pipeline packs 2x2 latent patches into in_channels
-    vae = AutoencoderKLFlux2(block_out_channels=(32, 32), layers_per_block=1, latent_channels=latent_channels,
-                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                             sample_size=32).to(device, dtype)
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                              tokenizer=None, transformer=transformer, is_distilled=True)
-    prompt_embeds = torch.randn(1, 8, cfg.joint_attention_dim, generator=torch.Generator().manual_seed(1))
-    return pipe, {"prompt_embeds": prompt_embeds.to(device, dtype)}
-
-
-def pretrained_pipeline(model: str, dtype: torch.dtype, device: str):
-    from diffusers import Flux2KleinPipeline
-
-    from tpfuse.tp_layers import from_pretrained
-
-    transformer = from_pretrained(model, subfolder="transformer", dtype=dtype)  # this rank's shard only
-    pipe = Flux2KleinPipeline.from_pretrained(model, transformer=transformer, torch_dtype=dtype)
-    return pipe.to(device), {}
+    dims = parse_mesh_spec(spec)
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="black-forest-labs/FLUX.2-klein-4B", help="Hub repo id or local dir")
-    parser.add_argument("--random-weights", action="store_true", help="tiny random model, offline (CPU works)")
-    parser.add_argument("--preset", default="tiny", help="with --random-weights: the transformer's shape")
+    parser.add_argument("--model", default="black-forest-labs/FLUX.2-klein-4B",
+                        help="a FLUX.2 pipeline: Hub repo id or local folder (default: %(default)s)")
+    parser.add_argument("--mesh", default=None,
+                        help="dimensions of the GPUs, e.g. tp4 or sp2xtp2 (`tpfuse plan` recommends one; default: "
+                             "tensor parallelism over all ranks)")
+    parser.add_argument("--text-encoder", default="shard", choices=["shard", "replicate"])
+    parser.add_argument("--random-weights", action="store_true", help="a tiny random pipeline, offline (CPU works)")
+    parser.add_argument("--kind", default="klein", choices=["klein", "dev"],
+                        help="with --random-weights: Flux2KleinPipeline (Qwen3) or Flux2Pipeline (Mistral3)")
     parser.add_argument("--prompt", default="a photograph of a red fox in the snow")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default="flux2_klein_tp.png",
+    parser.add_argument("--out", default="flux2_pipeline.png",
                         help="where rank 0 writes the image (default: %(default)s, in the working directory)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds a rank waits in a collective for the others before failing (default: %(default)s)")
@@ -79,17 +67,27 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.set_device(device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    from tpfuse.tp_layers.pipeline import load_pipeline, memory_report, parallelize_pipeline
+
     try:
+        mesh = build_mesh(args.mesh, "cuda" if cuda else "cpu")
         if args.random_weights:
-            pipe, extra = random_pipeline(args.preset, dtype, device)
+            from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
+
+            pipe, extra = tiny_pipeline(args.kind, seed=0, dtype=dtype, device=device)  # same weights on every rank
+            parallelize_pipeline(pipe, mesh, text_encoder=args.text_encoder)
             size, steps = (args.height or 32, args.width or 32), args.steps or 2
         else:
-            pipe, extra = pretrained_pipeline(args.model, dtype, device)
-            extra["prompt"] = args.prompt
-            size, steps = (args.height or 1024, args.width or 1024), args.steps or 4
+            pipe = load_pipeline(args.model, mesh, dtype=dtype, device=device, text_encoder=args.text_encoder)
+            extra = {}
+            size, steps = (args.height or 1024, args.width or 1024), args.steps or (50 if "dev" in args.model.lower()
+                                                                                   else 4)
+        if rank == 0:
+            print(pipe.tp_pipeline)
+            print(memory_report(pipe, height=size[0], width=size[1]).format())
         generator = torch.Generator(device="cpu").manual_seed(args.seed)  # same noise on every rank
-        out = pipe(height=size[0], width=size[1], num_inference_steps=steps, generator=generator,
-                   output_type="pt", **extra).images  # [1, 3, H, W] in [0, 1]
+        out = pipe(prompt=args.prompt, height=size[0], width=size[1], num_inference_steps=steps,
+                   generator=generator, output_type="pt", **extra).images  # [1, 3, H, W] in [0, 1]
         gathered = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(gathered, out.contiguous())
         same = all(torch.equal(g, gathered[0]) for g in gathered)
@@ -98,7 +96,8 @@ def main(argv=None) -> int:
 
             image = (out[0].permute(1, 2, 0).float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             Image.fromarray(image).save(args.out)
-            print(f"TP {world}: {tuple(out.shape)} image, identical on all ranks: {same}; wrote {args.out}")
+            print(f"{pipe.tp_pipeline.mesh} on {world} ranks: {tuple(out.shape)} image, identical on all ranks: "
+                  f"{same}; wrote {args.out}")
         if not same:
             raise SystemExit("ranks computed different images")
         # No rank tears the group down while a peer's last collective still runs (rank 0 is still writing the PNG).

@@ -1,5 +1,5 @@
-"""examples/flux2_klein_tp.py runs offline on CPU ranks: diffusers' Flux2KleinPipeline with a tpfuse
-tensor-parallel transformer, the same image on every rank."""
+"""examples/flux2_pipeline.py runs offline on CPU ranks: diffusers' Flux2Pipeline / Flux2KleinPipeline, tiny and
+random, with the transformer, the text encoder and the VAE placed by tpfuse; the same image on every rank."""
 
 import subprocess
 import sys
@@ -7,17 +7,19 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flux2_klein_tp.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flux2_pipeline.py"
 
 
-def test_example_random_weights_two_ranks(tmp_path):
-    pytest.importorskip("transformers")  # diffusers' Flux2KleinPipeline needs it importable
+@pytest.mark.parametrize("kind,ranks,mesh,shown", [("klein", 2, None, "tp2"), ("dev", 4, "sp2xtp2", "sp2xtp2")])
+def test_example_random_weights(tmp_path, kind, ranks, mesh, shown):
+    pytest.importorskip("transformers")  # diffusers' FLUX.2 pipelines need it importable
     out = tmp_path / "image.png"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(EXAMPLE), "--random-weights", "--preset", "tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           str(EXAMPLE), "--random-weights", "--kind", kind, "--out", str(out)] + (["--mesh", mesh] if mesh else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "TP 2: (1, 3, 32, 32) image, identical on all ranks: True" in proc.stdout
+    assert f"{shown} on {ranks} ranks: (1, 3, 32, 32) image, identical on all ranks: True" in proc.stdout
+    assert f"text encoder: sharded over {ranks} ranks" in proc.stdout
     from PIL import Image
 
     assert Image.open(out).size == (32, 32)

@@ -26,7 +26,7 @@ def _embeds(pipe, kwargs):
 def _parallel_ranks(kind, mesh_spec):
     from tpfuse.tp_layers.encoders import linear_weight_bytes
     from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
-    from tpfuse.tp_layers.pipeline import parallelize_pipeline
+    from tpfuse.tp_layers.pipeline import memory_report, parallelize_pipeline
 
     dense, kwargs = tiny_pipeline(kind, seed=0)
     ref_image, ref_embeds = _image(dense, kwargs), _embeds(dense, kwargs)
@@ -42,7 +42,9 @@ def _parallel_ranks(kind, mesh_spec):
         dims = parse_mesh_spec(mesh_spec)
         mesh = init_device_mesh("cpu", tuple(dims.values()), mesh_dim_names=tuple(dims))
     parallelize_pipeline(pipe, mesh)
-    return {"image": _image(pipe, kwargs), "ref_image": ref_image, "embeds": _embeds(pipe, kwargs),
+    report = memory_report(pipe, height=32, width=32)
+    return {"weights": report.weights, "predicted": report.predicted, "activations": report.activations,
+            "table": report.format(), "image": _image(pipe, kwargs), "ref_image": ref_image, "embeds": _embeds(pipe, kwargs),
             "ref_embeds": ref_embeds, "fraction": linear_weight_bytes(pipe.text_encoder) / dense_bytes,
             "sharding": str(pipe.tp_pipeline), "encoder_ranks": pipe.tp_pipeline.encoder_ranks}
 
@@ -62,6 +64,15 @@ def test_parallel_pipeline_image_equals_dense(kind, world, mesh):
     for r in results[1:]:
         assert torch.equal(r["image"], results[0]["image"])
         assert torch.equal(r["embeds"], results[0]["embeds"])
+    # The plan's per-rank weights are what the ranks hold: exactly on rank 0, the widest (a ragged vocabulary gives
+    # the first ranks one row more), at most that elsewhere
+    for rank, r in enumerate(results):
+        for c in ("transformer", "text_encoder", "vae"):
+            assert r["predicted"][c] is not None and r["activations"][c] > 0, (c, r["table"])
+            if rank == 0:
+                assert r["weights"][c] == r["predicted"][c], (c, r["table"])
+            else:
+                assert r["weights"][c] <= r["predicted"][c], (c, r["table"])
 
 
 def _load_ranks(kind, folder):
@@ -75,7 +86,21 @@ def _load_ranks(kind, folder):
         dense.save_pretrained(folder)
     dist.barrier()
     ref_image = _image(dense, kwargs)
-    pipe = load_pipeline(folder, dtype=torch.float32, progress=False)
+    # A rank's memory is checked (the plan's estimate) before anything loads
+    import tpfuse.tp_layers.model as model_module
+
+    real = model_module.from_pretrained
+    model_module.from_pretrained = None  # a load would call it
+    try:
+        with pytest.raises(ValueError, match=r"does not fit the mesh tp2 on 0.0 GiB per rank: a rank needs 2.0 GiB "
+                                             r"\(weights: transformer 0.0, text encoder 0.0, VAE 0.0 GiB; .*"
+                                             r"Nothing was loaded"):
+            load_pipeline(folder, dtype=torch.float32, gpu_memory=1e-3, height=32, width=32)
+        with pytest.raises(ValueError, match="gpu_memory must be a positive number of GiB, got -1"):
+            load_pipeline(folder, dtype=torch.float32, gpu_memory=-1)
+    finally:
+        model_module.from_pretrained = real
+    pipe = load_pipeline(folder, dtype=torch.float32, progress=False, gpu_memory=2.01, height=32, width=32)
     return {"image": _image(pipe, kwargs), "ref_image": ref_image,
             "encoder_read": pipe.text_encoder.tp_load_report.bytes_read,
             "transformer_read": pipe.transformer.tp_load_report.bytes_read,

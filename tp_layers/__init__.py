@@ -1,4 +1,5 @@
-"""Tensor-parallel layers and model families (``tpfuse.tp_layers``): FLUX.2, Qwen-Image, FLUX.3.
+"""Tensor-parallel layers and model families (``tpfuse.tp_layers``): FLUX.2, Qwen-Image, FLUX.3, and whole
+pipelines (the text encoder by transformers' tensor-parallel plan, :func:`parallelize_pipeline`).
 
 Column-parallel layers split a weight by output features (no communication forward, all-reduce of the input
 gradient backward); row-parallel layers split by input features (all-reduce forward, nothing backward). A block is
@@ -25,6 +26,9 @@ from .model import from_pretrained, parallelize
 from .save import save_pretrained
 from .flux2.tp_blocks import TPDoubleStreamBlock, TPSingleStreamBlock
 from .families import Family, UnsupportedModelError, register_family
+from .embedding import VocabParallelEmbedding, VocabParallelLMHead
+from .encoders import UnsupportedEncoderError, shard_text_encoder
+from .pipeline import load_pipeline, memory_report, parallelize_pipeline
 from .tp_attention import HeadRMSNorm
 
 __all__ = [
@@ -65,4 +69,11 @@ __all__ = [
     "Family",
     "UnsupportedModelError",
     "register_family",
+    "VocabParallelEmbedding",
+    "VocabParallelLMHead",
+    "shard_text_encoder",
+    "UnsupportedEncoderError",
+    "parallelize_pipeline",
+    "load_pipeline",
+    "memory_report",
 ]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ from torch import nn
 from .comm import get_world_size, resolve_group
 from .mesh import ParallelMesh, resolve_mesh
 
-__all__ = ["PipelineSharding", "parallelize_pipeline", "load_pipeline", "encoder_ranks", "TEXT_ENCODER_MODES"]
+__all__ = ["MemoryReport", "PipelineSharding", "parallelize_pipeline", "load_pipeline", "load_text_encoder",
+           "memory_report", "encoder_ranks", "TEXT_ENCODER_MODES"]
 
 TEXT_ENCODER_MODES = ("shard", "replicate")
 
@@ -62,18 +64,19 @@ def _text_config(config):
 
 
 def encoder_ranks(text_config, world: int, tp: int, mode: str = "shard") -> int:
-    """How many ranks the text encoder is split over: ``world`` (the whole mesh) when it divides the encoder's
-    query and key/value heads, else ``tp`` when that does, else 1 (replicated); 1 for ``mode="replicate"``. The
-    same rule ``tpfuse plan`` applies."""
-    if mode == "replicate":
-        return 1
+    """How many ranks the text encoder (``text_config``: its transformers config) is split over: ``world`` (the
+    whole mesh) when it divides the encoder's query and key/value heads, else ``tp`` when that does, else 1
+    (replicated); 1 for ``mode="replicate"`` — :func:`tpfuse.tp_layers.plan.encoder_ranks`, the rule ``tpfuse
+    plan`` applies, on the config's heads."""
+    import types
+
+    from .plan import encoder_ranks as plan_encoder_ranks
+
     text = _text_config(text_config)
-    heads = getattr(text, "num_attention_heads")
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    for n in (world, tp):
-        if heads % n == 0 and kv % n == 0:
-            return n
-    return 1
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads")
+    heads_of = types.SimpleNamespace(num_attention_heads=heads,
+                                     num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads)
+    return plan_encoder_ranks(heads_of, world, tp, mode)
 
 
 def _check_mode(text_encoder: str) -> None:
@@ -229,14 +232,73 @@ def load_text_encoder(folder, group=None, *, dtype: torch.dtype | None = None, d
     return model.eval()
 
 
+def _check_fits(path: Path, transformer_config: dict, enc_config, pm, world: int, enc_n: int, dtype: torch.dtype,
+                gpu_memory: float | None, device, height: int, width: int, batch: int) -> None:
+    """Refuse, before anything is loaded, a mesh on which a rank's weights + the largest phase's activations +
+    the workspace (``tpfuse plan``'s estimate, from the configs) exceed the device's memory (``gpu_memory`` GiB, or
+    a CUDA device's total; nothing is checked on CPU without ``gpu_memory``)."""
+    from .checkpoint import read_json
+    from .flux2.config import Flux2Config
+    from .flux2.pipeline_configs import DecoderConfig, PixtralConfig, VAEConfig
+    from .plan import GiB, WORKSPACE_BYTES, estimate_activations, weight_bytes
+
+    if gpu_memory is not None:
+        if not isinstance(gpu_memory, (int, float)) or isinstance(gpu_memory, bool) or not gpu_memory > 0:
+            raise ValueError(f"gpu_memory must be a positive number of GiB, got {gpu_memory!r}")
+        memory = int(gpu_memory * GiB)
+    elif device is not None and torch.device(device).type == "cuda" or device is None and torch.cuda.is_available() \
+            and torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        memory = torch.cuda.get_device_properties(torch.device(device) if device is not None else
+                                                  torch.cuda.current_device()).total_memory
+    else:
+        return
+    try:
+        tcfg = Flux2Config.from_dict(transformer_config)
+    except (ValueError, TypeError):
+        return  # another family: its heads were checked; the plan's formulas describe FLUX.2's
+    ecfg = DecoderConfig.from_transformers(enc_config) if enc_config is not None else None
+    try:
+        vision = PixtralConfig.from_transformers(enc_config) if enc_config is not None else None
+    except ValueError:
+        vision = None
+    vae_json = path / "vae" / "config.json"
+    vcfg = VAEConfig.from_diffusers(read_json(vae_json, "config")) if vae_json.exists() else None
+    tp, sp = (pm.tp, pm.sp) if pm is not None else (world, 1)
+    groups = pm.batch if pm is not None else 1
+    weights = weight_bytes(tcfg, ecfg, vcfg, tp=tp, encoder_ranks=enc_n, vision=vision, dtype_bytes=dtype.itemsize)
+    acts = estimate_activations(tcfg, ecfg, vcfg, tp=tp, sp=sp, encoder_ranks=enc_n, height=height, width=width,
+                                batch=batch, dtype_bytes=dtype.itemsize)
+    acts["transformer"] = estimate_activations(tcfg, None, None, tp=tp, sp=sp, height=height, width=width,
+                                               batch=-(-batch // groups), dtype_bytes=dtype.itemsize)["transformer"]
+    peak = sum(weights.values()) + max(acts.values()) + WORKSPACE_BYTES
+    if peak > memory:
+        names = {"transformer": "transformer", "text_encoder": "text encoder", "vae": "VAE"}
+        parts = ", ".join(f"{names[k]} {v / GiB:.1f}" for k, v in weights.items() if v)
+        phase = max(acts, key=acts.get)
+        mesh = pm.name() if pm is not None else f"tp{world}"
+        raise ValueError(
+            f"{path}: the pipeline does not fit the mesh {mesh} on {memory / GiB:.1f} GiB per rank: a rank needs "
+            f"{peak / GiB:.1f} GiB (weights: {parts} GiB; {names[phase]} activations at {height}x{width}, batch "
+            f"{batch}: {acts[phase] / GiB:.1f} GiB; workspace {WORKSPACE_BYTES / GiB:.1f} GiB). Nothing was loaded; "
+            f"`tpfuse plan --model ... --gpus N --gpu-memory GB` lists the meshes that fit")
+
+
+# What a pipeline component's folder holds: configs, weights, tokenizer files (vocabularies, merges, chat templates)
+_COMPONENT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
 def load_pipeline(source, mesh=None, *, group=None, dtype: torch.dtype = torch.bfloat16, device=None,
-                  text_encoder: str = "shard", revision: str | None = None, token=None,
+                  text_encoder: str = "shard", gpu_memory: float | None = None, height: int = 1024,
+                  width: int = 1024, batch: int = 1, revision: str | None = None, token=None,
                   local_files_only: bool = False, progress: bool = True):
     """A diffusers FLUX.2 pipeline (a folder with ``model_index.json``, or a Hub repo id) loaded across ranks: the
     transformer by :func:`~tpfuse.tp_layers.from_pretrained` over ``mesh``/``group``, the text encoder by
     :func:`load_text_encoder` over the group :func:`parallelize_pipeline` would choose, each rank reading only its
-    slices; the VAE, tokenizer and scheduler whole. The mesh is checked against the transformer's and the encoder's
-    heads before anything is loaded. Returns the pipeline, with ``pipe.tp_pipeline`` set."""
+    slices; the VAE, tokenizer and scheduler whole. Returns the pipeline, with ``pipe.tp_pipeline`` set.
+
+    Before anything is loaded, the mesh is checked against the transformer's and the encoder's heads, and a rank's
+    memory (``tpfuse plan``'s estimate for images of ``height`` x ``width``, ``batch`` at a time) against
+    ``gpu_memory`` GiB or, on CUDA, the device's: a ``ValueError`` says what does not fit."""
     import diffusers
 
     from .checkpoint import read_json, resolve_source
@@ -245,11 +307,18 @@ def load_pipeline(source, mesh=None, *, group=None, dtype: torch.dtype = torch.b
     _check_mode(text_encoder)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    path = resolve_source(source, None, revision, token, local_files_only=local_files_only)
+    path = resolve_source(source, None, revision, token, allow_patterns=("model_index.json",),
+                          local_files_only=local_files_only)
     index_file = Path(path) / "model_index.json"
     if not index_file.exists():
         raise ValueError(f"{path}: no model_index.json (load_pipeline reads a diffusers pipeline folder)")
     index = read_json(index_file, "pipeline index")
+    if not Path(os.fspath(source)).exists():  # a Hub repo: fetch each component's folder (not a root-level
+        # single-file checkpoint beside them: FLUX.2-dev's flux2-dev.safetensors alone is 64 GB)
+        for name, value in index.items():
+            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None:
+                resolve_source(source, name, revision, token, allow_patterns=_COMPONENT_FILES,
+                               local_files_only=local_files_only)
     pipe_cls = getattr(diffusers, str(index.get("_class_name")), None)
     if pipe_cls is None:
         raise ValueError(f"{index_file}: _class_name={index.get('_class_name')!r} is not a diffusers pipeline")
@@ -272,6 +341,7 @@ def load_pipeline(source, mesh=None, *, group=None, dtype: torch.dtype = torch.b
         enc_config = transformers.AutoConfig.from_pretrained(enc_folder)
         enc_group, enc_n = _encoder_group(enc_config, pm, world_group, world, tp_group, tp, text_encoder,
                                           str(enc_folder))
+    _check_fits(Path(path), config, enc_config, pm, world, enc_n, dtype, gpu_memory, device, height, width, batch)
     transformer = from_pretrained(path, group, dtype=dtype, subfolder="transformer", device=device,
                                   progress=progress, mesh=mesh)
     components = {"transformer": transformer}
@@ -280,13 +350,123 @@ def load_pipeline(source, mesh=None, *, group=None, dtype: torch.dtype = torch.b
             components["text_encoder"] = load_text_encoder(enc_folder, enc_group, dtype=dtype, device=device,
                                                            progress=progress)
     pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, **components)
-    if device is not None:
-        for name in ("vae", "text_encoder"):
+    if device is not None:  # what diffusers loaded whole: the VAE, a replicated text encoder
+        for name in ("vae",) + (("text_encoder",) if "text_encoder" not in components else ()):
             module = getattr(pipe, name, None)
-            if isinstance(module, nn.Module) and text_encoder != "shard" or name == "vae":
-                if module is not None:
-                    module.to(device)
+            if isinstance(module, nn.Module):
+                module.to(device)
     mesh_name = pm.name() if pm is not None else f"tp{world}"
     pipe.tp_pipeline = PipelineSharding(mesh_name, world, None if enc_config is None else
                                         (f"sharded over {enc_n} ranks" if enc_n > 1 else "replicated"), enc_n)
     return pipe
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a rank holds
+# --------------------------------------------------------------------------------------------------------------
+
+COMPONENTS = ("transformer", "text_encoder", "vae")
+
+
+def _param_bytes(module: nn.Module | None) -> int:
+    """Bytes of ``module``'s parameters on this rank (a tied tensor once)."""
+    if module is None:
+        return 0
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    """One rank's bytes per component of a pipeline: ``weights`` measured on the rank's tensors, ``predicted`` the
+    weights ``tpfuse plan``'s formulas give for the same configs and mesh (the widest rank's: a ragged vocabulary
+    gives the first ranks one row more), ``activations`` estimated per phase at ``height`` x ``width`` and
+    ``batch`` (:func:`~tpfuse.tp_layers.plan.estimate_activations`), ``workspace`` the plan's fixed allowance.
+    ``peak``: all weights + the largest phase's activations + workspace (the phases run one after another)."""
+
+    rank: int
+    mesh: str
+    height: int
+    width: int
+    batch: int
+    weights: dict[str, int]
+    predicted: dict[str, int | None]
+    activations: dict[str, int | None]
+    workspace: int
+
+    @property
+    def peak(self) -> int:
+        return sum(self.weights.values()) + max((a or 0) for a in self.activations.values()) + self.workspace
+
+    def format(self) -> str:
+        """A Markdown table (GiB, 3 decimals: the tiny test pipelines' kilobytes show as 0.000)."""
+        def gib(n):
+            return "—" if n is None else f"{n / 2**30:.3f}"
+
+        names = {"transformer": "transformer", "text_encoder": "text encoder", "vae": "VAE"}
+        lines = [f"rank {self.rank} ({self.mesh}), {self.height}x{self.width}, batch {self.batch}: GiB per rank",
+                 "| component | weights (measured) | weights (plan) | activations (estimated) |",
+                 "|---|---:|---:|---:|"]
+        for c in COMPONENTS:
+            lines.append(f"| {names[c]} | {gib(self.weights[c])} | {gib(self.predicted[c])} | "
+                         f"{gib(self.activations[c])} |")
+        lines.append(f"| workspace | | | {gib(self.workspace)} |")
+        lines.append(f"| **peak** | | | **{gib(self.peak)}** |")
+        return "\n".join(lines)
+
+
+def _configs(pipe):
+    """(Flux2Config or None, DecoderConfig or None, PixtralConfig or None, VAEConfig or None) of a live pipeline;
+    None for a component the plan's formulas do not describe (another transformer family, an encoder without a
+    decoder config, another VAE)."""
+    from .flux2.config import Flux2Config
+    from .flux2.pipeline_configs import DecoderConfig, PixtralConfig, VAEConfig
+
+    transformer, encoder, vae = (getattr(pipe, n, None) for n in COMPONENTS)
+    out = []
+    for build, module in ((lambda m: Flux2Config.from_dict(dict(m.config)), transformer),
+                          (lambda m: DecoderConfig.from_transformers(m.config), encoder),
+                          (lambda m: PixtralConfig.from_transformers(m.config), encoder),
+                          (lambda m: VAEConfig.from_diffusers(m.config), vae)):
+        try:
+            out.append(build(module) if module is not None else None)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            out.append(None)
+    return tuple(out)
+
+
+def memory_report(pipe, height: int = 1024, width: int = 1024, batch: int = 1) -> MemoryReport:
+    """This rank's bytes per component of ``pipe`` (parallelized or not; see :class:`MemoryReport`)."""
+    import torch.distributed as dist
+
+    from .plan import WORKSPACE_BYTES, estimate_activations, weight_bytes
+
+    transformer = getattr(pipe, "transformer", None)
+    pm = getattr(transformer, "tp_mesh", None)
+    tp = getattr(transformer, "tp_world_size", None) or 1
+    sp = pm.sp if pm is not None else 1
+    groups = pm.batch if pm is not None else 1
+    sharding = getattr(pipe, "tp_pipeline", None)
+    enc_n = sharding.encoder_ranks if sharding is not None else 1
+    dtype = next(transformer.parameters()).dtype if transformer is not None else torch.bfloat16
+    tcfg, ecfg, vision, vcfg = _configs(pipe)
+    per_group = -(-batch // groups)  # images one (sp, tp) group denoises
+    acts = estimate_activations(tcfg, None, None, tp=tp, sp=sp, height=height, width=width, batch=per_group,
+                                dtype_bytes=dtype.itemsize)
+    acts.update({k: v for k, v in estimate_activations(None, ecfg, vcfg, encoder_ranks=enc_n, height=height,
+                                                       width=width, batch=batch,
+                                                       dtype_bytes=dtype.itemsize).items() if k != "transformer"})
+    predicted = weight_bytes(tcfg, ecfg, vcfg, tp=tp, encoder_ranks=enc_n, vision=vision, dtype_bytes=dtype.itemsize)
+    present = {c: getattr(pipe, c, None) is not None for c in COMPONENTS}
+    known = {"transformer": tcfg, "text_encoder": ecfg, "vae": vcfg}
+    return MemoryReport(
+        rank=dist.get_rank() if dist.is_initialized() else 0,
+        mesh=sharding.mesh if sharding is not None else "not parallelized", height=height, width=width, batch=batch,
+        weights={c: _param_bytes(getattr(pipe, c, None)) for c in COMPONENTS},
+        predicted={c: predicted[c] if present[c] and known[c] is not None else None for c in COMPONENTS},
+        activations={c: acts[c] if present[c] and known[c] is not None else None for c in COMPONENTS},
+        workspace=WORKSPACE_BYTES)
