@@ -99,3 +99,20 @@ def test_readme_lora_example_runs_on_2_ranks(tmp_path):
     assert len(snippet.splitlines()) == 6
     for err, files in run_ranks(_lora_example, 2, snippet, str(tmp_path), timeout=300):
         assert err < 1e-5 and files == ["pytorch_lora_weights.safetensors"]
+
+
+def test_readme_plan_tables_are_what_tpfuse_plan_prints():
+    """The whole-pipeline recipe's per-rank memory tables, recommendations and launch lines are `tpfuse plan`'s
+    output for those GPUs: a change of the configs, the estimates or the scaling model shows up here."""
+    from tpfuse.tp_layers.plan import format_plan, plan_pipeline
+
+    readme = (ROOT / "README.md").read_text()
+    for model, gpus, memory in (("dev", 2, 80), ("dev", 4, 80), ("dev", 8, 80), ("klein-4b", 1, 24),
+                                ("klein-9b", 2, 24)):
+        assert f"`tpfuse plan --model {model} --gpus {gpus} --gpu-memory {memory}`:" in readme
+        text = format_plan(plan_pipeline(model, gpus, memory))
+        table = "\n".join(line for line in text.splitlines() if line.startswith("|"))
+        assert table in readme, (model, gpus, table)
+        for line in text.splitlines():
+            if line.startswith("Recommended") or line.strip().startswith("torchrun"):
+                assert line.strip() in readme, line
