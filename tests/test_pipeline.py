@@ -189,3 +189,22 @@ def _three_ranks(folder):
 
 def test_a_mesh_that_cannot_hold_the_model_is_refused_before_loading(tmp_path):
     assert all(run_ranks(_three_ranks, 3, tmp_path / "klein"))
+
+
+def test_tpfuse_verify_pipeline_cli(capsys):
+    from tpfuse.tp_layers.cli import main
+
+    assert main(["verify", "--pipeline", "klein", "--mesh", "sp2xtp2"]) == 0
+    out = capsys.readouterr().out
+    assert "tpfuse verify --pipeline klein: tiny Flux2KleinPipeline (Qwen3 text encoder), mesh sp2xtp2 (4 ranks)" in out
+    assert "transformer: sp2xtp2; text encoder: sharded over 4 ranks; VAE: replicated (4 ranks)" in out
+    for check in ("prompt embeddings", "image:", "identical on every rank", "tpfuse plan's prediction"):
+        assert any(line.strip().startswith("PASS") and check in line for line in out.splitlines()), (check, out)
+    assert out.rstrip().endswith("OK")
+    assert main(["verify", "--pipeline", "dev", "--world-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot shard the text encoder over 3 ranks: num_attention_heads=4, num_key_value_heads=4 not divisible " \
+        "by 3" in err, err
+    assert main(["verify", "--pipeline", "dev", "--preset", "tiny"]) == 2
+    assert "--pipeline checks a tiny FLUX.2 pipeline: it takes no --model, --family or --preset" in \
+        capsys.readouterr().err

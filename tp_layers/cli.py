@@ -68,8 +68,31 @@ def _verify_family(args: argparse.Namespace) -> int:
     return EXIT_OK if res.ok else EXIT_FAIL
 
 
+def _verify_pipeline(args: argparse.Namespace) -> int:
+    """``tpfuse verify --pipeline dev|klein``: a whole tiny pipeline across ranks against the dense one."""
+    from .launch import RankError
+    from .verify_pipeline import check_pipeline, format_pipeline_result
+
+    if args.model is not None or args.family != "flux2" or args.preset is not None:
+        return _error("--pipeline checks a tiny FLUX.2 pipeline: it takes no --model, --family or --preset")
+    world_size = args.world_size if args.world_size_given or args.mesh is None else None
+    try:
+        res = check_pipeline(args.pipeline, world_size, args.mesh, args.dtype, args.seed, args.text_encoder,
+                             args.backend)
+    except ValueError as exc:
+        return _error(str(exc))
+    except RankError as exc:
+        return _rank_error(exc)
+    print(format_pipeline_result(res), flush=True)
+    return EXIT_OK if res.ok else EXIT_FAIL
+
+
 def _verify(args: argparse.Namespace) -> int:
     args.world_size_given = args.world_size is not None
+    if args.pipeline is not None:
+        if args.world_size is None:
+            args.world_size = 2
+        return _verify_pipeline(args)
     if args.world_size is None:
         args.world_size = 2
     if args.batch is None:
@@ -211,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mesh", default=None, help="a hybrid mesh, e.g. sp2xtp2, cfg2xtp2, dp2xsp2xtp2 (dims dp, cfg, "
                    "sp, tp): check a whole parallelized model of --family (preset tiny by default) on that many "
                    "ranks against the dense one; image/text token counts need not divide by sp")
+    v.add_argument("--pipeline", default=None, choices=["dev", "klein"],
+                   help="check a whole tiny pipeline instead (dev: Flux2Pipeline with a Mistral3 text encoder, "
+                        "klein: Flux2KleinPipeline with Qwen3): prompt -> text encoder -> transformer -> VAE on "
+                        "--world-size ranks or --mesh, against the dense pipeline, with each rank's memory")
+    v.add_argument("--text-encoder", default="shard", choices=["shard", "replicate"],
+                   help="with --pipeline: shard the text encoder by transformers' plan, or keep it whole")
     v.add_argument("--blocks", default="double,single", help="comma-separated: single, double")
     v.add_argument("--img-tokens", type=int, default=64, help="image tokens per sample")
     v.add_argument("--txt-tokens", type=int, default=16, help="text tokens per sample")

@@ -403,12 +403,14 @@ class MemoryReport:
         return sum(self.weights.values()) + max((a or 0) for a in self.activations.values()) + self.workspace
 
     def format(self) -> str:
-        """A Markdown table (GiB, 3 decimals: the tiny test pipelines' kilobytes show as 0.000)."""
+        """A Markdown table, in GiB (MiB when every component's weights are under 1 GiB: the tiny test pipelines)."""
+        unit, size = ("GiB", 2**30) if max(self.weights.values()) >= 2**30 else ("MiB", 2**20)
+
         def gib(n):
-            return "—" if n is None else f"{n / 2**30:.3f}"
+            return "—" if n is None else f"{n / size:.3f}"
 
         names = {"transformer": "transformer", "text_encoder": "text encoder", "vae": "VAE"}
-        lines = [f"rank {self.rank} ({self.mesh}), {self.height}x{self.width}, batch {self.batch}: GiB per rank",
+        lines = [f"rank {self.rank} ({self.mesh}), {self.height}x{self.width}, batch {self.batch}: {unit} per rank",
                  "| component | weights (measured) | weights (plan) | activations (estimated) |",
                  "|---|---:|---:|---:|"]
         for c in COMPONENTS:
