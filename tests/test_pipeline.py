@@ -155,6 +155,18 @@ def _refusal_ranks():
         sum(p.numel() for p in pipe.text_encoder.parameters()) == sum(p.numel() for p in encoder.parameters())
     with pytest.raises(ValueError, match="already parallelized"):
         parallelize_pipeline(pipe)
+    # Ranks holding different encoders: refused on every rank before the transformer is sharded
+    import torch.distributed as dist
+
+    from tpfuse.tp_layers.consistency import WeightMismatchError
+
+    pipe, _ = tiny_pipeline("klein", seed=0)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            pipe.text_encoder.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+    with pytest.raises(WeightMismatchError, match="model.layers.0.mlp.up_proj.weight"):
+        parallelize_pipeline(pipe)
+    out["untouched_after_mismatch"] = getattr(pipe.transformer, "tp_world_size", None) is None
     return out
 
 
@@ -163,6 +175,7 @@ def test_pipeline_refusals_and_a_replicated_encoder():
         assert r["untouched"]  # the refusal came before the transformer was sharded
         assert r["replicated"] == "transformer: tp2; text encoder: replicated; VAE: replicated (2 ranks)"
         assert r["encoder_untouched"]
+        assert r["untouched_after_mismatch"]
         torch.testing.assert_close(r["image"], r["ref_image"], rtol=0, atol=1e-5)
 
 
@@ -208,3 +221,44 @@ def test_tpfuse_verify_pipeline_cli(capsys):
     assert main(["verify", "--pipeline", "dev", "--preset", "tiny"]) == 2
     assert "--pipeline checks a tiny FLUX.2 pipeline: it takes no --model, --family or --preset" in \
         capsys.readouterr().err
+
+
+def _load_refusal_ranks(folder):
+    import json
+
+    import torch.distributed as dist
+
+    from tpfuse.tp_layers.encoders import UnsupportedEncoderError
+    from tpfuse.tp_layers.flux2.tiny_pipeline import tiny_pipeline
+    from tpfuse.tp_layers.pipeline import load_pipeline
+
+    dense, kwargs = tiny_pipeline("klein", seed=0)
+    if dist.get_rank() == 0:
+        dense.save_pretrained(folder)
+    dist.barrier()
+    # A replicated encoder: read whole, straight to the device, the same image
+    pipe = load_pipeline(folder, dtype=torch.float32, text_encoder="replicate", progress=False)
+    out = {"image": _image(pipe, kwargs), "ref_image": _image(dense, kwargs), "sharding": str(pipe.tp_pipeline),
+           "whole": not hasattr(pipe.text_encoder, "tp_encoder") and
+           sum(p.numel() for p in pipe.text_encoder.parameters()) ==
+           sum(p.numel() for p in dense.text_encoder.parameters())}
+    dist.barrier()
+    if dist.get_rank() == 0:  # now an encoder transformers has no plan for, and no transformer weights to read
+        for f in (folder / "transformer").glob("*.safetensors"):
+            f.unlink()
+        from transformers import T5Config
+
+        config = T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50,
+                          architectures=["T5EncoderModel"]).to_dict()
+        (folder / "text_encoder" / "config.json").write_text(json.dumps(config))
+    dist.barrier()
+    with pytest.raises(UnsupportedEncoderError, match=r"T5EncoderModel has no tensor-parallel plan"):
+        load_pipeline(folder, dtype=torch.float32, progress=False)
+    return out
+
+
+def test_load_pipeline_replicated_encoder_and_an_encoder_without_a_plan(tmp_path):
+    for r in run_ranks(_load_refusal_ranks, 2, tmp_path / "klein"):
+        torch.testing.assert_close(r["image"], r["ref_image"], rtol=0, atol=1e-5)
+        assert r["sharding"] == "transformer: tp2; text encoder: replicated; VAE: replicated (2 ranks)"
+        assert r["whole"]

@@ -101,6 +101,14 @@ class VocabParallelEmbedding(_VocabParallel, nn.Embedding):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.__dict__.get("_ids_checked", False) and not torch.compiler.is_compiling() and \
+                torch._guards.detect_fake_mode((ids,)) is None and ids.device.type != "meta":
+            # First call: an id outside the vocabulary would be a zero row here (no rank holds it), where the dense
+            # table raises; one check (a host sync) rather than one per call.
+            self._ids_checked = True
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                raise IndexError(f"{type(self).__name__}: token ids must lie in [0, {self.vocab_size}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
         if self.world_size == 1:
             return F.embedding(ids, self.weight, self.padding_idx)
         inside = (ids >= self.vocab_start) & (ids < self.vocab_stop)  # [...]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import torch
 from torch import nn
 
 from .comm import all_reduce, get_rank, get_world_size, resolve_group
@@ -144,10 +145,13 @@ def check_encoder_shardable(model_or_config, world_size: int, what: str | None =
 
 def _check_module(name: str, module: nn.Module, style: str, world_size: int) -> str | None:
     kind = STYLES[style]
-    if kind in ("column", "row", "vocab_head") and not isinstance(module, nn.Linear):
-        return f"{name}: style {style!r} shards an nn.Linear, found {type(module).__name__}"
-    if kind == "vocab_embedding" and not isinstance(module, nn.Embedding):
-        return f"{name}: style {style!r} shards an nn.Embedding, found {type(module).__name__}"
+    base = {"column": nn.Linear, "row": nn.Linear, "vocab_head": nn.Linear, "vocab_embedding": nn.Embedding}.get(kind)
+    if base is not None and not isinstance(module, base):
+        return f"{name}: style {style!r} shards an {base.__name__}, found {type(module).__name__}"
+    if base is not None and type(module).forward is not base.forward:
+        # e.g. Gemma3's scaled word embedding (x embed_scale): the sharded layer would drop what its forward adds
+        return (f"{name}: {type(module).__name__} has its own forward (not {base.__name__}'s), which the sharded "
+                f"layer would not run")
     if kind == "column" and module.out_features % world_size:
         return f"{name}: out_features={module.out_features} not divisible by {world_size}"
     if kind == "row" and module.in_features % world_size:
@@ -158,9 +162,20 @@ def _check_module(name: str, module: nn.Module, style: str, world_size: int) -> 
 
 
 def _grad_sum_hooks(module: nn.Module, group) -> None:
-    for p in module.parameters(recurse=False):
-        if p.requires_grad:
-            p.register_hook(lambda g, group=group: all_reduce(g, group, phase="backward"))
+    """Sum ``module``'s parameter gradients over ``group`` (a per-head norm sees only this rank's heads). The tensor
+    hooks are put on by a forward pre-hook, on whatever Parameters the module holds at its first grad-enabled
+    forward: a hook on the Parameters of now would be lost when the sharded loader replaces them (a model built on
+    ``meta``, then loaded). Each Parameter is marked, so it is hooked once."""
+
+    def hook_params(mod, _args):
+        if not torch.is_grad_enabled():
+            return
+        for p in mod.parameters(recurse=False):
+            if p.requires_grad and not getattr(p, "_tpfuse_grad_sum", False):
+                p.register_hook(lambda g: all_reduce(g, group, phase="backward"))
+                p._tpfuse_grad_sum = True
+
+    module.register_forward_pre_hook(hook_params)
 
 
 def check_text_encoder(model: nn.Module, world_size: int, plan: dict[str, str] | None = None):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -131,15 +132,17 @@ def parallelize_pipeline(pipe, mesh=None, *, group=None, text_encoder: str = "sh
         enc_group, enc_n = _encoder_group(encoder.config, pm, world_group, world, tp_group, tp, text_encoder,
                                           type(encoder).__name__)
         check_text_encoder(encoder, enc_n)  # before the transformer changes: nothing is half-done on refusal
+    vae = getattr(pipe, "vae", None)
+    if check_weights and world > 1:  # the same on every rank (every rank encodes and decodes), checked up front
+        from .consistency import check_weights_agree
+
+        for module in (encoder, vae):
+            if module is not None:
+                check_weights_agree(module, world_group, type(module).__name__)
     if getattr(transformer, "tp_world_size", None) is None:
         parallelize(transformer, group, mesh=mesh, check_weights=check_weights)
     if encoder is not None and text_encoder == "shard":
-        shard_text_encoder(encoder, enc_group, check_weights=check_weights)
-    vae = getattr(pipe, "vae", None)
-    if vae is not None and check_weights and world > 1:
-        from .consistency import check_weights_agree
-
-        check_weights_agree(vae, world_group, type(vae).__name__)  # every rank decodes: the same VAE everywhere
+        shard_text_encoder(encoder, enc_group, check_weights=False)
     mesh_name = pm.name() if pm is not None else f"tp{world}"
     pipe.tp_pipeline = PipelineSharding(
         mesh_name, world, None if encoder is None else
@@ -202,38 +205,48 @@ def _key_format(folder: Path):
     return _LEGACY_LLAVA if any(k.startswith("language_model.model.") for k in keys) else None
 
 
-def load_text_encoder(folder, group=None, *, dtype: torch.dtype | None = None, device=None, progress: bool = True):
-    """A transformers text encoder from ``folder`` (``config.json`` + safetensors, as diffusers saves a pipeline's
-    ``text_encoder/``), sharded over ``group`` by its plan: built with its parameters on ``meta``, then each rank
-    reads only its slices (its vocabulary rows, its heads, its MLP columns). ``model.tp_load_report`` is the rank's
-    :class:`~tpfuse.tp_layers.checkpoint.LoadReport`."""
+def _meta_text_encoder(folder: Path, config=None):
+    """The transformers model ``folder``'s ``config.json`` names, built with its parameters on ``meta`` (shapes
+    only; its buffers real)."""
     import transformers
 
-    from .checkpoint import load_sharded
-    from .encoders import shard_text_encoder
-
-    folder = Path(folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = config if config is not None else transformers.AutoConfig.from_pretrained(folder)
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None:
         raise ValueError(f"{folder}/config.json names no transformers architecture tpfuse can build "
                          f"(architectures={names!r})")
     with _meta_parameters():
-        model = cls._from_config(config)
+        return cls._from_config(config)
+
+
+def load_text_encoder(folder, group=None, *, dtype: torch.dtype | None = None, device=None, progress: bool = True,
+                      shard: bool = True, model: nn.Module | None = None):
+    """A transformers text encoder from ``folder`` (``config.json`` + safetensors, as diffusers saves a pipeline's
+    ``text_encoder/``), sharded over ``group`` by its plan: built with its parameters on ``meta``, then each rank
+    reads only its slices (its vocabulary rows, its heads, its MLP columns) straight to ``device``.
+    ``shard=False``: whole, read the same way (no full copy in host memory first). ``model``: the ``meta`` model
+    to fill, when the caller has built (and checked) it. ``model.tp_load_report`` is the rank's
+    :class:`~tpfuse.tp_layers.checkpoint.LoadReport`."""
+    from .checkpoint import load_sharded
+    from .encoders import shard_text_encoder
+
+    folder = Path(folder)
+    model = model if model is not None else _meta_text_encoder(folder)
     if dtype is not None:
         for p in model.parameters():
             p.data = p.data.to(dtype)
-    shard_text_encoder(model, group, check_weights=False)
+    if shard:
+        shard_text_encoder(model, group, check_weights=False)
     model.tp_load_report = load_sharded(model, folder, group, device=device, progress=progress,
                                         key_format=_key_format(folder))
-    if device is not None:
-        model.to(device)  # the buffers (rotary tables) follow the parameters
+    target = device if device is not None else next(model.parameters()).device
+    model.to(target)  # the buffers (rotary tables) follow the parameters
     return model.eval()
 
 
-def _check_fits(path: Path, transformer_config: dict, enc_config, pm, world: int, enc_n: int, dtype: torch.dtype,
-                gpu_memory: float | None, device, height: int, width: int, batch: int) -> None:
+def _check_fits(path: Path, transformer_config: dict, enc_config, pm, world: int, world_group, enc_n: int,
+                dtype: torch.dtype, gpu_memory: float | None, device, height: int, width: int, batch: int) -> None:
     """Refuse, before anything is loaded, a mesh on which a rank's weights + the largest phase's activations +
     the workspace (``tpfuse plan``'s estimate, from the configs) exceed the device's memory (``gpu_memory`` GiB, or
     a CUDA device's total; nothing is checked on CPU without ``gpu_memory``)."""
@@ -246,17 +259,25 @@ def _check_fits(path: Path, transformer_config: dict, enc_config, pm, world: int
         if not isinstance(gpu_memory, (int, float)) or isinstance(gpu_memory, bool) or not gpu_memory > 0:
             raise ValueError(f"gpu_memory must be a positive number of GiB, got {gpu_memory!r}")
         memory = int(gpu_memory * GiB)
-    elif device is not None and torch.device(device).type == "cuda" or device is None and torch.cuda.is_available() \
-            and torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        memory = torch.cuda.get_device_properties(torch.device(device) if device is not None else
-                                                  torch.cuda.current_device()).total_memory
+    elif device is not None and torch.device(device).type == "cuda":
+        # The card's size as `tpfuse plan --gpu-memory` reads it: whole GiB (an H100 80GB shows 79.2-79.6 GiB to
+        # CUDA, the driver's share, which the plan's workspace covers), so the plan and the load agree.
+        visible = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        memory = math.ceil(visible / GiB) * GiB
+        if torch.distributed.is_initialized() and world > 1:  # the smallest card decides, alike on every rank
+            t = torch.tensor([memory], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MIN, group=world_group)
+            memory = int(t.item())
     else:
         return
     try:
         tcfg = Flux2Config.from_dict(transformer_config)
     except (ValueError, TypeError):
         return  # another family: its heads were checked; the plan's formulas describe FLUX.2's
-    ecfg = DecoderConfig.from_transformers(enc_config) if enc_config is not None else None
+    try:  # an encoder the plan's formulas do not describe (not a Qwen3/Mistral decoder) is left out
+        ecfg = DecoderConfig.from_transformers(enc_config) if enc_config is not None else None
+    except ValueError:
+        ecfg = None
     try:
         vision = PixtralConfig.from_transformers(enc_config) if enc_config is not None else None
     except ValueError:
@@ -305,8 +326,10 @@ def load_pipeline(source, mesh=None, *, group=None, dtype: torch.dtype = torch.b
     from .model import from_pretrained, load_config
 
     _check_mode(text_encoder)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if device is None and torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())  # every component on this rank's GPU
     path = resolve_source(source, None, revision, token, allow_patterns=("model_index.json",),
                           local_files_only=local_files_only)
     index_file = Path(path) / "model_index.json"
@@ -334,27 +357,31 @@ def load_pipeline(source, mesh=None, *, group=None, dtype: torch.dtype = torch.b
     check_mesh_sizes(pm.sizes if pm is not None else {"tp": world}, f"{path}/transformer", family.sizes(shapes))
     del shapes
     enc_folder = Path(path) / "text_encoder"
-    enc_group, enc_n, enc_config = None, 1, None
+    enc_group, enc_n, enc_config, encoder = None, 1, None, None
     if (enc_folder / "config.json").exists():
         import transformers
+
+        from .encoders import check_text_encoder
 
         enc_config = transformers.AutoConfig.from_pretrained(enc_folder)
         enc_group, enc_n = _encoder_group(enc_config, pm, world_group, world, tp_group, tp, text_encoder,
                                           str(enc_folder))
-    _check_fits(Path(path), config, enc_config, pm, world, enc_n, dtype, gpu_memory, device, height, width, batch)
+        encoder = _meta_text_encoder(enc_folder, enc_config)  # shapes only
+        if text_encoder == "shard":
+            check_text_encoder(encoder, enc_n)  # its plan and heads, before anything is read
+    _check_fits(Path(path), config, enc_config, pm, world, world_group, enc_n, dtype, gpu_memory, device, height,
+                width, batch)
     transformer = from_pretrained(path, group, dtype=dtype, subfolder="transformer", device=device,
                                   progress=progress, mesh=mesh)
     components = {"transformer": transformer}
-    if enc_config is not None:
-        if text_encoder == "shard":
-            components["text_encoder"] = load_text_encoder(enc_folder, enc_group, dtype=dtype, device=device,
-                                                           progress=progress)
+    if encoder is not None:  # sharded or whole, read straight to the device (no host copy of 24B parameters)
+        components["text_encoder"] = load_text_encoder(enc_folder, enc_group, dtype=dtype, device=device,
+                                                       progress=progress, shard=text_encoder == "shard",
+                                                       model=encoder)
     pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, **components)
-    if device is not None:  # what diffusers loaded whole: the VAE, a replicated text encoder
-        for name in ("vae",) + (("text_encoder",) if "text_encoder" not in components else ()):
-            module = getattr(pipe, name, None)
-            if isinstance(module, nn.Module):
-                module.to(device)
+    vae = getattr(pipe, "vae", None)
+    if device is not None and isinstance(vae, nn.Module):  # diffusers loaded it whole (84M parameters)
+        vae.to(device)
     mesh_name = pm.name() if pm is not None else f"tp{world}"
     pipe.tp_pipeline = PipelineSharding(mesh_name, world, None if enc_config is None else
                                         (f"sharded over {enc_n} ranks" if enc_n > 1 else "replicated"), enc_n)
