@@ -8,8 +8,9 @@ model's ``config.base_model_tp_plan`` with its prefix, plus the head's), e.g. Qw
      "replicated_with_grad_allreduce", ..., "lm_head": "colwise_gather_output"}
 
 :func:`shard_text_encoder` reads that plan and executes it on a process group with tpfuse's layers (an existing
-plan, not one of ours: Mistral3, Qwen3 and every other architecture transformers shards are covered by the plan
-its authors keep). Why not transformers' own engine (``from_pretrained(tp_plan="auto")``): it builds its device
+plan, not one of ours: Mistral3, Qwen3 and the other architectures whose plan uses the styles below on plain
+``nn.Linear``/``nn.Embedding`` modules are covered by the plan their authors keep; a module with its own forward,
+such as Gemma3's scaled embedding, or another style is refused by name). Why not transformers' own engine (``from_pretrained(tp_plan="auto")``): it builds its device
 mesh over the whole world (it ignores a mesh passed in; tpfuse shards the encoder over a mesh's sub-group when
 the world does not divide the heads), it shards only while loading (a pipeline already in memory cannot be
 sharded), and its API moves quickly (transformers 5.21-5.28 deprecate and move its classes); tpfuse's layers are
