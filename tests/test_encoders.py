@@ -244,3 +244,53 @@ def test_a_loaded_encoder_sums_its_per_head_norm_gradients(tmp_path):
     for r in run_ranks(_loaded_grads, 2, str(tmp_path)):
         for name, (g, ref) in r.items():
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(), msg=name)
+
+
+def _qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Qwen3VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, head_dim=8, vocab_size=VOCAB,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0]))
+    return Qwen3VLForConditionalGeneration(cfg).eval()
+
+
+def _qwen3_vl_ranks():
+    import logging
+
+    from tpfuse.tp_layers.encoders import encoder_tp_plan, shard_text_encoder
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("tpfuse.tp_layers").addHandler(handler)
+    shard_text_encoder(_qwen3_vl())  # transformers 5.25's plan: the table and the head only
+    warned = any("splits no decoder layer" in r.getMessage() for r in records)
+    dense, model = _qwen3_vl(), _qwen3_vl()
+    layers = "model.language_model.layers.*."
+    plan = {**encoder_tp_plan(model), **{layers + n: "colwise" for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                       "self_attn.v_proj", "mlp.gate_proj",
+                                                                       "mlp.up_proj")},
+            **{layers + n: "rowwise" for n in ("self_attn.o_proj", "mlp.down_proj")},
+            **{layers + n: "replicated_with_grad_allreduce" for n in ("self_attn.q_norm", "self_attn.k_norm")}}
+    shard_text_encoder(model, plan=plan)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        ref = dense(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    return warned, out, ref, type(model.model.language_model.layers[0].mlp.up_proj).__name__
+
+
+def test_qwen3_vl_encoder_with_a_plan_override():
+    """FLUX.3's encoder family: transformers (5.25) ships Qwen3-VL a plan for the vocabulary only; tpfuse says so,
+    and runs a fuller plan passed in."""
+    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
+        pytest.skip("this transformers has no Qwen3-VL")
+    for warned, out, ref, cls in run_ranks(_qwen3_vl_ranks, 2):
+        assert warned and cls == "ColumnParallelLinear"
+        for h, r in zip(out, ref):
+            torch.testing.assert_close(h, r, rtol=1e-5, atol=1e-6)

@@ -36,6 +36,7 @@ text-only prompts of FLUX.2 never run) stays replicated. The attention modules n
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import torch
@@ -58,6 +59,8 @@ STYLES = {
     "embedding_rowwise": "vocab_embedding",
     "replicated_with_grad_allreduce": "replicated_grad_sum",
 }
+
+logger = logging.getLogger("tpfuse.tp_layers")
 
 _REPLICATE_HINT = "keep the text encoder replicated instead: parallelize_pipeline(pipe, text_encoder=\"replicate\")"
 
@@ -227,6 +230,12 @@ def shard_text_encoder(model: nn.Module, group=None, *, plan: dict[str, str] | N
     group = resolve_group(group)
     world_size, rank = get_world_size(group), get_rank(group)
     plan, matched, owners = check_text_encoder(model, world_size, plan)
+    if world_size > 1 and not any(STYLES[st] in ("column", "row") for _, st in matched.values()):
+        # e.g. Qwen3-VL in transformers 5.25: its plan names only the vocabulary table and the head
+        logger.warning("shard_text_encoder: %s's tensor-parallel plan splits no decoder layer (only %s); its layers "
+                       "stay whole on every rank. Pass plan= with their entries (e.g. Qwen3's "
+                       "'model.layers.*.self_attn.q_proj': 'colwise', ...) to split them", type(model).__name__,
+                       sorted(matched))
     sync_or_check(model, group, check_weights, broadcast_from, type(model).__name__)
     ties = [t for t in tied_parameters(model) if {owners.get(n) for n in t} - {None}]
     applied = {}
