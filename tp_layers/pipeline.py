@@ -253,7 +253,7 @@ def _check_fits(path: Path, transformer_config: dict, enc_config, pm, world: int
     from .checkpoint import read_json
     from .flux2.config import Flux2Config
     from .flux2.pipeline_configs import DecoderConfig, PixtralConfig, VAEConfig
-    from .plan import GiB, WORKSPACE_BYTES, estimate_activations, weight_bytes
+    from .plan import GiB, WORKSPACE_BYTES, rank_bytes
 
     if gpu_memory is not None:
         if not isinstance(gpu_memory, (int, float)) or isinstance(gpu_memory, bool) or not gpu_memory > 0:
@@ -285,12 +285,9 @@ def _check_fits(path: Path, transformer_config: dict, enc_config, pm, world: int
     vae_json = path / "vae" / "config.json"
     vcfg = VAEConfig.from_diffusers(read_json(vae_json, "config")) if vae_json.exists() else None
     tp, sp = (pm.tp, pm.sp) if pm is not None else (world, 1)
-    groups = pm.batch if pm is not None else 1
-    weights = weight_bytes(tcfg, ecfg, vcfg, tp=tp, encoder_ranks=enc_n, vision=vision, dtype_bytes=dtype.itemsize)
-    acts = estimate_activations(tcfg, ecfg, vcfg, tp=tp, sp=sp, encoder_ranks=enc_n, height=height, width=width,
-                                batch=batch, dtype_bytes=dtype.itemsize)
-    acts["transformer"] = estimate_activations(tcfg, None, None, tp=tp, sp=sp, height=height, width=width,
-                                               batch=-(-batch // groups), dtype_bytes=dtype.itemsize)["transformer"]
+    weights, acts = rank_bytes(tcfg, ecfg, vcfg, tp=tp, sp=sp, dp=pm.batch if pm is not None else 1,
+                               encoder_ranks=enc_n, vision=vision, height=height, width=width, batch=batch,
+                               dtype_bytes=dtype.itemsize)
     peak = sum(weights.values()) + max(acts.values()) + WORKSPACE_BYTES
     if peak > memory:
         names = {"transformer": "transformer", "text_encoder": "text encoder", "vae": "VAE"}
@@ -472,24 +469,17 @@ def memory_report(pipe, height: int = 1024, width: int = 1024, batch: int = 1) -
     """This rank's bytes per component of ``pipe`` (parallelized or not; see :class:`MemoryReport`)."""
     import torch.distributed as dist
 
-    from .plan import WORKSPACE_BYTES, estimate_activations, weight_bytes
+    from .plan import WORKSPACE_BYTES, rank_bytes
 
     transformer = getattr(pipe, "transformer", None)
     pm = getattr(transformer, "tp_mesh", None)
-    tp = getattr(transformer, "tp_world_size", None) or 1
-    sp = pm.sp if pm is not None else 1
-    groups = pm.batch if pm is not None else 1
     sharding = getattr(pipe, "tp_pipeline", None)
-    enc_n = sharding.encoder_ranks if sharding is not None else 1
     dtype = next(transformer.parameters()).dtype if transformer is not None else torch.bfloat16
     tcfg, ecfg, vision, vcfg = _configs(pipe)
-    per_group = -(-batch // groups)  # images one (sp, tp) group denoises
-    acts = estimate_activations(tcfg, None, None, tp=tp, sp=sp, height=height, width=width, batch=per_group,
-                                dtype_bytes=dtype.itemsize)
-    acts.update({k: v for k, v in estimate_activations(None, ecfg, vcfg, encoder_ranks=enc_n, height=height,
-                                                       width=width, batch=batch,
-                                                       dtype_bytes=dtype.itemsize).items() if k != "transformer"})
-    predicted = weight_bytes(tcfg, ecfg, vcfg, tp=tp, encoder_ranks=enc_n, vision=vision, dtype_bytes=dtype.itemsize)
+    predicted, acts = rank_bytes(tcfg, ecfg, vcfg, tp=getattr(transformer, "tp_world_size", None) or 1,
+                                 sp=pm.sp if pm is not None else 1, dp=pm.batch if pm is not None else 1,
+                                 encoder_ranks=sharding.encoder_ranks if sharding is not None else 1, vision=vision,
+                                 height=height, width=width, batch=batch, dtype_bytes=dtype.itemsize)
     present = {c: getattr(pipe, c, None) is not None for c in COMPONENTS}
     known = {"transformer": tcfg, "text_encoder": ecfg, "vae": vcfg}
     return MemoryReport(

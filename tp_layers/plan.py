@@ -51,7 +51,7 @@ from .mesh import mesh_name, parse_mesh_spec
 __all__ = ["GiB", "WORKSPACE_BYTES", "TEXT_TOKENS", "REPOS", "MeshPlan", "Plan", "image_tokens", "encoder_ranks",
            "transformer_params_per_rank", "text_encoder_params_per_rank", "weight_bytes",
            "transformer_activation_bytes", "text_encoder_activation_bytes", "vae_decode_activation_bytes",
-           "estimate_activations", "launch_command", "plan_pipeline", "format_plan", "plan_dict"]
+           "estimate_activations", "rank_bytes", "launch_command", "plan_pipeline", "format_plan", "plan_dict"]
 
 GiB = 2 ** 30
 # Per rank, outside the weights and activations: the CUDA context and the kernel images of torch, cuBLAS, cuDNN,
@@ -411,20 +411,33 @@ def _candidates(model: str, img: int, gpus: int, batch: int) -> list[dict]:
     return [m for m in sm.factorizations(shape, img, gpus) if m["cfg"] == 1 and batch % m["dp"] == 0]
 
 
+def rank_bytes(transformer_cfg: Flux2Config | None, encoder_cfg: DecoderConfig | None, vae_cfg: VAEConfig | None,
+               *, tp: int = 1, sp: int = 1, dp: int = 1, encoder_ranks: int = 1, vision: PixtralConfig | None = None,
+               height: int = 1024, width: int = 1024, batch: int = 1,
+               dtype_bytes: int = 2) -> tuple[dict[str, int], dict[str, int]]:
+    """``(weight_bytes(...), estimate_activations(...))`` of one rank on a mesh of ``dp`` x ``sp`` x ``tp`` (``dp``:
+    every group splitting the batch, dp x cfg): the transformer's group denoises ``ceil(batch / dp)`` images, the
+    text encoder and the VAE run the whole batch on every rank. What ``tpfuse plan``, ``load_pipeline``'s fit check
+    and ``memory_report`` all count."""
+    weights = weight_bytes(transformer_cfg, encoder_cfg, vae_cfg, tp=tp, encoder_ranks=encoder_ranks, vision=vision,
+                           dtype_bytes=dtype_bytes)
+    acts = estimate_activations(None, encoder_cfg, vae_cfg, encoder_ranks=encoder_ranks, height=height, width=width,
+                                batch=batch, dtype_bytes=dtype_bytes)
+    acts["transformer"] = estimate_activations(transformer_cfg, None, vae_cfg, tp=tp, sp=sp, height=height,
+                                               width=width, batch=-(-batch // dp),
+                                               dtype_bytes=dtype_bytes)["transformer"]
+    return weights, acts
+
+
 def _memory(model: str, dims: dict, gpus: int, height: int, width: int, batch: int, dtype_bytes: int, mode: str,
             memory: int) -> dict:
     """Bytes per rank of ``model`` on the mesh ``dims`` (dp/sp/tp) of ``gpus`` ranks, and the fit against
     ``memory`` bytes."""
     transformer, encoder, vision, vae = _components(model)
     ranks = encoder_ranks(encoder, gpus, dims["tp"], mode)
-    weights = weight_bytes(transformer, encoder, vae, tp=dims["tp"], encoder_ranks=ranks, vision=vision,
-                           dtype_bytes=dtype_bytes)
-    acts = estimate_activations(None, encoder, vae, encoder_ranks=ranks, height=height, width=width, batch=batch,
-                                dtype_bytes=dtype_bytes)
-    # the transformer's group denoises batch / dp images
-    acts["transformer"] = transformer_activation_bytes(transformer, image_tokens(height, width, vae), tp=dims["tp"],
-                                                       sp=dims["sp"], batch=batch // dims["dp"],
-                                                       dtype_bytes=dtype_bytes)
+    weights, acts = rank_bytes(transformer, encoder, vae, tp=dims["tp"], sp=dims["sp"], dp=dims["dp"],
+                               encoder_ranks=ranks, vision=vision, height=height, width=width, batch=batch,
+                               dtype_bytes=dtype_bytes)
     phase = max(acts, key=lambda k: (acts[k], k))
     peak = sum(weights.values()) + acts[phase] + WORKSPACE_BYTES
     parts = {"transformer weights": weights["transformer"], "text encoder weights": weights["text_encoder"],
