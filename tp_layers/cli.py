@@ -42,7 +42,6 @@ def _verify_family(args: argparse.Namespace) -> int:
     """``tpfuse verify --family qwenimage|flux3`` (or any family with ``--mesh``): a parallelized diffusers model
     against the dense one."""
     from .families import family_named
-    from .launch import RankError
     from .verify_family import check_family, format_family_result
 
     fam = family_named(args.family)
@@ -57,34 +56,34 @@ def _verify_family(args: argparse.Namespace) -> int:
     world_size = args.world_size
     if args.mesh is not None and not args.world_size_given:
         world_size = None  # the mesh's size
+    return _run_check(lambda: check_family(args.family, preset, world_size, args.dtype, args.seed, args.batch,
+                                           args.txt_tokens, args.img_tokens, args.backend, mesh=args.mesh),
+                      format_family_result)
+
+
+def _run_check(check, fmt) -> int:
+    """Run a whole-model check: its report and exit 0/1, or 2 for bad input, or a rank's error."""
+    from .launch import RankError
+
     try:
-        res = check_family(args.family, preset, world_size, args.dtype, args.seed, args.batch,
-                           args.txt_tokens, args.img_tokens, args.backend, mesh=args.mesh)
+        res = check()
     except ValueError as exc:
         return _error(str(exc))
     except RankError as exc:
         return _rank_error(exc)
-    print(format_family_result(res), flush=True)
+    print(fmt(res), flush=True)
     return EXIT_OK if res.ok else EXIT_FAIL
 
 
 def _verify_pipeline(args: argparse.Namespace) -> int:
     """``tpfuse verify --pipeline dev|klein``: a whole tiny pipeline across ranks against the dense one."""
-    from .launch import RankError
     from .verify_pipeline import check_pipeline, format_pipeline_result
 
     if args.model is not None or args.family != "flux2" or args.preset is not None:
         return _error("--pipeline checks a tiny FLUX.2 pipeline: it takes no --model, --family or --preset")
     world_size = args.world_size if args.world_size_given or args.mesh is None else None
-    try:
-        res = check_pipeline(args.pipeline, world_size, args.mesh, args.dtype, args.seed, args.text_encoder,
-                             args.backend)
-    except ValueError as exc:
-        return _error(str(exc))
-    except RankError as exc:
-        return _rank_error(exc)
-    print(format_pipeline_result(res), flush=True)
-    return EXIT_OK if res.ok else EXIT_FAIL
+    return _run_check(lambda: check_pipeline(args.pipeline, world_size, args.mesh, args.dtype, args.seed,
+                                             args.text_encoder, args.backend), format_pipeline_result)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -136,6 +136,23 @@ def _rank_check(family_name: str, preset: str, dtype_name: str, seed: int, batch
     return out, checks, (share, sharded_share), seconds
 
 
+def mesh_and_world(mesh: str | None, world_size: int | None) -> tuple[dict[str, int] | None, int]:
+    """``(--mesh parsed, or None; the number of ranks)``: the mesh's size when ``world_size`` is None, a
+    ``ValueError`` when both are given and disagree or the world size is not a positive int."""
+    spec = None
+    if mesh is not None:
+        from .mesh import parse_mesh_spec
+
+        spec = parse_mesh_spec(mesh)
+        size = math.prod(spec.values())
+        if world_size not in (None, size):
+            raise ValueError(f"--world-size {world_size} and --mesh {mesh} ({size} ranks) disagree")
+        world_size = size
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"--world-size must be a positive int, got {world_size!r}")
+    return spec, world_size
+
+
 def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: str = "float32", seed: int = 0,
                  batch: int = 2, txt_tokens: int = 7, img_tokens: int = 15, backend: str | None = None,
                  mesh: str | None = None) -> FamilyResult:
@@ -152,17 +169,7 @@ def check_family(family: str, preset: str = "tiny", world_size: int = 2, dtype: 
     for name, value in (("batch", batch), ("txt-tokens", txt_tokens), ("img-tokens", img_tokens)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    spec = None
-    if mesh is not None:
-        from .mesh import parse_mesh_spec
-
-        spec = parse_mesh_spec(mesh)
-        size = math.prod(spec.values())
-        if world_size not in (None, size):
-            raise ValueError(f"--world-size {world_size} and --mesh {mesh} ({size} ranks) disagree")
-        world_size = size
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"--world-size must be a positive int, got {world_size!r}")
+    spec, world_size = mesh_and_world(mesh, world_size)
     from .model import check_parallelizable
 
     # Refused before any rank starts: a world size the heads (or the MLP) do not divide, listing the valid ones.

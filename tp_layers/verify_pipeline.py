@@ -12,7 +12,6 @@ prompt embeddings and the image against the dense ones (relative error within th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -93,6 +92,7 @@ def check_pipeline(kind: str = "klein", world_size: int | None = 2, mesh: str | 
     its size or ``None``), and gather the results (see the module doc)."""
     from .flux2.tiny_pipeline import KINDS
     from .pipeline import TEXT_ENCODER_MODES
+    from .verify_family import mesh_and_world
 
     if kind not in KINDS:
         raise ValueError(f"--pipeline must be one of {list(KINDS)}, got {kind!r}")
@@ -100,17 +100,7 @@ def check_pipeline(kind: str = "klein", world_size: int | None = 2, mesh: str | 
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)} for a pipeline check, got {dtype!r}")
     if text_encoder not in TEXT_ENCODER_MODES:
         raise ValueError(f"--text-encoder must be one of {list(TEXT_ENCODER_MODES)}, got {text_encoder!r}")
-    spec = None
-    if mesh is not None:
-        from .mesh import parse_mesh_spec
-
-        spec = parse_mesh_spec(mesh)
-        size = math.prod(spec.values())
-        if world_size not in (None, size):
-            raise ValueError(f"--world-size {world_size} and --mesh {mesh} ({size} ranks) disagree")
-        world_size = size
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"--world-size must be a positive int, got {world_size!r}")
+    spec, world_size = mesh_and_world(mesh, world_size)
     per_rank = run_ranks(_rank_check, world_size, kind, spec, dtype, seed, text_encoder, backend=backend)
     first = per_rank[0]
     identical = all(torch.equal(r["image"], first["image"]) and torch.equal(r["embeds"], first["embeds"])
